@@ -1,0 +1,159 @@
+"""Routed reference attention (eq. 6-8), at attn1 of layer l with reference strength γ.
+
+The ReferenceNet (a UNet without cross-attention, fed the subject's latent and mask, no noise) gives
+for every subject i and layer l the hidden states G_i^l entering self-attention. The denoising UNet
+projects them with its own attn1 weights, K̃_i^l = G_i^l W_k^l, Ṽ_i^l = G_i^l W_v^l, and attends to
+them next to its own tokens:
+
+    Z̃^l = softmax(Q [K, K̃_1^l … K̃_N^l]ᵀ/√d + [0, g(M_1^{l-1}) + log γ_1, …]) · [V, Ṽ_1^l … Ṽ_N^l]
+
+with g(M)_{u,·} = 0 if query token u is routed to subject i by the previous layer's map M^{l-1}
+(resized to this layer's grid) and −∞ otherwise. Background-routed tokens see no reference.
+
+**γ as a strength.** The paper writes γ as an additive logit offset. Here γ ≥ 0 is the factor by
+which the attention mass of the reference tokens is scaled before normalisation, i.e. the logit
+offset is ln γ: γ = 1 is the paper's offset 0, γ > 1 pulls harder towards the reference, and γ = 0
+removes the references exactly (the un-patched attention, bit for bit).
+
+Two evaluations that must agree:
+- :func:`routed_reference_attention` — dense: one attention over [K, K̃_1…K̃_N] with a bias;
+- :func:`routed_reference_attention_sparse` — block-sparse: queries routed to subject i attend to
+  their own tokens plus K̃_i only; background queries run the plain attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from .attention import NEG, AttnFn, sdpa
+
+Gamma = Union[float, torch.Tensor]
+
+
+def _log_gamma(gamma: Gamma, n: int, device) -> torch.Tensor:
+    g = torch.as_tensor(gamma, dtype=torch.float32, device=device).flatten()
+    if g.numel() == 1:
+        g = g.expand(n)
+    if g.numel() != n:
+        raise ValueError(f"γ has {g.numel()} values for {n} subjects")
+    if (g < 0).any():
+        raise ValueError("γ (reference strength) must be ≥ 0")
+    return torch.where(g > 0, g.clamp_min(1e-30).log(), torch.full_like(g, NEG))
+
+
+def gamma_is_zero(gamma: Gamma) -> bool:
+    if torch.is_tensor(gamma):
+        return bool((gamma == 0).all())
+    return float(gamma) == 0.0
+
+
+def reference_bias(index: torch.Tensor, num_subjects: int, ref_len: int, self_len: int,
+                   gamma: Gamma, dtype) -> torch.Tensor:
+    """Bias [B, 1, L, L + N·L_ref] of eq. 6: 0 on the self columns; on subject j's columns ln γ_j
+    where the query is routed to j (index == j), NEG elsewhere. index: [B, L] (values 0…N, N = bg)."""
+    lg = _log_gamma(gamma, num_subjects, index.device)
+    col_subject = torch.arange(num_subjects, device=index.device).repeat_interleave(ref_len)  # [N·Lr]
+    same = index.unsqueeze(-1) == col_subject  # [B, L, N·Lr]
+    ref = torch.where(same, lg[col_subject], torch.tensor(NEG, device=index.device))
+    selfcols = torch.zeros(index.shape[0], index.shape[1], self_len, device=index.device)
+    return torch.cat([selfcols, ref], dim=-1).to(dtype).unsqueeze(1)
+
+
+def routed_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               k_ref: torch.Tensor, v_ref: torch.Tensor, index: torch.Tensor,
+                               heads: int, gamma: Gamma = 1.0, attn_fn: AttnFn = sdpa) -> torch.Tensor:
+    """Eq. 6-8, dense form. q, k, v: [B, L, C] (the layer's own projections); k_ref, v_ref:
+    [N, L_ref, C] (K̃_i^l, Ṽ_i^l); index: [B, L] route of each query under M^{l-1}."""
+    if gamma_is_zero(gamma) or k_ref.shape[0] == 0:
+        return attn_fn(q, k, v, heads)
+    b, L, C = q.shape
+    n, lr, _ = k_ref.shape
+    kc = torch.cat([k, k_ref.reshape(1, n * lr, C).expand(b, -1, -1).to(k.dtype)], dim=1)
+    vc = torch.cat([v, v_ref.reshape(1, n * lr, C).expand(b, -1, -1).to(v.dtype)], dim=1)
+    bias = reference_bias(index, n, lr, k.shape[1], gamma, q.dtype)
+    return attn_fn(q, kc, vc, heads, mask=bias)
+
+
+def routed_reference_attention_sparse(q, k, v, k_ref, v_ref, index, heads, gamma: Gamma = 1.0,
+                                      attn_fn: AttnFn = sdpa) -> torch.Tensor:
+    """Eq. 6-8, block-sparse form: every query meets its own tokens plus the references of the one
+    subject it is routed to; background queries get the plain attention."""
+    out = attn_fn(q, k, v, heads)
+    if gamma_is_zero(gamma) or k_ref.shape[0] == 0:
+        return out
+    n = k_ref.shape[0]
+    lg = _log_gamma(gamma, n, q.device)
+    out = out.clone()
+    for j in range(n):
+        if lg[j] <= NEG:
+            continue
+        for bi in range(q.shape[0]):
+            rows = (index[bi] == j).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            qj = q[bi:bi + 1, rows]
+            kj = torch.cat([k[bi:bi + 1], k_ref[j:j + 1].to(k.dtype)], dim=1)
+            vj = torch.cat([v[bi:bi + 1], v_ref[j:j + 1].to(v.dtype)], dim=1)
+            mask = None
+            if float(lg[j]) != 0.0:
+                mask = torch.zeros(1, 1, 1, kj.shape[1], dtype=q.dtype, device=q.device)
+                mask[..., k.shape[1]:] = lg[j].to(q.dtype)
+            out[bi, rows] = attn_fn(qj, kj, vj, heads, mask=mask)[0]
+    return out
+
+
+@dataclass
+class ReferenceFeatures:
+    """G_i^l of N subjects, computed once at encode time (the ReferenceNet sees no noise).
+
+    features: layer key → [N, L_ref, C] hidden states entering attn1 (after norm1) of that layer.
+    grids: layer key → (h_G, w_G) token grid of that layer.
+    source: "native" (trained ReferenceNet) or "shared" (the denoising UNet itself).
+    """
+
+    features: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)
+    source: str = "native"
+
+    @property
+    def num_subjects(self) -> int:
+        return next(iter(self.features.values())).shape[0] if self.features else 0
+
+    def concat(self, other: "ReferenceFeatures") -> "ReferenceFeatures":
+        """Subjects of self, then of other (for chained encode nodes). Layers must match."""
+        if not self.features:
+            return other
+        if not other.features:
+            return self
+        if set(self.features) != set(other.features):
+            raise ValueError("reference features of the subjects cover different layers; encode all "
+                             "subjects with the same ReferenceNet and MODEL")
+        feats = {}
+        for key, f in self.features.items():
+            g = other.features[key]
+            if f.shape[1:] != g.shape[1:]:
+                raise ValueError(f"reference features of layer {key} differ in shape: {tuple(f.shape)} vs "
+                                 f"{tuple(g.shape)}; encode every subject at the same reference size")
+            feats[key] = torch.cat([f, g.to(f)], dim=0)
+        src = self.source if self.source == other.source else "mixed"
+        return ReferenceFeatures(feats, dict(self.grids), src)
+
+    def select(self, idx: list[int]) -> "ReferenceFeatures":
+        return ReferenceFeatures({k: f[idx] for k, f in self.features.items()}, dict(self.grids), self.source)
+
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.features.values())
+
+
+def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a layer with ``num_tokens`` tokens in a UNet fed a latent of latent_hw, using the
+    UNet's stride-2 ceil arithmetic (each level halves with ceil)."""
+    h, w = latent_hw
+    for _ in range(8):
+        if h * w == num_tokens:
+            return h, w
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    raise ValueError(f"cannot place {num_tokens} tokens on a grid derived from latent {latent_hw}")

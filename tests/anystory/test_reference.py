@@ -1,0 +1,120 @@
+"""Eq. 6-8 (routed reference attention) against a slow per-token reference written here."""
+import math
+
+import pytest
+import torch
+
+from anystory.attention import sdpa
+from anystory.reference import (ReferenceFeatures, reference_bias, routed_reference_attention,
+                                routed_reference_attention_sparse, token_grid)
+
+
+def slow_eq6(q, k, v, k_ref, v_ref, index, heads, gamma):
+    """For every query token u separately: softmax over [own keys; K̃_j of its subject j] with logit
+    offset ln γ_j on the reference keys; background tokens use their own keys only."""
+    b, L, C = q.shape
+    d = C // heads
+    N = k_ref.shape[0]
+    gam = gamma if isinstance(gamma, (list, tuple)) else [gamma] * N
+    out = torch.zeros(b, L, C, dtype=torch.float64)
+    for bi in range(b):
+        for u in range(L):
+            j = int(index[bi, u])
+            for h in range(heads):
+                sl = slice(h * d, (h + 1) * d)
+                qs = q[bi, u, sl].double()
+                keys, vals, offs = [k[bi, :, sl].double()], [v[bi, :, sl].double()], [torch.zeros(L)]
+                if j < N and gam[j] > 0:
+                    keys.append(k_ref[j, :, sl].double())
+                    vals.append(v_ref[j, :, sl].double())
+                    offs.append(torch.full((k_ref.shape[1],), math.log(gam[j])))
+                K, V, off = torch.cat(keys), torch.cat(vals), torch.cat(offs).double()
+                w = (K @ qs / math.sqrt(d) + off).softmax(0)
+                out[bi, u, sl] = w @ V
+    return out
+
+
+def _setup(b=2, L=12, C=16, heads=2, N=2, Lr=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, L, C, generator=g) for _ in range(3))
+    k_ref = torch.randn(N, Lr, C, generator=g)
+    v_ref = torch.randn(N, Lr, C, generator=g)
+    index = torch.randint(0, N + 1, (b, L), generator=g)  # N = background
+    return q, k, v, k_ref, v_ref, index, heads
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.5, [0.5, 3.0], [0.0, 1.0]])
+def test_dense_and_sparse_match_slow_reference(gamma):
+    q, k, v, k_ref, v_ref, index, heads = _setup()
+    ref = slow_eq6(q, k, v, k_ref, v_ref, index, heads, gamma)
+    gam_t = torch.tensor(gamma) if isinstance(gamma, list) else gamma
+    dense = routed_reference_attention(q, k, v, k_ref, v_ref, index, heads, gamma=gam_t)
+    sparse = routed_reference_attention_sparse(q, k, v, k_ref, v_ref, index, heads, gamma=gam_t)
+    torch.testing.assert_close(dense.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gamma_zero_is_unpatched_bit_for_bit():
+    q, k, v, k_ref, v_ref, index, heads = _setup(seed=1)
+    plain = sdpa(q, k, v, heads)
+    assert torch.equal(routed_reference_attention(q, k, v, k_ref, v_ref, index, heads, gamma=0.0), plain)
+    assert torch.equal(routed_reference_attention_sparse(q, k, v, k_ref, v_ref, index, heads, gamma=0.0), plain)
+
+
+def test_background_tokens_equal_plain_attention():
+    q, k, v, k_ref, v_ref, index, heads = _setup(seed=2)
+    out = routed_reference_attention(q, k, v, k_ref, v_ref, index, heads, gamma=2.0)
+    plain = sdpa(q, k, v, heads)
+    bg = index == k_ref.shape[0]
+    assert bg.any()
+    torch.testing.assert_close(out[bg], plain[bg], atol=1e-6, rtol=1e-6)
+
+
+def test_subject_tokens_see_only_their_own_reference():
+    """Changing subject 1's reference changes only the tokens routed to subject 1."""
+    q, k, v, k_ref, v_ref, index, heads = _setup(seed=3)
+    a = routed_reference_attention(q, k, v, k_ref, v_ref, index, heads)
+    k2, v2 = k_ref.clone(), v_ref.clone()
+    k2[1] = torch.randn_like(k2[1])
+    v2[1] = torch.randn_like(v2[1])
+    b = routed_reference_attention(q, k, v, k2, v2, index, heads)
+    torch.testing.assert_close(a[index != 1], b[index != 1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a[index == 1], b[index == 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_dtype_follows_q(dtype):
+    q, k, v, k_ref, v_ref, index, heads = _setup(seed=4)
+    bias = reference_bias(index, 2, 5, 12, 1.0, dtype)
+    assert bias.dtype == dtype and bias.shape == (2, 1, 12, 22)
+    out = routed_reference_attention(q.to(dtype), k.to(dtype), v.to(dtype), k_ref.to(dtype), v_ref.to(dtype),
+                                     index, heads)
+    ref = slow_eq6(q, k, v, k_ref, v_ref, index, heads, 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_every_row_keeps_its_self_columns():
+    index = torch.tensor([[0, 1, 2, 2]])
+    bias = reference_bias(index, 2, 3, 4, 1.0, torch.float32)
+    assert (bias[0, 0, :, :4] == 0).all()
+    assert (bias[0, 0, 2:, 4:] < -1e3).all()  # background rows see no reference
+
+
+def test_reference_features_concat_and_select():
+    a = ReferenceFeatures({("input", 4, 0): torch.randn(1, 6, 8)}, {("input", 4, 0): (2, 3)})
+    b = ReferenceFeatures({("input", 4, 0): torch.randn(2, 6, 8)}, {("input", 4, 0): (2, 3)})
+    c = a.concat(b)
+    assert c.num_subjects == 3
+    assert torch.equal(c.features[("input", 4, 0)][1:], b.features[("input", 4, 0)])
+    assert torch.equal(c.select([0]).features[("input", 4, 0)], a.features[("input", 4, 0)])
+    with pytest.raises(ValueError, match="same reference size"):
+        a.concat(ReferenceFeatures({("input", 4, 0): torch.randn(1, 7, 8)}))
+
+
+def test_token_grid_uses_ceil_halving():
+    assert token_grid(125 * 75, (125, 75)) == (125, 75)
+    assert token_grid(63 * 38, (125, 75)) == (63, 38)
+    assert token_grid(32 * 19, (125, 75)) == (32, 19)
+    with pytest.raises(ValueError):
+        token_grid(1000, (125, 75))

@@ -1,0 +1,125 @@
+"""§1.2 routing: coarse map, masked refinement, refined maps, one-hot / Gumbel, resize."""
+import math
+
+import torch
+
+from anystory.attention import NEG
+from anystory.router import (LayerRouter, coarse_attention_bias, gumbel_maps, one_hot_maps, resize_index,
+                             route_index, routing_loss, soft_maps)
+
+
+def slow_router(r: LayerRouter, z, R):
+    """The router's three steps written out per route and per token, in float64."""
+    B, L, C = z.shape
+    K = R.shape[1]
+    D = r.router_dim
+    P = lambda lin, x: x.double() @ lin.weight.double().T + (lin.bias.double() if lin.bias is not None else 0)
+    zp = P(r.proj_z, z)
+    coarse = torch.einsum("bkd,bld->bkl", P(r.proj_r, R), zp) / math.sqrt(D)
+    owner = coarse.argmax(1)  # [B, L]
+    rn = torch.nn.functional.layer_norm(R.double(), (R.shape[-1],), r.refine_norm.weight.double(),
+                                        r.refine_norm.bias.double(), r.refine_norm.eps)
+    q = P(r.refine_q, rn)
+    k = P(r.refine_k, z)
+    v = P(r.refine_v, z)
+    H = r.heads
+    d = D // H
+    upd = torch.zeros(B, K, D, dtype=torch.float64)
+    for b in range(B):
+        for i in range(K):
+            allowed = owner[b] == i
+            if not allowed.any():
+                allowed = torch.ones(L, dtype=torch.bool)
+            for h in range(H):
+                sl = slice(h * d, (h + 1) * d)
+                w = (k[b][allowed][:, sl] @ q[b, i, sl]) / math.sqrt(d)
+                upd[b, i, sl] = w.softmax(0) @ v[b][allowed][:, sl]
+    R_new = R.double() + P(r.refine_out, upd)
+    refined = torch.einsum("bkd,bld->bkl", P(r.proj_r, R_new), zp) / math.sqrt(D)
+    return refined, coarse
+
+
+def test_router_matches_slow_reference():
+    torch.manual_seed(0)
+    r = LayerRouter(dim=24, route_dim=16, router_dim=32, heads=4)
+    z = torch.randn(2, 30, 24)
+    R = torch.randn(2, 3, 16)
+    refined, coarse = r(z, R, return_coarse=True)
+    ref_refined, ref_coarse = slow_router(r, z, R)
+    torch.testing.assert_close(coarse.double(), ref_coarse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(refined.double(), ref_refined, atol=1e-4, rtol=1e-4)
+    assert refined.dtype == torch.float32 and refined.shape == (2, 3, 30)
+
+
+def test_refinement_sees_only_the_routes_own_tokens():
+    """Route 1's refined feature depends only on the tokens its coarse map gives it.
+
+    The projections are set so that the coarse owner of a token is decided by the sign of its first
+    feature (route 0 if > 0) and the map projections only read that feature; changing the other
+    features of route-0 tokens then changes route 0's refined logits but not route 1's."""
+    torch.manual_seed(1)
+    r = LayerRouter(dim=8, route_dim=8, router_dim=8, heads=1)
+    with torch.no_grad():
+        r.proj_z.weight.zero_(); r.proj_z.bias.zero_(); r.proj_z.weight[0, 0] = 1.0
+        r.proj_r.weight.zero_(); r.proj_r.bias.zero_(); r.proj_r.weight[0, 0] = 1.0
+    z = torch.randn(1, 20, 8)
+    z[0, :10, 0] = z[0, :10, 0].abs() + 0.1   # tokens 0-9 → route 0
+    z[0, 10:, 0] = -z[0, 10:, 0].abs() - 0.1  # tokens 10-19 → route 1
+    R = torch.zeros(1, 2, 8)
+    R[0, 0, 0], R[0, 1, 0] = 1.0, -1.0
+    refined, coarse = r(z, R, return_coarse=True)
+    assert coarse.argmax(1)[0].tolist() == [0] * 10 + [1] * 10
+    z2 = z.clone()
+    z2[0, :10, 1:] = torch.randn(10, 7)  # change route-0 tokens, ownership unchanged
+    refined2, coarse2 = r(z2, R, return_coarse=True)
+    assert torch.equal(coarse2.argmax(1), coarse.argmax(1))
+    assert torch.equal(refined2[0, 1], refined[0, 1])
+    assert not torch.allclose(refined2[0, 0], refined[0, 0])
+
+
+def test_coarse_bias_never_masks_a_whole_row():
+    logits = torch.tensor([[[5.0, 5.0, 5.0], [0.0, 0.0, 0.0], [-1.0, -1.0, -1.0]]])  # route 0 owns all
+    bias = coarse_attention_bias(logits)
+    assert (bias[0, 0] == 0).all()
+    assert (bias[0, 1] == 0).all() and (bias[0, 2] == 0).all()  # empty routes see everything
+    logits2 = torch.tensor([[[5.0, -5.0], [-5.0, 5.0]]])
+    b2 = coarse_attention_bias(logits2)
+    assert b2[0].tolist() == [[0.0, NEG], [NEG, 0.0]]
+
+
+def test_maps_one_hot_soft_gumbel():
+    logits = torch.randn(2, 3, 10)
+    idx = route_index(logits)
+    oh = one_hot_maps(idx, 3)
+    assert torch.equal(oh.sum(1), torch.ones(2, 10))
+    assert torch.equal(oh.argmax(1), logits.argmax(1))
+    sm = soft_maps(logits)
+    torch.testing.assert_close(sm.sum(1), torch.ones(2, 10))
+    logits.requires_grad_(True)
+    g = gumbel_maps(logits, tau=0.5, generator=torch.Generator().manual_seed(0))
+    assert set(g.detach().unique().tolist()) <= {0.0, 1.0}
+    (g * torch.randn_like(g)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_gumbel_with_confident_logits_is_argmax():
+    logits = torch.zeros(1, 3, 50)
+    logits[0, 2] = 100.0
+    assert (gumbel_maps(logits).argmax(1) == 2).all()
+
+
+def test_routing_loss():
+    target = one_hot_maps(torch.tensor([[0, 1, 2, 2]]), 3)
+    assert routing_loss(target, target, 2).item() == 0.0
+    wrong = one_hot_maps(torch.tensor([[1, 0, 2, 2]]), 3)
+    # each subject map differs at 2 of 4 tokens → ‖·‖²/L = 0.5 per subject → (0.5+0.5)/2
+    assert abs(routing_loss(wrong, target, 2).item() - 0.5) < 1e-6
+
+
+def test_resize_index_nearest():
+    idx = torch.tensor([[0, 1, 2, 3]])  # 2x2 grid
+    up = resize_index(idx, (2, 2), (4, 4)).view(4, 4)
+    assert up.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    odd = resize_index(torch.arange(6).view(1, 6) % 3, (2, 3), (3, 5))
+    assert odd.shape == (1, 15) and set(odd.unique().tolist()) <= {0, 1, 2}
+    assert resize_index(idx, (2, 2), (2, 2)) is idx
