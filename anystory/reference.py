@@ -50,53 +50,61 @@ def gamma_is_zero(gamma: Gamma) -> bool:
     return float(gamma) == 0.0
 
 
-def reference_bias(index: torch.Tensor, num_subjects: int, ref_len: int, self_len: int,
-                   gamma: Gamma, dtype) -> torch.Tensor:
-    """Bias [B, 1, L, L + N·L_ref] of eq. 6: 0 on the self columns; on subject j's columns ln γ_j
+RefList = Union[torch.Tensor, list]  # [N, L_ref, C] or a list of N tensors [L_ref_i, C]
+
+
+def _as_list(refs: RefList) -> list:
+    return list(refs.unbind(0)) if torch.is_tensor(refs) else list(refs)
+
+
+def reference_bias(index: torch.Tensor, ref_lengths: list, self_len: int, gamma: Gamma, dtype) -> torch.Tensor:
+    """Bias [B, 1, L, L + Σ_i L_ref,i] of eq. 6: 0 on the self columns; on subject j's columns ln γ_j
     where the query is routed to j (index == j), NEG elsewhere. index: [B, L] (values 0…N, N = bg)."""
-    lg = _log_gamma(gamma, num_subjects, index.device)
-    col_subject = torch.arange(num_subjects, device=index.device).repeat_interleave(ref_len)  # [N·Lr]
-    same = index.unsqueeze(-1) == col_subject  # [B, L, N·Lr]
+    n = len(ref_lengths)
+    lg = _log_gamma(gamma, n, index.device)
+    col_subject = torch.repeat_interleave(torch.arange(n, device=index.device),
+                                          torch.as_tensor(ref_lengths, device=index.device))
+    same = index.unsqueeze(-1) == col_subject  # [B, L, ΣL_ref]
     ref = torch.where(same, lg[col_subject], torch.tensor(NEG, device=index.device))
     selfcols = torch.zeros(index.shape[0], index.shape[1], self_len, device=index.device)
     return torch.cat([selfcols, ref], dim=-1).to(dtype).unsqueeze(1)
 
 
 def routed_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               k_ref: torch.Tensor, v_ref: torch.Tensor, index: torch.Tensor,
+                               k_ref: RefList, v_ref: RefList, index: torch.Tensor,
                                heads: int, gamma: Gamma = 1.0, attn_fn: AttnFn = sdpa) -> torch.Tensor:
-    """Eq. 6-8, dense form. q, k, v: [B, L, C] (the layer's own projections); k_ref, v_ref:
-    [N, L_ref, C] (K̃_i^l, Ṽ_i^l); index: [B, L] route of each query under M^{l-1}."""
-    if gamma_is_zero(gamma) or k_ref.shape[0] == 0:
+    """Eq. 6-8, dense form. q, k, v: [B, L, C] (the layer's own projections); k_ref, v_ref: K̃_i^l, Ṽ_i^l
+    per subject ([N, L_ref, C] or a list of [L_ref,i, C]); index: [B, L] route of each query under M^{l-1}."""
+    k_ref, v_ref = _as_list(k_ref), _as_list(v_ref)
+    if gamma_is_zero(gamma) or not k_ref:
         return attn_fn(q, k, v, heads)
-    b, L, C = q.shape
-    n, lr, _ = k_ref.shape
-    kc = torch.cat([k, k_ref.reshape(1, n * lr, C).expand(b, -1, -1).to(k.dtype)], dim=1)
-    vc = torch.cat([v, v_ref.reshape(1, n * lr, C).expand(b, -1, -1).to(v.dtype)], dim=1)
-    bias = reference_bias(index, n, lr, k.shape[1], gamma, q.dtype)
+    b = q.shape[0]
+    kc = torch.cat([k] + [r.to(k.dtype).unsqueeze(0).expand(b, -1, -1) for r in k_ref], dim=1)
+    vc = torch.cat([v] + [r.to(v.dtype).unsqueeze(0).expand(b, -1, -1) for r in v_ref], dim=1)
+    bias = reference_bias(index, [r.shape[0] for r in k_ref], k.shape[1], gamma, q.dtype)
     return attn_fn(q, kc, vc, heads, mask=bias)
 
 
-def routed_reference_attention_sparse(q, k, v, k_ref, v_ref, index, heads, gamma: Gamma = 1.0,
-                                      attn_fn: AttnFn = sdpa) -> torch.Tensor:
+def routed_reference_attention_sparse(q, k, v, k_ref: RefList, v_ref: RefList, index, heads,
+                                      gamma: Gamma = 1.0, attn_fn: AttnFn = sdpa) -> torch.Tensor:
     """Eq. 6-8, block-sparse form: every query meets its own tokens plus the references of the one
     subject it is routed to; background queries get the plain attention."""
     out = attn_fn(q, k, v, heads)
-    if gamma_is_zero(gamma) or k_ref.shape[0] == 0:
+    k_ref, v_ref = _as_list(k_ref), _as_list(v_ref)
+    if gamma_is_zero(gamma) or not k_ref:
         return out
-    n = k_ref.shape[0]
-    lg = _log_gamma(gamma, n, q.device)
+    lg = _log_gamma(gamma, len(k_ref), q.device)
     out = out.clone()
-    for j in range(n):
-        if lg[j] <= NEG:
+    for j, (kr, vr) in enumerate(zip(k_ref, v_ref)):
+        if lg[j] <= NEG or kr.shape[0] == 0:
             continue
         for bi in range(q.shape[0]):
             rows = (index[bi] == j).nonzero().squeeze(-1)
             if rows.numel() == 0:
                 continue
             qj = q[bi:bi + 1, rows]
-            kj = torch.cat([k[bi:bi + 1], k_ref[j:j + 1].to(k.dtype)], dim=1)
-            vj = torch.cat([v[bi:bi + 1], v_ref[j:j + 1].to(v.dtype)], dim=1)
+            kj = torch.cat([k[bi:bi + 1], kr.to(k.dtype).unsqueeze(0)], dim=1)
+            vj = torch.cat([v[bi:bi + 1], vr.to(v.dtype).unsqueeze(0)], dim=1)
             mask = None
             if float(lg[j]) != 0.0:
                 mask = torch.zeros(1, 1, 1, kj.shape[1], dtype=q.dtype, device=q.device)
@@ -111,12 +119,22 @@ class ReferenceFeatures:
 
     features: layer key → [N, L_ref, C] hidden states entering attn1 (after norm1) of that layer.
     grids: layer key → (h_G, w_G) token grid of that layer.
+    valid: layer key → [N, L_ref] bool, the reference tokens that lie on the subject (its mask,
+        resized to the layer's grid); tokens of the neutral background fill are left out. Empty: all.
     source: "native" (trained ReferenceNet) or "shared" (the denoising UNet itself).
     """
 
     features: dict = field(default_factory=dict)
     grids: dict = field(default_factory=dict)
     source: str = "native"
+    valid: dict = field(default_factory=dict)
+
+    def subject_tokens(self, key, i: int) -> torch.Tensor:
+        """G_i^l restricted to the subject's own tokens: [L_ref,i, C]."""
+        g = self.features[key][i]
+        if key in self.valid:
+            g = g[self.valid[key][i].to(g.device)]
+        return g
 
     @property
     def num_subjects(self) -> int:
@@ -138,11 +156,18 @@ class ReferenceFeatures:
                 raise ValueError(f"reference features of layer {key} differ in shape: {tuple(f.shape)} vs "
                                  f"{tuple(g.shape)}; encode every subject at the same reference size")
             feats[key] = torch.cat([f, g.to(f)], dim=0)
+        valid = {}
+        if self.valid or other.valid:
+            for key, f in self.features.items():
+                va = self.valid.get(key, torch.ones(f.shape[:2], dtype=torch.bool))
+                vb = other.valid.get(key, torch.ones(other.features[key].shape[:2], dtype=torch.bool))
+                valid[key] = torch.cat([va, vb.to(va.device)], dim=0)
         src = self.source if self.source == other.source else "mixed"
-        return ReferenceFeatures(feats, dict(self.grids), src)
+        return ReferenceFeatures(feats, dict(self.grids), src, valid)
 
     def select(self, idx: list[int]) -> "ReferenceFeatures":
-        return ReferenceFeatures({k: f[idx] for k, f in self.features.items()}, dict(self.grids), self.source)
+        return ReferenceFeatures({k: f[idx] for k, f in self.features.items()}, dict(self.grids), self.source,
+                                 {k: v[idx] for k, v in self.valid.items()})
 
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.features.values())

@@ -54,6 +54,36 @@ def test_dense_and_sparse_match_slow_reference(gamma):
     torch.testing.assert_close(sparse.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_variable_reference_lengths_per_subject():
+    """Subjects whose references keep different numbers of tokens (their masks differ)."""
+    q, k, v, k_ref, v_ref, index, heads = _setup(seed=7)
+    kl, vl = [k_ref[0, :3], k_ref[1]], [v_ref[0, :3], v_ref[1]]
+    dense = routed_reference_attention(q, k, v, kl, vl, index, heads, gamma=1.5)
+    sparse = routed_reference_attention_sparse(q, k, v, kl, vl, index, heads, gamma=1.5)
+    # per route, the slow formula with that subject's (truncated) reference alone
+    ref = torch.zeros_like(dense, dtype=torch.float64)
+    for j in range(3):
+        sel = index == j
+        if j < 2:
+            part = slow_eq6(q, k, v, kl[j].unsqueeze(0), vl[j].unsqueeze(0), torch.where(sel, 0, 1), heads, 1.5)
+        else:
+            part = slow_eq6(q, k, v, k_ref[:0], v_ref[:0], torch.zeros_like(index), heads, 1.5)
+        ref[sel] = part[sel]
+    torch.testing.assert_close(dense.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_features_valid_tokens():
+    key = ("input", 4, 0)
+    f = torch.randn(2, 6, 8)
+    valid = torch.tensor([[1, 1, 0, 0, 1, 0], [1] * 6], dtype=torch.bool)
+    rf = ReferenceFeatures({key: f}, {key: (2, 3)}, valid={key: valid})
+    assert torch.equal(rf.subject_tokens(key, 0), f[0, [0, 1, 4]])
+    assert rf.subject_tokens(key, 1).shape == (6, 8)
+    both = rf.concat(ReferenceFeatures({key: torch.randn(1, 6, 8)}, {key: (2, 3)}))
+    assert both.valid[key].shape == (3, 6) and both.valid[key][2].all()
+
+
 def test_gamma_zero_is_unpatched_bit_for_bit():
     q, k, v, k_ref, v_ref, index, heads = _setup(seed=1)
     plain = sdpa(q, k, v, heads)
@@ -85,7 +115,7 @@ def test_subject_tokens_see_only_their_own_reference():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bias_dtype_follows_q(dtype):
     q, k, v, k_ref, v_ref, index, heads = _setup(seed=4)
-    bias = reference_bias(index, 2, 5, 12, 1.0, dtype)
+    bias = reference_bias(index, [5, 5], 12, 1.0, dtype)
     assert bias.dtype == dtype and bias.shape == (2, 1, 12, 22)
     out = routed_reference_attention(q.to(dtype), k.to(dtype), v.to(dtype), k_ref.to(dtype), v_ref.to(dtype),
                                      index, heads)
@@ -96,7 +126,7 @@ def test_bias_dtype_follows_q(dtype):
 
 def test_every_row_keeps_its_self_columns():
     index = torch.tensor([[0, 1, 2, 2]])
-    bias = reference_bias(index, 2, 3, 4, 1.0, torch.float32)
+    bias = reference_bias(index, [3, 3], 4, 1.0, torch.float32)
     assert (bias[0, 0, :, :4] == 0).all()
     assert (bias[0, 0, 2:, 4:] < -1e3).all()  # background rows see no reference
 
