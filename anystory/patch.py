@@ -1,0 +1,288 @@
+"""The routed model patch: the router (§1.2), eq. 5 and eq. 6-8 wired across the layers of a UNet call.
+
+Host-independent: ComfyUI's adapter (``nodes/patch.py``) calls four hooks and supplies the attention
+functions and the denoising UNet's own attn1 projections; everything that decides *what* is computed
+lives here so it can be tested on plain tensors.
+
+Per UNet call (one sampler step, one cond/uncond batch) a fresh :class:`CallState` carries the maps
+from layer to layer, in execution order, per transformer block l:
+
+    attn1 (eq. 6-8, uses M^{l-1})  →  route (router → M^l)  →  attn2 (eq. 5, uses M^l)
+
+Rows of the batch come in chunks (ComfyUI batches cond and uncond). Cond rows are routed; uncond rows
+get the background route N+1 everywhere in attn2 (E_{N+1} is the unconditional image embedding) and
+no references in attn1.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .adapter import AnyStoryAdapter
+from .injection import project_routes, routed_cross_attention
+from .layers import LayerLayout
+from .reference import ReferenceFeatures, routed_reference_attention
+from .router import resize_index, route_index
+
+log = logging.getLogger("anystory")
+
+MODE_ROUTER = "router"        # the learned AnyStory router
+MODE_MASKS = "masks"          # user masks only; background elsewhere
+MODE_MIXED = "mixed"          # user masks where given, router (learned or attention) elsewhere
+MODE_ATTENTION = "attention"  # training-free attention router (subject words of the prompt)
+MODES = (MODE_ROUTER, MODE_MASKS, MODE_MIXED, MODE_ATTENTION)
+
+# who decided a token's route (for the preview): stored in the recorder beside the route index
+SOURCE_ROUTER, SOURCE_MASK, SOURCE_ATTENTION = 0, 1, 2
+
+
+@dataclass
+class RoutingInputs:
+    """What AnyStoryApply fixes for a sampling run.
+
+    E: [K, m, 2048] subject tokens, K = N+1 (last = background route N+1).
+    R: [K, 1, 2048] routing features (None without the routing QFormer).
+    eta: [K] η per route (η × per-subject strength; the background route gets η).
+    gamma: [N] γ per subject (reference strength; 0 = no reference).
+    refs: G_i^l of the N subjects (None: no reference attention).
+    region_masks: [N, H, W] user masks in image space (None: no masks); an all-zero mask = not given.
+    mode: one of :data:`MODES`.
+    """
+
+    E: torch.Tensor
+    R: Optional[torch.Tensor]
+    eta: torch.Tensor
+    gamma: torch.Tensor
+    refs: Optional[ReferenceFeatures] = None
+    region_masks: Optional[torch.Tensor] = None
+    mode: str = MODE_ROUTER
+
+    @property
+    def num_routes(self) -> int:
+        return self.E.shape[0]
+
+    @property
+    def num_subjects(self) -> int:
+        return self.E.shape[0] - 1
+
+
+@dataclass
+class CallState:
+    """Per UNet call. chunks: (row slice, is_cond) in batch order; step: sampler step index."""
+
+    chunks: list
+    active: bool = True
+    step: int = 0
+    last_index: Optional[torch.Tensor] = None  # [B, L] route index of the previous layer, all rows
+    last_hw: Optional[tuple] = None
+    index: dict = field(default_factory=dict)  # layer key → [B, L] route index of this call
+    source: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.chunks[-1][0].stop if self.chunks else 0
+
+    @property
+    def any_cond(self) -> bool:
+        return any(c for _, c in self.chunks)
+
+
+def chunks_from_roles(roles: list, rows_per_chunk: int) -> list:
+    """[True, False] + 2 rows per chunk → [(slice(0,2), True), (slice(2,4), False)]."""
+    return [(slice(i * rows_per_chunk, (i + 1) * rows_per_chunk), bool(c)) for i, c in enumerate(roles)]
+
+
+class RoutedPatch:
+    """Router + routed injection for one AnyStoryApply.
+
+    project_reference(key, G [T, C]) -> (K̃, Ṽ): the denoising UNet's attn1 to_k/to_v of that layer
+    (supplied by the host, which owns the weights). attn_masked(q, k, v, heads, mask=...) is the host's
+    attention function for biased calls; un-biased attention is the ``base`` each hook receives (the
+    host's own attention, or another patch that was there first).
+    """
+
+    def __init__(self, adapter: AnyStoryAdapter, layout: LayerLayout, inputs: RoutingInputs,
+                 attn_masked: Callable, project_reference: Optional[Callable] = None, recorder=None,
+                 attention_router=None):
+        if inputs.mode not in MODES:
+            raise ValueError(f"unknown router mode {inputs.mode!r}; choose one of {', '.join(MODES)}")
+        if inputs.mode == MODE_ROUTER and not adapter.has_router:
+            raise ValueError("router mode 'router' needs a native AnyStory file with a router")
+        if inputs.mode == MODE_MASKS and inputs.region_masks is None:
+            raise ValueError("router mode 'masks' needs one region mask per subject")
+        if inputs.mode == MODE_ATTENTION and attention_router is None:
+            raise ValueError("router mode 'attention' needs subject words (labels)")
+        self.adapter = adapter
+        self.layout = layout
+        self.inputs = inputs
+        self.attn_masked = attn_masked
+        self.project_reference = project_reference
+        self.recorder = recorder
+        self.attention_router = attention_router
+        self._run: dict = {}
+
+    # --- run level (one sampling) ------------------------------------------------------------------
+    def begin_run(self, **meta) -> None:
+        """Drop every per-run cache (reference K/V are projected with the UNet weights of this run,
+        which LoRAs or other patches may have changed)."""
+        self._run = {"route_kv": {}, "ref_kv": {}, "mask_index": {}, "dev": {}}
+        if self.attention_router is not None:
+            self.attention_router.begin_run()
+        if self.recorder is not None:
+            self.recorder.begin_run(**meta)
+
+    def end_run(self, **meta) -> None:
+        self._run = {}
+        if self.recorder is not None:
+            self.recorder.end_run(**meta)
+
+    def _on(self, name: str, t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        cache = self._run.setdefault("dev", {})
+        hit = cache.get(name)
+        if hit is None or hit.device != device:
+            hit = t.to(device)
+            cache[name] = hit
+        return hit
+
+    def route_kv(self, spec, like: torch.Tensor):
+        """(E_i Ŵ_k^l, E_i Ŵ_v^l) for all routes of layer l, projected once per run."""
+        cache = self._run.setdefault("route_kv", {})
+        hit = cache.get(spec.key)
+        if hit is None or hit[0].device != like.device:
+            ip = self.adapter.ip_adapter[str(spec.ckpt_index)]
+            dev = ip.to_k_ip.weight.device
+            with torch.no_grad():
+                k, v = project_routes(ip, self.inputs.E.to(dev))
+            hit = (k.to(like.device, like.dtype), v.to(like.device, like.dtype))
+            cache[spec.key] = hit
+        return hit
+
+    def ref_kv(self, key, like: torch.Tensor):
+        """(K̃_i^l, Ṽ_i^l) per subject for layer l, from G_i^l through the UNet's attn1, once per run."""
+        cache = self._run.setdefault("ref_kv", {})
+        hit = cache.get(key)
+        if hit is None:
+            refs = self.inputs.refs
+            ks, vs = [], []
+            with torch.no_grad():
+                for i in range(refs.num_subjects):
+                    g = refs.subject_tokens(key, i).to(like.device, like.dtype)
+                    k, v = self.project_reference(key, g)
+                    ks.append(k.to(like.dtype))
+                    vs.append(v.to(like.dtype))
+            hit = (ks, vs)
+            cache[key] = hit
+        return hit
+
+    # --- routing -------------------------------------------------------------------------------
+    def mask_index(self, hw: tuple, device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """User masks on a layer grid: (index [L] with -1 where no mask decides, covered [L] bool)."""
+        masks = self.inputs.region_masks
+        if masks is None:
+            return None, None
+        cache = self._run.setdefault("mask_index", {})
+        hit = cache.get(hw)
+        if hit is None:
+            m = torch.nn.functional.interpolate(masks[:, None].float(), size=hw, mode="area")[:, 0]
+            m = m.flatten(1)  # [N, L]
+            best, arg = m.max(0)
+            covered = best > 0.5
+            idx = torch.where(covered, arg, torch.full_like(arg, -1))
+            hit = (idx.to(device), covered.to(device))
+            cache[hw] = hit
+        return hit
+
+    def route(self, state: CallState, key, n: torch.Tensor, hw: tuple) -> None:
+        """attn2 entry of layer l: compute M^l (as a route index) for every row; store it in the state."""
+        spec = self.layout.get(key)
+        if spec is None or not state.active:
+            return
+        B, L, _ = n.shape
+        if hw[0] * hw[1] != L or B != state.batch:
+            return  # tokens re-tiled/merged by another patch: leave this layer un-routed
+        bg = self.inputs.num_subjects
+        parts, srcs = [], []
+        for sl, is_cond in state.chunks:
+            rows = sl.stop - sl.start
+            if not is_cond:
+                parts.append(torch.full((rows, L), bg, dtype=torch.long, device=n.device))
+                srcs.append(torch.full((rows, L), SOURCE_ROUTER, dtype=torch.uint8, device=n.device))
+                continue
+            idx, src = self._route_rows(spec, n[sl], hw, state)
+            parts.append(idx)
+            srcs.append(src)
+        index = torch.cat(parts) if len(parts) > 1 else parts[0]
+        state.index[key] = index
+        state.last_index, state.last_hw = index, tuple(hw)
+        if self.recorder is not None and state.any_cond:
+            src = torch.cat(srcs) if len(srcs) > 1 else srcs[0]
+            cond = [sl for sl, c in state.chunks if c]
+            self.recorder.record(state.step, key, hw, torch.cat([index[s] for s in cond]),
+                                 torch.cat([src[s] for s in cond]))
+
+    def _route_rows(self, spec, z: torch.Tensor, hw, state: CallState):
+        mode = self.inputs.mode
+        rows, L = z.shape[0], z.shape[1]
+        dev = z.device
+        base = src = None
+        if mode in (MODE_ROUTER, MODE_MIXED) and self.adapter.has_router:
+            r = self._on("R", self.inputs.R, dev)
+            router = self.adapter.router[str(spec.ckpt_index)]
+            with torch.no_grad():
+                logits = router(z.to(router.proj_z.weight.dtype), r.transpose(0, 1).expand(rows, -1, -1))
+            base = route_index(logits)
+            src = torch.full_like(base, SOURCE_ROUTER, dtype=torch.uint8)
+        elif mode in (MODE_ATTENTION, MODE_MIXED) and self.attention_router is not None:
+            base = self.attention_router.route(spec, hw, rows, dev, state)
+            src = torch.full_like(base, SOURCE_ATTENTION, dtype=torch.uint8)
+        if mode in (MODE_MASKS, MODE_MIXED):
+            midx, covered = self.mask_index(tuple(hw), dev)
+            if midx is not None:
+                if base is None:
+                    base = torch.full((rows, L), self.inputs.num_subjects, dtype=torch.long, device=dev)
+                    src = torch.full((rows, L), SOURCE_MASK, dtype=torch.uint8, device=dev)
+                base = torch.where(covered, midx, base)
+                src = torch.where(covered, torch.tensor(SOURCE_MASK, dtype=torch.uint8, device=dev), src)
+        if base is None:  # nothing can decide (e.g. attention router before its warm-up): background
+            base = torch.full((rows, L), self.inputs.num_subjects, dtype=torch.long, device=dev)
+            src = torch.full((rows, L), SOURCE_ROUTER, dtype=torch.uint8, device=dev)
+        return base, src
+
+    # --- injection -----------------------------------------------------------------------------
+    def cross_attention(self, state: CallState, key, q, k, v, heads: int, base: Callable) -> torch.Tensor:
+        """attn2 of layer l: text attention (``base``) + eq. 5 routed term."""
+        out = base(q, k, v)
+        if self.attention_router is not None and state.active:
+            self.attention_router.observe(state, key, q, k, heads)
+        index = state.index.get(key)
+        if not state.active or index is None or bool((self.inputs.eta == 0).all()):
+            return out
+        spec = self.layout.by_key(key)
+        kr, vr = self.route_kv(spec, q)
+        eta = self._on("eta", self.inputs.eta, q.device)
+        return out + routed_cross_attention(q, kr, vr, index, heads, eta, attn_fn=self.attn_masked).to(out.dtype)
+
+    def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable) -> torch.Tensor:
+        """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else."""
+        refs = self.inputs.refs
+        if (not state.active or refs is None or state.last_index is None or key not in refs.features
+                or self.project_reference is None or bool((self.inputs.gamma == 0).all())):
+            return base(q, k, v)
+        if hw is None or hw[0] * hw[1] != q.shape[1] or q.shape[0] != state.batch or not state.any_cond:
+            return base(q, k, v)
+        index = resize_index(state.last_index, state.last_hw, hw)
+        kr, vr = self.ref_kv(key, q)
+        gamma = self._on("gamma", self.inputs.gamma, q.device)
+        outs = []
+        for sl, is_cond in state.chunks:
+            if is_cond:
+                outs.append(routed_reference_attention(q[sl], k[sl], v[sl], kr, vr, index[sl], heads, gamma,
+                                                       attn_fn=self.attn_masked))
+            else:
+                outs.append(base(q[sl], k[sl], v[sl]))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -1,0 +1,230 @@
+"""Routing-map preview: record M^l during sampling, render a grid like the paper's Fig. 4, and turn the
+maps into per-subject segmentation masks ("reference-prompted segmentation").
+
+The recorder keeps, per sampling run, the route index (argmax of M^l) of every cond row for every
+layer l and step t, plus which source decided each token (learned router, user mask, attention
+router). Subject order is the colour and index everywhere: subject i has ``PALETTE[i]``; the
+background route is dark.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+PALETTE_HEX = ["#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#42d4f4", "#f032e6"]
+BACKGROUND_HEX = "#1c1c22"
+MAX_SUBJECTS = len(PALETTE_HEX)
+
+
+def hex_to_rgb(h: str) -> tuple[float, float, float]:
+    h = h.lstrip("#")
+    return tuple(int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
+
+
+def palette(num_subjects: int) -> torch.Tensor:
+    """[N+1, 3] colours: subjects in order, background last."""
+    cols = [hex_to_rgb(PALETTE_HEX[i % MAX_SUBJECTS]) for i in range(num_subjects)]
+    return torch.tensor(cols + [hex_to_rgb(BACKGROUND_HEX)], dtype=torch.float32)
+
+
+@dataclass
+class RunRecord:
+    """The maps of one sampling run. steps: step → {layer key: (hw, index [B, L] uint8, source)}."""
+
+    steps: dict = field(default_factory=dict)
+    layer_order: list = field(default_factory=list)
+    sigmas: Optional[torch.Tensor] = None
+    output: Optional[torch.Tensor] = None  # the sampler's output latent, to match a LATENT later
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def step_ids(self) -> list:
+        return sorted(self.steps)
+
+    @property
+    def batch(self) -> int:
+        for rec in self.steps.values():
+            for _, idx, _ in rec.values():
+                return idx.shape[0]
+        return 0
+
+
+class RoutingRecorder:
+    """ANYSTORY_ROUTING: filled by the patch during sampling, read by AnyStoryRoutingPreview."""
+
+    def __init__(self, num_subjects: int, labels: Optional[list] = None, keep_runs: int = 8, enabled: bool = True):
+        self.num_subjects = num_subjects
+        self.labels = list(labels or [f"subject {i + 1}" for i in range(num_subjects)])
+        self.keep_runs = keep_runs
+        self.enabled = enabled
+        self.runs: list[RunRecord] = []
+        self._current: Optional[RunRecord] = None
+        self.listeners: list = []  # callables(run, step) after each completed step (live preview)
+
+    def __deepcopy__(self, memo):  # shared by every clone of the patched MODEL
+        return self
+
+    def begin_run(self, sigmas=None, **meta) -> None:
+        self._current = RunRecord(sigmas=None if sigmas is None else sigmas.detach().float().cpu(), meta=dict(meta))
+
+    def record(self, step: int, key, hw, index: torch.Tensor, source: torch.Tensor) -> None:
+        run = self._current
+        if run is None or not self.enabled:
+            return
+        if step not in run.steps and run.steps and self.listeners:
+            prev = max(run.steps)
+            for cb in self.listeners:
+                cb(self, run, prev)
+        rec = run.steps.setdefault(step, {})
+        if key not in run.layer_order:
+            run.layer_order.append(key)
+        rec[key] = (tuple(hw), index.to(torch.uint8), source.to(torch.uint8))
+
+    def end_run(self, output: Optional[torch.Tensor] = None, **meta) -> None:
+        run = self._current
+        self._current = None
+        if run is None:
+            return
+        for rec in run.steps.values():  # one transfer at the end of the run, none per step
+            for key, (hw, idx, src) in rec.items():
+                rec[key] = (hw, idx.cpu(), src.cpu())
+        if output is not None:
+            run.output = output.detach().float().cpu()
+        run.meta.update(meta)
+        if run.steps:
+            self.runs.append(run)
+            del self.runs[:-self.keep_runs]
+            if self.listeners:
+                for cb in self.listeners:
+                    cb(self, run, max(run.steps))
+
+    def current(self) -> Optional[RunRecord]:
+        return self._current
+
+    def find_run(self, latent: Optional[torch.Tensor] = None) -> tuple[Optional[RunRecord], bool]:
+        """The run whose output is ``latent`` (exact match first, then closest), else the latest.
+        Returns (run, matched)."""
+        if not self.runs:
+            return None, False
+        if latent is not None:
+            lat = latent.detach().float().cpu()
+            best, best_err = None, None
+            for run in reversed(self.runs):
+                if run.output is None or run.output.shape != lat.shape:
+                    continue
+                err = float((run.output - lat).abs().max())
+                if best_err is None or err < best_err:
+                    best, best_err = run, err
+            if best is not None and best_err <= 1e-3 * (1.0 + float(lat.abs().max())):
+                return best, True
+        return self.runs[-1], False
+
+
+def parse_selection(spec: str, available: list, what: str) -> list:
+    """'all', 'last', '' or positions/ranges like '0,5,10-12,-1' (negative = from the end) → items."""
+    import re
+
+    spec = (spec or "").strip().lower()
+    n = len(available)
+    if n == 0:
+        return []
+    if spec in ("", "all"):
+        return list(available)
+    if spec == "last":
+        return [available[-1]]
+
+    def pos(tok: str) -> int:
+        i = int(tok)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise ValueError(f"{what} {i} does not exist: there are {n} ({what}s 0…{n - 1}, or -1 for the last)")
+        return j
+
+    out = []
+    for part in re.split(r"[,;\s]+", spec):
+        if not part:
+            continue
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if m is None:
+            raise ValueError(f"cannot read the {what} selection {spec!r}: use 'all', 'last' or positions and "
+                             f"ranges like '0,5,10-12,-1'")
+        a = pos(m.group(1))
+        b = pos(m.group(2)) if m.group(2) is not None else a
+        out.extend(available[i] for i in range(a, b + 1))
+    return out
+
+
+def default_layers(layer_order: list, max_rows: int = 12) -> list:
+    """One row per transformer stage (the first block of each SpatialTransformer), as Fig. 4."""
+    firsts = [k for k in layer_order if k[2] == 0]
+    if len(firsts) > max_rows:
+        step = len(firsts) / max_rows
+        firsts = [firsts[int(i * step)] for i in range(max_rows)]
+    return firsts
+
+
+def default_steps(step_ids: list, max_cols: int = 8) -> list:
+    if len(step_ids) <= max_cols:
+        return list(step_ids)
+    return [step_ids[round(i * (len(step_ids) - 1) / (max_cols - 1))] for i in range(max_cols)]
+
+
+def index_image(hw, index: torch.Tensor, source: Optional[torch.Tensor], colors: torch.Tensor,
+                size: tuple, stripes: bool = True) -> torch.Tensor:
+    """One map → [h, w, 3] image at ``size`` (nearest); tokens decided by a user mask are striped."""
+    h, w = hw
+    idx = index.long().view(h, w)
+    img = colors[idx.clamp_max(colors.shape[0] - 1)]  # [h, w, 3]
+    img = F.interpolate(img.permute(2, 0, 1)[None], size=size, mode="nearest")[0].permute(1, 2, 0)
+    if stripes and source is not None and bool((source == 1).any()):
+        src = F.interpolate(source.view(1, 1, h, w).float(), size=size, mode="nearest")[0, 0] == 1
+        yy, xx = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+        band = ((yy + xx) // 3) % 4 == 0
+        img = torch.where((src & band)[..., None], img * 0.55, img)
+    return img
+
+
+def render_grid(run: RunRecord, layers: list, steps: list, num_subjects: int, image: int = 0,
+                cell: int = 96, gap: int = 2) -> torch.Tensor:
+    """Rows = layers (execution order), columns = steps → [H, W, 3] float image (gap lines dark)."""
+    colors = palette(num_subjects)
+    rows, cols = len(layers), len(steps)
+    any_hw = next(iter(run.steps[steps[0]].values()))[0] if steps else (1, 1)
+    aspect = any_hw[1] / max(1, any_hw[0])
+    ch, cw = (cell, max(8, round(cell * aspect))) if aspect <= 1 else (max(8, round(cell / aspect)), cell)
+    H, W = rows * ch + (rows + 1) * gap, cols * cw + (cols + 1) * gap
+    out = torch.full((H, W, 3), 0.04)
+    for r, key in enumerate(layers):
+        for c, st in enumerate(steps):
+            rec = run.steps.get(st, {}).get(key)
+            y, x = gap + r * (ch + gap), gap + c * (cw + gap)
+            if rec is None:
+                out[y:y + ch, x:x + cw] = 0.25
+                continue
+            hw, idx, src = rec
+            out[y:y + ch, x:x + cw] = index_image(hw, idx[image], src[image], colors, (ch, cw))
+    return out
+
+
+def subject_masks(run: RunRecord, layers: list, steps: list, num_subjects: int, size: tuple,
+                  image: int = 0) -> torch.Tensor:
+    """Per-subject soft masks [N, H, W]: the share of selected (layer, step) maps that route each pixel
+    to subject i (maps resized bilinearly to ``size``)."""
+    acc = torch.zeros(num_subjects + 1, *size)
+    count = 0
+    for st in steps:
+        for key in layers:
+            rec = run.steps.get(st, {}).get(key)
+            if rec is None:
+                continue
+            hw, idx, _ = rec
+            oh = F.one_hot(idx[image].long().clamp_max(num_subjects), num_subjects + 1).float()
+            oh = oh.T.reshape(num_subjects + 1, 1, *hw)
+            acc += F.interpolate(oh, size=size, mode="bilinear", align_corners=False)[:, 0]
+            count += 1
+    if count == 0:
+        return torch.zeros(num_subjects, *size)
+    return (acc / count)[:num_subjects].clamp(0, 1)

@@ -1,0 +1,174 @@
+"""The routed model patch across the layers of one simulated UNet call (no host needed)."""
+import functools
+
+import pytest
+import torch
+
+from anystory.attention import sdpa
+from anystory.layers import LayerLayout
+from anystory.patch import (MODE_MASKS, MODE_MIXED, MODE_ROUTER, CallState, RoutedPatch, RoutingInputs,
+                            chunks_from_roles)
+from anystory.preview import RoutingRecorder
+from anystory.reference import ReferenceFeatures, routed_reference_attention
+from anystory.router import resize_index
+from anystory.synthetic import random_adapter
+
+C, HEADS = 32, 2
+LAYOUT = LayerLayout([(("input", 1, 0), C, HEADS), (("middle", 0, 0), C, HEADS), (("output", 1, 0), C, HEADS)])
+GRIDS = {("input", 1, 0): (4, 6), ("middle", 0, 0): (2, 3), ("output", 1, 0): (4, 6)}
+
+
+def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0, recorder=None):
+    torch.manual_seed(seed)
+    ad = random_adapter(LAYOUT, qformer_dim=64, clip_dim=48, depth=1, router_dim=16, router_heads=2, seed=seed)
+    emb = ad.encode(torch.randn(n, 5, 48), torch.zeros(1, 5, 48))
+    region = None
+    if masks:
+        region = torch.zeros(n, 8, 12)
+        region[0, :, :6] = 1  # subject 1 left half
+        if n > 1:
+            region[1, :, 6:] = 1  # subject 2 right half
+    rf = None
+    if refs:
+        rf = ReferenceFeatures({k: torch.randn(n, 7, C) for k in GRIDS}, {k: (1, 7) for k in GRIDS})
+    inputs = RoutingInputs(E=emb.E, R=emb.R, eta=torch.full((n + 1,), float(eta)),
+                           gamma=torch.full((n,), float(gamma)), refs=rf, region_masks=region, mode=mode)
+    proj = torch.nn.Linear(C, C, bias=False)
+    rp = RoutedPatch(ad, LAYOUT, inputs, attn_masked=sdpa,
+                     project_reference=lambda key, g: (proj(g), proj(g) * 0.5), recorder=recorder)
+    return rp, proj
+
+
+def run_call(rp, roles=(True, False), rows=1, active=True, step=0, seed=1):
+    """One UNet call: per layer attn1 → route → attn2, as ComfyUI's BasicTransformerBlock orders them."""
+    g = torch.Generator().manual_seed(seed)
+    B = rows * len(roles)
+    state = CallState(chunks_from_roles(list(roles), rows), active=active, step=step)
+    base = functools.partial(sdpa, heads=HEADS)
+    outs = {}
+    for spec in LAYOUT:
+        hw = GRIDS[spec.key]
+        L = hw[0] * hw[1]
+        q, k, v, n = (torch.randn(B, L, C, generator=g) for _ in range(4))
+        prev = (state.last_index, state.last_hw)
+        a1 = rp.self_attention(state, spec.key, q, k, v, HEADS, hw, lambda q, k, v: sdpa(q, k, v, HEADS))
+        rp.route(state, spec.key, n, hw)
+        kt, vt = torch.randn(B, 9, C, generator=g), torch.randn(B, 9, C, generator=g)
+        a2 = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, lambda q, k, v: sdpa(q, k, v, HEADS))
+        outs[spec.key] = dict(q=q, k=k, v=v, kt=kt, vt=vt, a1=a1, a2=a2, prev=prev, index=state.index.get(spec.key))
+    del base
+    return outs
+
+
+def test_eta_and_gamma_zero_give_the_unpatched_outputs_bit_for_bit():
+    rp, _ = make(eta=0.0, gamma=0.0)
+    rp.begin_run()
+    for key, o in run_call(rp).items():
+        assert torch.equal(o["a1"], sdpa(o["q"], o["k"], o["v"], HEADS))
+        assert torch.equal(o["a2"], sdpa(o["q"], o["kt"], o["vt"], HEADS))
+
+
+def test_inactive_call_is_unpatched():
+    rp, _ = make()
+    rp.begin_run()
+    for o in run_call(rp, active=False).values():
+        assert torch.equal(o["a1"], sdpa(o["q"], o["k"], o["v"], HEADS))
+        assert torch.equal(o["a2"], sdpa(o["q"], o["kt"], o["vt"], HEADS))
+
+
+def test_masks_route_each_subject_to_its_half_and_uncond_to_background():
+    rp, _ = make(mode=MODE_MASKS, gamma=0.0)
+    rp.begin_run()
+    outs = run_call(rp, roles=(True, False))
+    o = outs[("input", 1, 0)]
+    idx = o["index"]
+    assert idx.shape == (2, 24)
+    grid = idx[0].view(4, 6)
+    assert (grid[:, :3] == 0).all() and (grid[:, 3:] == 1).all()  # cond row: masks decide
+    assert (idx[1] == 2).all()                                    # uncond row: background route
+    kr, vr = rp.route_kv(LAYOUT.by_key(("input", 1, 0)), o["q"])
+    text = sdpa(o["q"], o["kt"], o["vt"], HEADS)
+    for row, route_of in ((0, grid.flatten()), (1, torch.full((24,), 2))):
+        for r in range(3):
+            sel = route_of == r
+            if not sel.any():
+                continue
+            want = text[row, sel] + sdpa(o["q"][row:row + 1, sel], kr[r:r + 1], vr[r:r + 1], HEADS)[0]
+            torch.testing.assert_close(o["a2"][row, sel], want, atol=1e-5, rtol=1e-5)
+
+
+def test_subject_change_only_affects_its_region():
+    """Changing subject 2's tokens E_2 changes attn2 outputs only where subject 2 is routed."""
+    rp, _ = make(mode=MODE_MASKS, gamma=0.0)
+    rp.begin_run()
+    a = run_call(rp)
+    rp.inputs.E = rp.inputs.E.clone()
+    rp.inputs.E[1] += 3.0
+    rp.begin_run()
+    b = run_call(rp)
+    for key in GRIDS:
+        idx = a[key]["index"]
+        same = idx != 1
+        assert torch.equal(a[key]["a2"][same], b[key]["a2"][same])
+        assert not torch.allclose(a[key]["a2"][~same], b[key]["a2"][~same])
+
+
+def test_reference_attention_uses_previous_layer_map_and_skips_uncond():
+    rp, proj = make(mode=MODE_MASKS, eta=0.0, gamma=2.0)
+    rp.begin_run()
+    outs = run_call(rp, roles=(True, False))
+    first = outs[("input", 1, 0)]
+    assert torch.equal(first["a1"], sdpa(first["q"], first["k"], first["v"], HEADS))  # no M^0
+    o = outs[("middle", 0, 0)]
+    prev_index, prev_hw = o["prev"]
+    assert prev_hw == (4, 6)
+    index = resize_index(prev_index, prev_hw, (2, 3))
+    feats = rp.inputs.refs.features[("middle", 0, 0)]
+    kr = [proj(feats[i]) for i in range(2)]
+    vr = [proj(feats[i]) * 0.5 for i in range(2)]
+    want = routed_reference_attention(o["q"][:1], o["k"][:1], o["v"][:1], kr, vr, index[:1], HEADS,
+                                      torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(o["a1"][:1], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(o["a1"][1:], sdpa(o["q"][1:], o["k"][1:], o["v"][1:], HEADS))  # uncond: plain
+    assert not torch.allclose(o["a1"][:1], sdpa(o["q"][:1], o["k"][:1], o["v"][:1], HEADS))
+
+
+def test_learned_router_and_mixed_mode():
+    rp, _ = make(mode=MODE_ROUTER, masks=False, gamma=0.0)
+    rp.begin_run()
+    outs = run_call(rp, roles=(True,), rows=2)
+    idx = outs[("middle", 0, 0)]["index"]
+    assert idx.shape == (2, 6) and idx.max() <= 2
+    rp2, _ = make(mode=MODE_MIXED, gamma=0.0)
+    rp2.inputs.region_masks[1] = 0  # subject 2 not given → router decides outside subject 1's mask
+    rp2.begin_run()
+    o2 = run_call(rp2, roles=(True,))[("input", 1, 0)]
+    grid = o2["index"][0].view(4, 6)
+    assert (grid[:, :3] == 0).all()
+
+
+def test_recorder_keeps_cond_rows_per_step_and_layer():
+    rec = RoutingRecorder(2, ["a", "b"])
+    rp, _ = make(recorder=rec)
+    rp.begin_run(sigmas=torch.tensor([10.0, 5.0, 0.0]))
+    run_call(rp, roles=(True, False), step=0)
+    run_call(rp, roles=(False, True), step=1)
+    rp.end_run(output=torch.ones(1, 4, 8, 12))
+    run = rec.runs[-1]
+    assert run.step_ids == [0, 1]
+    assert run.layer_order == list(GRIDS)
+    hw, idx, src = run.steps[1][("input", 1, 0)]
+    assert hw == (4, 6) and idx.shape == (1, 24) and idx.dtype == torch.uint8 and idx.device.type == "cpu"
+    assert (idx.view(4, 6)[:, :3] == 0).all()
+    found, matched = rec.find_run(torch.ones(1, 4, 8, 12))
+    assert found is run and matched
+    assert rec.find_run(torch.zeros(1, 4, 8, 12))[1] is False
+
+
+def test_mode_requirements():
+    with pytest.raises(ValueError, match="needs a native AnyStory file"):
+        ad = random_adapter(LAYOUT, kind="ip-adapter-plus-sdxl", qformer_dim=64, clip_dim=48, depth=1)
+        emb = ad.encode(torch.randn(1, 5, 48), torch.zeros(1, 5, 48))
+        RoutedPatch(ad, LAYOUT, RoutingInputs(emb.E, None, torch.ones(2), torch.ones(1)), attn_masked=sdpa)
+    with pytest.raises(ValueError, match="region mask"):
+        make(mode=MODE_MASKS, masks=False)
