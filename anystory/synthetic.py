@@ -57,3 +57,92 @@ def ipadapter_plus_state_dict(layout: LayerLayout, num_tokens: int = 16, seed: i
             k = "image_proj." + k[len("subject_proj."):]
         sd[k] = v.contiguous()
     return sd
+
+
+# --- files that are NOT usable as AnyStory adapters (tests of the checkpoint loader's refusals) ---------
+
+def sd15_layout() -> LayerLayout:
+    """SD1.5: 16 transformer blocks (C = 320/640/1280, 8 heads), IP-Adapter numbers them 1, 3, …, 31."""
+    blocks = []
+    for name, ids, dim in (("input", (1, 2), 320), ("input", (4, 5), 640), ("input", (7, 8), 1280),
+                           ("middle", (0,), 1280), ("output", (3, 4, 5), 1280), ("output", (6, 7, 8), 640),
+                           ("output", (9, 10, 11), 320)):
+        for i in ids:
+            blocks.append(((name, i, 0), dim, 8))
+    return LayerLayout(blocks)
+
+
+def _zeros_like_module(module_factory, prefix: str, dtype: torch.dtype) -> dict:
+    with torch.device("meta"):
+        mod = module_factory()
+    return {prefix + k: torch.zeros(v.shape, dtype=dtype) for k, v in mod.state_dict().items()}
+
+
+def _ip_layers(layout: LayerLayout, context_dim: int, dtype: torch.dtype) -> dict:
+    sd = {}
+    for s in layout:
+        for w in ("to_k_ip", "to_v_ip"):
+            sd[f"ip_adapter.{s.ckpt_index}.{w}.weight"] = torch.zeros(s.dim, context_dim, dtype=dtype)
+    return sd
+
+
+def sd15_ipadapter_plus_state_dict(dtype: torch.dtype = torch.float16) -> dict:
+    """ip-adapter-plus_sd15 at its real shapes (zeros): Resampler 768-wide (12 heads, 16 queries, CLIP-H
+    1280 in, 768 out) + 16 layers of to_k_ip/to_v_ip C×768 numbered 1…31."""
+    sd = _zeros_like_module(lambda: Resampler(dim=768, depth=4, heads=12, num_queries=16, embedding_dim=1280,
+                                              output_dim=768), "image_proj.", dtype)
+    sd.update(_ip_layers(sd15_layout(), 768, dtype))
+    return sd
+
+
+def ipadapter_nonplus_state_dict(layout: LayerLayout, context_dim: int = 2048, clip_dim: int = 1024,
+                                 tokens: int = 4, dtype: torch.dtype = torch.float16) -> dict:
+    """A non-Plus IP-Adapter (ip-adapter_sdxl_vit-h / ip-adapter_sd15): ``image_proj.proj`` maps the pooled
+    CLIP embedding to ``tokens`` context tokens, ``image_proj.norm``; no Resampler latents."""
+    sd = {"image_proj.proj.weight": torch.zeros(tokens * context_dim, clip_dim, dtype=dtype),
+          "image_proj.proj.bias": torch.zeros(tokens * context_dim, dtype=dtype),
+          "image_proj.norm.weight": torch.ones(context_dim, dtype=dtype),
+          "image_proj.norm.bias": torch.zeros(context_dim, dtype=dtype)}
+    sd.update(_ip_layers(layout, context_dim, dtype))
+    return sd
+
+
+def ipadapter_faceid_state_dict(layout: LayerLayout, plus: bool = False, lora_rank: int = 4,
+                                context_dim: int = 2048, dtype: torch.dtype = torch.float16) -> dict:
+    """An IP-Adapter FaceID(-PlusV2) file's key names: MLP ``image_proj.proj.0/2`` + ``norm`` on a 512-d
+    face embedding (PlusV2 adds ``image_proj.perceiver_resampler.*``), per-layer to_k_ip/to_v_ip and LoRA
+    weights ``ip_adapter.{i}.to_{q,k,v,out}_lora.{down,up}.weight`` for every processor i (attn1 = even,
+    attn2 = odd). LoRA rank and the resampler are reduced; the names and the projection shapes are real."""
+    sd = {"image_proj.proj.0.weight": torch.zeros(1024, 512, dtype=dtype),
+          "image_proj.proj.0.bias": torch.zeros(1024, dtype=dtype),
+          "image_proj.proj.2.weight": torch.zeros(4 * context_dim, 1024, dtype=dtype),
+          "image_proj.proj.2.bias": torch.zeros(4 * context_dim, dtype=dtype),
+          "image_proj.norm.weight": torch.ones(context_dim, dtype=dtype),
+          "image_proj.norm.bias": torch.zeros(context_dim, dtype=dtype)}
+    if plus:
+        sd.update(_zeros_like_module(lambda: Resampler(dim=64, depth=1, heads=1, num_queries=4, embedding_dim=64,
+                                                       output_dim=64), "image_proj.perceiver_resampler.", dtype))
+    sd.update(_ip_layers(layout, context_dim, dtype))
+    for s in layout:
+        for i, kv_in in ((s.ckpt_index - 1, s.dim), (s.ckpt_index, context_dim)):
+            for w, d_in in (("to_q_lora", s.dim), ("to_k_lora", kv_in), ("to_v_lora", kv_in), ("to_out_lora", s.dim)):
+                sd[f"ip_adapter.{i}.{w}.down.weight"] = torch.zeros(lora_rank, d_in, dtype=dtype)
+                sd[f"ip_adapter.{i}.{w}.up.weight"] = torch.zeros(s.dim, lora_rank, dtype=dtype)
+    return sd
+
+
+def flux_ipadapter_state_dict(double_blocks: int = 2, width: int = 64, clip_dim: int = 32, tokens: int = 4,
+                              dtype: torch.dtype = torch.float16) -> dict:
+    """A Flux IP-Adapter file's key names (XLabs layout): ``ip_adapter_proj_model.*`` and
+    ``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.*``. Shapes reduced (Flux: 19
+    blocks, width 3072, context 4096)."""
+    sd = {"ip_adapter_proj_model.proj.weight": torch.zeros(tokens * width, clip_dim, dtype=dtype),
+          "ip_adapter_proj_model.proj.bias": torch.zeros(tokens * width, dtype=dtype),
+          "ip_adapter_proj_model.norm.weight": torch.ones(width, dtype=dtype),
+          "ip_adapter_proj_model.norm.bias": torch.zeros(width, dtype=dtype)}
+    for i in range(double_blocks):
+        for w in ("k", "v"):
+            p = f"double_blocks.{i}.processor.ip_adapter_double_stream_{w}_proj"
+            sd[p + ".weight"] = torch.zeros(width, width, dtype=dtype)
+            sd[p + ".bias"] = torch.zeros(width, dtype=dtype)
+    return sd
