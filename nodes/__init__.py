@@ -1,3 +1,23 @@
-"""ComfyUI node adapters for the AnyStory core (filled in by the node modules)."""
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+"""ComfyUI node adapters for the AnyStory core. Node type names are public API: never rename them."""
+from . import paths
+
+paths.register()
+
+from .apply import AnyStoryApply  # noqa: E402
+from .encode import AnyStorySubjectEncode  # noqa: E402
+from .loader import AnyStoryModelLoader  # noqa: E402
+from .preview import AnyStoryRoutingPreview  # noqa: E402
+
+NODE_CLASS_MAPPINGS = {
+    "AnyStoryModelLoader": AnyStoryModelLoader,
+    "AnyStorySubjectEncode": AnyStorySubjectEncode,
+    "AnyStoryApply": AnyStoryApply,
+    "AnyStoryRoutingPreview": AnyStoryRoutingPreview,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AnyStoryModelLoader": "AnyStory Model Loader",
+    "AnyStorySubjectEncode": "AnyStory Subject Encode",
+    "AnyStoryApply": "AnyStory Apply",
+    "AnyStoryRoutingPreview": "AnyStory Routing Preview",
+}

@@ -1,0 +1,237 @@
+"""AnyStoryApply: "routed model patching" — patches a clone of an SDXL MODEL so any ComfyUI sampler
+renders the subjects, each confined to where the router puts it; returns the routing recorder."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import torch
+
+import comfy.model_base
+
+from ..anystory.layers import discover_layout
+from ..anystory.patch import MODE_ATTENTION, MODE_MASKS, MODE_MIXED, MODE_ROUTER, RoutedPatch, RoutingInputs
+from ..anystory.preview import RoutingRecorder
+from .encode import check_model
+from .patch import ComfyRoutedPatch, _masked_attention, install
+from .types import ANYSTORY, ANYSTORY_ROUTING, ANYSTORY_SUBJECTS, AnyStoryError, AnyStoryModel, SubjectList
+
+log = logging.getLogger("anystory")
+
+ROUTER_MODES = ("auto", MODE_ROUTER, MODE_MASKS, MODE_MIXED)
+
+
+def _blocks(unet) -> dict:
+    """layer key → BasicTransformerBlock, in the same naming as anystory.layers.discover_layout."""
+    out = {}
+
+    def scan(name, idx, seq):
+        for mod in seq:
+            for j, tb in enumerate(getattr(mod, "transformer_blocks", []) or []):
+                out[(name, idx, j)] = tb
+
+    for i, blk in enumerate(getattr(unet, "input_blocks", [])):
+        scan("input", i, blk)
+    if getattr(unet, "middle_block", None) is not None:
+        scan("middle", 0, unet.middle_block)
+    for i, blk in enumerate(getattr(unet, "output_blocks", [])):
+        scan("output", i, blk)
+    return out
+
+
+def check_sdxl_model(model, anystory: AnyStoryModel):
+    """Refuse anything that is not an SDXL-family UNet whose layers fit the AnyStory file; returns the layout."""
+    base = getattr(model, "model", None)
+    unet = getattr(base, "diffusion_model", None)
+    family = type(base).__name__ if base is not None else type(model).__name__
+    if unet is None or not hasattr(unet, "input_blocks"):
+        raise AnyStoryError(f"AnyStory works on SDXL-family UNet models; the connected MODEL is {family}, which "
+                            "has no UNet (Flux, SD3 and other transformers are not supported).")
+    cfg = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
+    ctx = cfg.get("context_dim")
+    adm = cfg.get("adm_in_channels")
+    if not isinstance(base, comfy.model_base.SDXL) or ctx != 2048 or adm != 2816:
+        raise AnyStoryError(
+            f"AnyStory needs an SDXL-family MODEL (SDXL, Pony, Illustrious, SSD-1B, KOALA …); the connected MODEL is "
+            f"{family} with text context {ctx} (SD1.5 has 768, SDXL 2048). Load an SDXL checkpoint.")
+    layout = discover_layout(unet)
+    try:
+        anystory.adapter.check_layout(layout, f"the connected {family} MODEL")
+    except ValueError as e:
+        raise AnyStoryError(str(e)) from None
+    return layout
+
+
+def _region_masks(masks, n: int):
+    if masks is None:
+        return None
+    m = masks if masks.ndim == 3 else masks.reshape(-1, *masks.shape[-2:])
+    if m.shape[0] == 1 and n > 1:
+        raise AnyStoryError(f"region_masks has 1 mask but there are {n} subjects: give one mask per subject, in "
+                            "subject order (batch them with a 'Batch Masks' / MaskComposite chain); an all-black "
+                            "mask leaves that subject to the router")
+    if m.shape[0] != n:
+        raise AnyStoryError(f"region_masks has {m.shape[0]} masks for {n} subjects: give exactly one per subject, in "
+                            "subject order")
+    if not torch.isfinite(m).all():
+        raise AnyStoryError("region_masks contain NaN or infinite values")
+    return m.float().clamp(0, 1).cpu()
+
+
+class AnyStoryApply:
+    CATEGORY = "AnyStory"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL", ANYSTORY_ROUTING)
+    RETURN_NAMES = ("model", "routing")
+    OUTPUT_TOOLTIPS = ("A patched copy of the MODEL (the input MODEL is not changed): sample it with any sampler.",
+                       "The routing maps of the next sampling with this MODEL, for AnyStoryRoutingPreview.")
+    DESCRIPTION = ("Patches an SDXL MODEL with AnyStory: each subject's tokens (η) and reference features (γ) "
+                   "are routed to the region the router assigns to that subject, so several subjects keep "
+                   "their own looks without blending.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The SDXL MODEL to patch (a copy is patched)."}),
+                "anystory": (ANYSTORY, {"tooltip": "From AnyStoryModelLoader — the same one the subjects were "
+                                                   "encoded with."}),
+                "subjects": (ANYSTORY_SUBJECTS, {"tooltip": "From AnyStorySubjectEncode (chain one per subject)."}),
+                "router_mode": (list(ROUTER_MODES), {"default": "auto", "tooltip":
+                                "How each region is assigned to a subject. auto: the learned router if the file "
+                                "has one, else the region masks. router: the learned AnyStory router. masks: "
+                                "region_masks only (background elsewhere). mixed: region masks where given, the "
+                                "router elsewhere."}),
+                "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
+                                  "η — subject strength: weight of the routed subject tokens in cross-attention "
+                                  "(eq. 5). 0 = off."}),
+                "gamma": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
+                                    "γ — reference strength: how much attention the subject's reference features get "
+                                    "in self-attention (eq. 6-8; logit offset ln γ, so 1 = as trained, 0 = off). "
+                                    "Keeps details."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
+                                            "Sampling progress at which AnyStory starts acting."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
+                                          "Sampling progress at which AnyStory stops acting."}),
+            },
+            "optional": {
+                "region_masks": ("MASK", {"tooltip": "One mask per subject, in subject order (white = that "
+                                                     "subject's region, any size, stretched to the image). Used by "
+                                                     "router_mode masks/mixed; an all-black mask leaves that subject "
+                                                     "to the router."}),
+                "record_routing": ("BOOLEAN", {"default": True, "tooltip": "Keep the routing maps of each sampling "
+                                                                           "for the preview (small, kept on the GPU "
+                                                                           "until the end of the run)."}),
+            },
+        }
+
+    def apply(self, model, anystory, subjects, router_mode="auto", eta=1.0, gamma=1.0, start_percent=0.0,
+              end_percent=1.0, region_masks=None, record_routing=True):
+        anystory = check_model(anystory)
+        if not isinstance(subjects, SubjectList):
+            raise AnyStoryError("the 'subjects' input must come from AnyStorySubjectEncode")
+        if subjects.model_uid != anystory.uid:
+            raise AnyStoryError(
+                f"the subjects were encoded with another AnyStory model ({subjects.model_name}) than the one "
+                f"connected here ({anystory.name}); use the same AnyStoryModelLoader for both.")
+        n = len(subjects)
+        if n == 0:
+            raise AnyStoryError("no subjects: connect at least one AnyStorySubjectEncode")
+        if start_percent > end_percent:
+            raise AnyStoryError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): AnyStory would "
+                                "never act. Make start_percent ≤ end_percent.")
+        layout = check_sdxl_model(model, anystory)
+        masks = _region_masks(region_masks, n)
+        ad = anystory.adapter
+        mode = router_mode
+        if mode == "auto":
+            if ad.has_router and all(s.R is not None for s in subjects.subjects):
+                mode = MODE_MIXED if masks is not None else MODE_ROUTER
+            elif masks is not None:
+                mode = MODE_MASKS
+            else:
+                raise AnyStoryError(
+                    f"nothing can decide where the subjects go: {anystory.name} has no learned router (public "
+                    "IP-Adapter weights). Connect region_masks (one per subject), or load a native AnyStory file.")
+        if mode in (MODE_ROUTER,) and not ad.has_router:
+            raise AnyStoryError(f"router_mode '{mode}' needs the learned AnyStory router, which {anystory.name} does "
+                                "not have (public IP-Adapter weights). Use 'masks' with region_masks.")
+        if mode == MODE_MIXED and not ad.has_router:
+            raise AnyStoryError(f"router_mode 'mixed' needs a router for the regions without a mask; {anystory.name} "
+                                "has none. Use 'masks'.")
+        if mode in (MODE_MASKS, MODE_MIXED) and masks is None:
+            raise AnyStoryError(f"router_mode '{mode}' needs region_masks: one mask per subject, in subject order")
+        if mode in (MODE_ROUTER, MODE_MIXED) and any(s.R is None for s in subjects.subjects):
+            raise AnyStoryError("the subjects were encoded without routing features; re-run their encode nodes")
+
+        E = torch.stack([s.E for s in subjects.subjects] + [subjects.E_bg]).float()
+        R = None
+        if ad.has_router:
+            R = torch.stack([s.R for s in subjects.subjects] + [subjects.R_bg]).float()
+        strengths = torch.tensor([s.strength for s in subjects.subjects], dtype=torch.float32)
+        eta_t = torch.cat([eta * strengths, torch.tensor([eta], dtype=torch.float32)])
+        gamma_t = gamma * strengths
+
+        refs = None
+        with_refs = [s.refs is not None for s in subjects.subjects]
+        if any(with_refs) and gamma > 0:
+            if not all(with_refs):
+                missing = [i + 1 for i, w in enumerate(with_refs) if not w]
+                log.warning("AnyStory: subjects %s have no ReferenceNet features; they get no reference attention",
+                            missing)
+                gamma_t = gamma_t * torch.tensor(with_refs, dtype=torch.float32)
+            refs = _merge_refs(subjects, layout)
+
+        unet = model.model.diffusion_model
+        runtime = RoutedPatch(ad, layout, RoutingInputs(E=E, R=R, eta=eta_t, gamma=gamma_t, refs=refs,
+                                                        region_masks=masks, mode=mode),
+                              attn_masked=_masked_attention(),
+                              recorder=RoutingRecorder(n, subjects.labels, enabled=bool(record_routing)))
+        ms = model.get_model_object("model_sampling")
+        owner = ComfyRoutedPatch(runtime, _blocks(unet), ms.percent_to_sigma(start_percent),
+                                 ms.percent_to_sigma(end_percent), uuid.uuid4().hex[:10])
+        patched = model.clone()
+        ref_keys = []
+        if refs is not None:
+            ref_keys = [s.key for s in layout if s.key in refs.features][1:]  # layer 1 has no M^0: dropped
+        install(patched, owner, ref_keys, [anystory.patcher])
+        routing = runtime.recorder
+        routing.mode = mode
+        log.info("AnyStory: %d subject(s), router %s, η=%.2f γ=%.2f, %d layers, references at %d layers",
+                 n, mode, eta, gamma, len(layout), len(ref_keys))
+        return (patched, routing)
+
+
+def _merge_refs(subjects: SubjectList, layout):
+    """G_i^l of all subjects with references, as one ReferenceFeatures (subjects without get zero tokens)."""
+    from ..anystory.reference import ReferenceFeatures
+
+    first = next(s.refs for s in subjects.subjects if s.refs is not None)
+    keys = [k for k in first.features]
+    for i, s in enumerate(subjects.subjects):
+        if s.refs is None:
+            continue
+        if set(s.refs.features) != set(keys):
+            raise AnyStoryError(f"subject {i + 1}'s reference features come from a UNet with other layers; encode "
+                                "all subjects with the same MODEL / ReferenceNet")
+        for k in keys:
+            spec = layout.get(k)
+            if spec is None or s.refs.features[k].shape[-1] != spec.dim:
+                raise AnyStoryError(
+                    f"subject {i + 1} was encoded with a ReferenceNet/MODEL whose layer {k} does not match the MODEL "
+                    "being patched; connect the same SDXL MODEL to the encode nodes and to AnyStoryApply")
+    feats, valid = {}, {}
+    for k in keys:
+        fs, vs = [], []
+        for s in subjects.subjects:
+            if s.refs is None:
+                f = first.features[k]
+                fs.append(torch.zeros(1, 0, f.shape[-1], dtype=f.dtype))
+                vs.append(torch.zeros(1, 0, dtype=torch.bool))
+            else:
+                fs.append(s.refs.features[k])
+                vs.append(s.refs.valid.get(k, torch.ones(s.refs.features[k].shape[:2], dtype=torch.bool)))
+        L = max(f.shape[1] for f in fs)
+        feats[k] = torch.cat([torch.nn.functional.pad(f, (0, 0, 0, L - f.shape[1])) for f in fs])
+        valid[k] = torch.cat([torch.nn.functional.pad(v, (0, L - v.shape[1])) for v in vs])
+    return ReferenceFeatures(feats, dict(first.grids), first.source, valid)

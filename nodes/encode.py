@@ -1,0 +1,173 @@
+"""AnyStorySubjectEncode: "subject encoding" — E_i, R_i (CLIP-H → QFormers) and G_i^l (ReferenceNet),
+computed once per subject; chain nodes to add subjects (order = index = colour)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..anystory.prepare import prepare_subject
+from ..anystory.preview import MAX_SUBJECTS, PALETTE_HEX
+from .types import ANYSTORY, ANYSTORY_SUBJECTS, AnyStoryError, AnyStoryModel, Subject, SubjectList
+from .ui import preview_images
+
+log = logging.getLogger("anystory")
+
+REFERENCE_MODES = ("auto", "native", "shared", "off")
+
+
+def clip_features(clip_vision, images: torch.Tensor) -> torch.Tensor:
+    """F_clip: CLIP ViT-H/14 penultimate hidden states [B, 257, 1280] of 224² images [B, 224, 224, 3]."""
+    out = clip_vision.encode_image(images, crop=False)
+    feats = getattr(out, "penultimate_hidden_states", None)
+    if feats is None:
+        feats = out["penultimate_hidden_states"]
+    return feats
+
+
+def check_model(anystory) -> AnyStoryModel:
+    if not isinstance(anystory, AnyStoryModel):
+        raise AnyStoryError(f"the 'anystory' input must come from AnyStoryModelLoader, got {type(anystory).__name__}")
+    return anystory
+
+
+def check_clip_width(anystory: AnyStoryModel, feats: torch.Tensor) -> None:
+    want = anystory.adapter.subject_proj.embedding_dim
+    if feats.shape[-1] != want:
+        names = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14", 768: "CLIP ViT-B"}
+        raise AnyStoryError(
+            f"the CLIP vision model gives {feats.shape[-1]}-wide features ({names.get(feats.shape[-1], 'unknown')}), "
+            f"but {anystory.name} needs {want} ({names.get(want, '?')}). Load CLIP-ViT-H-14-laion2B-s32B-b79K "
+            "in the CLIPVisionLoader.")
+
+
+class AnyStorySubjectEncode:
+    CATEGORY = "AnyStory"
+    FUNCTION = "encode"
+    RETURN_TYPES = (ANYSTORY_SUBJECTS, "IMAGE")
+    RETURN_NAMES = ("subjects", "subject_crop")
+    OUTPUT_TOOLTIPS = ("The subjects so far, this one last (its index and colour in the routing preview).",
+                       "The segmented, square-cropped subject as the encoders saw it (512²).")
+    DESCRIPTION = ("Encodes one subject for AnyStory once per graph run: CLIP-H tokens → subject tokens E_i "
+                   "and routing feature R_i, and ReferenceNet features G_i for detail preservation. Chain "
+                   "several of these to put several subjects in one image.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "anystory": (ANYSTORY, {"tooltip": "From AnyStoryModelLoader."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP-ViT-H-14 (laion2B-s32B-b79K), the encoder the "
+                                                           "AnyStory / IP-Adapter Plus SDXL ViT-H weights expect."}),
+                "vae": ("VAE", {"tooltip": "The SDXL VAE: encodes the subject for the ReferenceNet."}),
+                "image": ("IMAGE", {"tooltip": "The subject. Several images in a batch = several views of the "
+                                               "same subject (their tokens are averaged / pooled)."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Where the subject is: WHITE = subject. LoadImage's MASK is white on "
+                                             "the transparent BACKGROUND, so put InvertMask in between. Any size "
+                                             "(resized). Empty: the alpha channel, else the whole image."}),
+                "model": ("MODEL", {"tooltip": "The SDXL MODEL you sample with. Without a native ReferenceNet it "
+                                               "is used as the ReferenceNet (shared mode) for detail preservation."}),
+                "subjects": (ANYSTORY_SUBJECTS, {"tooltip": "Subjects encoded before; this subject is appended."}),
+                "label": ("STRING", {"default": "", "multiline": False, "tooltip":
+                                     "Words of the positive prompt that name this subject (e.g. 'the man', "
+                                     "'red car'). Used by the attention router and to label the preview."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
+                                       "This subject's strength: multiplies η (subject tokens) and γ (reference) "
+                                       "of AnyStoryApply for this subject."}),
+                "reference": (list(REFERENCE_MODES), {"default": "auto", "tooltip":
+                              "ReferenceNet for detail preservation: auto = native if loaded, else the connected "
+                              "MODEL (shared), else off; off = subject tokens only."}),
+            },
+        }
+
+    def encode(self, anystory, clip_vision, vae, image, mask=None, model=None, subjects=None, label="",
+               strength=1.0, reference="auto"):
+        anystory = check_model(anystory)
+        if subjects is not None:
+            if not isinstance(subjects, SubjectList):
+                raise AnyStoryError("the 'subjects' input must come from another AnyStorySubjectEncode")
+            if subjects.model_uid != anystory.uid:
+                raise AnyStoryError(
+                    f"the chained subjects were encoded with another AnyStory model ({subjects.model_name}) than "
+                    f"this node's ({anystory.name}); encode all subjects of one image with one "
+                    "AnyStoryModelLoader.")
+            if len(subjects) >= MAX_SUBJECTS:
+                raise AnyStoryError(f"AnyStory takes at most {MAX_SUBJECTS} subjects per image; this chain already "
+                                    f"has {len(subjects)}.")
+        if image.ndim != 4 or image.shape[-1] not in (3, 4):
+            raise AnyStoryError(f"'image' must be an IMAGE [batch, height, width, 3 or 4], got {tuple(image.shape)}")
+        if not torch.isfinite(image).all():
+            raise AnyStoryError("the subject image contains NaN or infinite values; check the node that made it")
+        pbar = comfy.utils.ProgressBar(4)
+        try:
+            prep = prepare_subject(image, mask)
+        except ValueError as e:
+            raise AnyStoryError(f"subject image/mask: {e}") from None
+        for w in prep.warnings:
+            log.warning("AnyStory subject %r: %s", label or len(subjects or []) + 1, w)
+        pbar.update(1)
+
+        ad = anystory.adapter
+        mm.load_models_gpu([clip_vision.patcher])
+        feats = clip_features(clip_vision, prep.clip_image)
+        check_clip_width(anystory, feats)
+        zero = clip_features(clip_vision, torch.zeros(1, 224, 224, 3))
+        pbar.update(1)
+
+        mm.load_models_gpu([anystory.patcher])
+        dev = ad.subject_proj.proj_in.weight.device
+        pooled = feats.to(dev).mean(0, keepdim=True)  # views of one subject → one set of tokens
+        emb = ad.encode(pooled, zero.to(dev))
+        store = mm.intermediate_device()
+        E_i, E_bg = emb.E[0].to(store), emb.E[1].to(store)
+        R_i = emb.R[0].to(store) if emb.R is not None else None
+        R_bg = emb.R[1].to(store) if emb.R is not None else None
+        pbar.update(1)
+
+        refs = None
+        mode = reference
+        if mode == "auto":
+            mode = "native" if anystory.refnet is not None else ("shared" if model is not None else "off")
+        if mode == "native" and anystory.refnet is None:
+            raise AnyStoryError("reference='native' needs a ReferenceNet file: choose one in AnyStoryModelLoader's "
+                                "refnet_name, or use reference='shared' with a MODEL connected")
+        if mode == "shared" and model is None:
+            raise AnyStoryError("reference='shared' uses the SDXL MODEL as ReferenceNet: connect the MODEL input")
+        if mode != "off":
+            from .refnet import reference_features
+            from .apply import check_sdxl_model
+            if model is not None:
+                check_sdxl_model(model, anystory)
+            am = anystory if mode == "native" else _without_refnet(anystory)
+            refs = reference_features(am, vae, prep.ref_image, prep.ref_mask, unet_model=model)
+        else:
+            log.info("AnyStory: subject %r encoded without ReferenceNet features (detail preservation off)", label)
+        pbar.update(1)
+
+        subject = Subject(E=E_i, R=R_i, refs=refs, label=(label or "").strip(), strength=float(strength),
+                          preview=prep.ref_image[0, ..., :3].cpu(), warnings=list(prep.warnings))
+        if subjects is None:
+            out = SubjectList(anystory.uid, anystory.name, [subject], E_bg, R_bg)
+        else:
+            if refs is not None and any(s.refs is not None and s.refs.source != refs.source for s in subjects.subjects):
+                log.warning("AnyStory: subjects use different ReferenceNets (native and shared)")
+            out = subjects.extended(subject)
+        idx = len(out) - 1
+        crop = prep.ref_image[..., :3].float().cpu()
+        ui = preview_images(crop[:1], prefix=f"anystory_subject_{idx}")
+        ui["anystory_subject"] = [{"index": idx, "color": PALETTE_HEX[idx % MAX_SUBJECTS],
+                                   "label": subject.label or f"subject {idx + 1}",
+                                   "warnings": subject.warnings,
+                                   "reference": refs.source if refs is not None else "off"}]
+        return {"ui": ui, "result": (out, crop)}
+
+
+def _without_refnet(model: AnyStoryModel) -> AnyStoryModel:
+    """A view of the model that takes the shared-UNet path even when a native ReferenceNet is loaded."""
+    from dataclasses import replace
+    return replace(model, refnet=None)

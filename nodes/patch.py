@@ -1,0 +1,244 @@
+"""ComfyUI side of the routed model patch: maps ComfyUI's attention hooks and wrappers onto
+``anystory.patch.RoutedPatch`` (see ../shared/docs/COMFYUI.md for the hook order).
+
+Installed on a ``model.clone()`` only:
+- OUTER_SAMPLE wrapper: one sampling run → begin/end of the per-run caches and of the recorder;
+- PREDICT_NOISE wrapper: once per step → sigma (one host sync), step index, start/end window, and
+  which conditioning uuids are positive (cond) or negative (uncond);
+- DIFFUSION_MODEL wrapper: once per UNet call → a fresh CallState (the maps of this call only);
+- attn2_patch: the router at every cross-attention layer;
+- attn2 replace at every layer: text attention (or the replace that was there before, e.g. IPAdapter)
+  + eq. 5; attn1 replace: eq. 6-8.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension as pe
+
+from ..anystory.patch import CallState, RoutedPatch, chunks_from_roles
+
+log = logging.getLogger("anystory")
+
+
+def _masked_attention():
+    """An attention function that honours an additive mask on every backend: ComfyUI's pytorch SDPA
+    path (sage ignores masks and flash rejects them, COMFYUI.md §7)."""
+    fn = comfy_attention.attention_pytorch
+
+    def attn(q, k, v, heads, mask=None):
+        return fn(q, k, v, heads, mask=mask)
+    return attn
+
+
+@dataclass
+class StepInfo:
+    active: bool
+    step: int
+    cond_uuids: Optional[set]
+    latent_hw: Optional[tuple]
+
+
+class ComfyRoutedPatch:
+    """Holds one RoutedPatch and the ComfyUI callables that drive it. Survives ModelPatcher.clone()
+    by reference (deepcopy returns self): it holds modules and tensors that must not be copied."""
+
+    def __init__(self, runtime: RoutedPatch, blocks: dict, sigma_start: float, sigma_end: float, uid: str):
+        self.runtime = runtime
+        self.blocks = blocks  # layer key → BasicTransformerBlock of the denoising UNet
+        self.sigma_start = sigma_start
+        self.sigma_end = sigma_end
+        self.uid = uid
+        self.state_key = f"anystory_state_{uid}"
+        self.step_key = f"anystory_step_{uid}"
+        self._run_hw = None
+        runtime.project_reference = self.project_reference
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, *args, **kwargs):  # ModelPatcher.model_patches_to: weights stay where they are
+        return self
+
+    # --- projections owned by the UNet ---------------------------------------------------------------
+    def project_reference(self, key, g: torch.Tensor):
+        attn1 = self.blocks[key].attn1
+        return attn1.to_k(g), attn1.to_v(g)
+
+    # --- wrappers -----------------------------------------------------------------------------
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                     disable_pbar=False, seed=None):
+        self._run_hw = tuple(noise.shape[-2:])
+        self.runtime.begin_run(sigmas=sigmas, latent_hw=self._run_hw, batch=int(noise.shape[0]))
+        out = None
+        try:
+            out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+            return out
+        finally:
+            self.runtime.end_run(output=out)
+            self._run_hw = None
+
+    def predict_noise(self, executor, x, timestep, model_options={}, seed=None):
+        sigma = float(timestep.reshape(-1)[0])  # the one host sync of a step
+        active = self.sigma_end <= sigma <= self.sigma_start
+        to = model_options.get("transformer_options", {})
+        step = 0
+        ss = to.get("sample_sigmas")
+        if ss is not None:
+            hits = torch.isclose(ss.detach().float().cpu(), torch.tensor(sigma), rtol=1e-4, atol=1e-6).nonzero()
+            if hits.numel():
+                step = int(hits[0])
+        cond_uuids = None
+        guider = getattr(executor, "class_obj", None)
+        conds = getattr(guider, "conds", None)
+        if isinstance(conds, dict):
+            cond_uuids = set()
+            for name, entries in conds.items():
+                if name == "negative" or entries is None:
+                    continue
+                cond_uuids.update(e.get("uuid") for e in entries if isinstance(e, dict))
+        info = StepInfo(active, step, cond_uuids, tuple(x.shape[-2:]))
+        mo = dict(model_options)
+        mo["transformer_options"] = dict(to)
+        mo["transformer_options"][self.step_key] = info
+        return executor(x, timestep, mo, seed)
+
+    def diffusion_model(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        if transformer_options.get("anystory_capture"):
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        info: Optional[StepInfo] = transformer_options.get(self.step_key)
+        cou = list(transformer_options.get("cond_or_uncond") or [0])
+        uuids = transformer_options.get("uuids")
+        if info is not None and info.cond_uuids is not None and uuids is not None and len(uuids) == len(cou):
+            roles = [u in info.cond_uuids for u in uuids]
+        else:  # no guider information: ComfyUI's convention 0 = positive
+            roles = [c == 0 for c in cou]
+        active = info.active if info is not None else True
+        hw = info.latent_hw if info is not None else self._run_hw
+        if hw is not None and tuple(x.shape[-2:]) != tuple(hw):
+            active = False  # area conditioning / tiles crop the latent: masks and maps would not line up
+        if x.shape[0] % len(cou):
+            active = False
+        state = CallState(chunks_from_roles(roles, x.shape[0] // len(cou)), active=active,
+                          step=info.step if info is not None else 0)
+        to = dict(transformer_options)
+        to[self.state_key] = state
+        try:
+            return executor(x, timesteps, context, y, control, to, **kwargs)
+        finally:
+            state.index.clear()
+            state.last_index = None
+
+
+def _key(extra_options) -> tuple:
+    b = extra_options["block"]
+    return (b[0], b[1], extra_options.get("block_index", 0))
+
+
+def _hw(extra_options) -> Optional[tuple]:
+    shape = extra_options.get("activations_shape")
+    return (int(shape[-2]), int(shape[-1])) if shape is not None else None
+
+
+class RouterPatch:
+    """attn2_patch: the router of layer l on n = norm2(x); inputs pass through unchanged."""
+
+    def __init__(self, owner: ComfyRoutedPatch):
+        self.owner = owner
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, *a, **k):
+        return self
+
+    def __call__(self, n, context, value, extra_options):
+        state = extra_options.get(self.owner.state_key)
+        if state is not None and state.active and "block" in extra_options:
+            hw = _hw(extra_options)
+            if hw is not None:
+                self.owner.runtime.route(state, _key(extra_options), n, hw)
+        return n, context, value
+
+
+class _Replace:
+    def __init__(self, owner: ComfyRoutedPatch, key: tuple, previous=None):
+        self.owner = owner
+        self.key = key
+        self.previous = previous  # a replace that was already at this key (e.g. IPAdapter): chained
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, *a, **k):
+        if self.previous is not None and hasattr(self.previous, "to"):
+            self.previous = self.previous.to(*a, **k)
+        return self
+
+    def models(self):
+        prev = self.previous
+        return prev.models() if prev is not None and hasattr(prev, "models") else []
+
+    def _base(self, extra_options):
+        prev = self.previous
+        if prev is not None:
+            return lambda q, k, v: prev(q, k, v, extra_options)
+        heads = extra_options["n_heads"]
+        prec = extra_options.get("attn_precision")
+        return lambda q, k, v: comfy_attention.optimized_attention(q, k, v, heads, attn_precision=prec,
+                                                                    transformer_options=extra_options)
+
+
+class Attn2Replace(_Replace):
+    """attn2 of layer l: text attention + η Σ_i σ(M_i^l) ⊙ Attn(Q, E_i Ŵ_k^l, E_i Ŵ_v^l)."""
+
+    def __call__(self, q, k, v, extra_options):
+        base = self._base(extra_options)
+        state = extra_options.get(self.owner.state_key)
+        if state is None or not state.active:
+            return base(q, k, v)
+        return self.owner.runtime.cross_attention(state, _key(extra_options), q, k, v, extra_options["n_heads"], base)
+
+
+class Attn1Replace(_Replace):
+    """attn1 of layer l: eq. 6-8 (the subject's reference K̃/Ṽ with the bias from M^{l-1})."""
+
+    def __call__(self, q, k, v, extra_options):
+        base = self._base(extra_options)
+        state = extra_options.get(self.owner.state_key)
+        if state is None or not state.active:
+            return base(q, k, v)
+        return self.owner.runtime.self_attention(state, _key(extra_options), q, k, v, extra_options["n_heads"],
+                                                 _hw(extra_options), base)
+
+
+def install(model, owner: ComfyRoutedPatch, reference_keys: list, additional_models: list) -> None:
+    """Put the patch on ``model`` (a clone). Existing replaces at the same keys are chained, not dropped."""
+    to = model.model_options.setdefault("transformer_options", {})
+    replaces = to.get("patches_replace", {})
+    prev2 = replaces.get("attn2", {})
+    prev1 = replaces.get("attn1", {})
+    for spec in owner.runtime.layout:
+        k = spec.key
+        previous = prev2.get(k) or prev2.get(k[:2])
+        model.set_model_attn2_replace(Attn2Replace(owner, k, previous), k[0], k[1], k[2])
+    skipped = []
+    for k in reference_keys:
+        if k in prev1 or k[:2] in prev1:
+            skipped.append(k)  # someone else replaces this attn1 (e.g. SAG): keep theirs, no reference here
+            continue
+        model.set_model_attn1_replace(Attn1Replace(owner, k), k[0], k[1], k[2])
+    if skipped:
+        log.warning("AnyStory: %d self-attention layers already have a patch from another node (%s…); routed "
+                    "references are left out there", len(skipped), skipped[0])
+    model.set_model_attn2_patch(RouterPatch(owner))
+    model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, owner.state_key, owner.outer_sample)
+    model.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, owner.state_key, owner.predict_noise)
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, owner.state_key, owner.diffusion_model)
+    if additional_models:
+        model.set_additional_models(owner.state_key, additional_models)

@@ -1,0 +1,94 @@
+"""The values that travel on AnyStory's sockets: ANYSTORY, ANYSTORY_SUBJECTS, ANYSTORY_ROUTING.
+
+Socket type names are public API (workflows store them); never rename them.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..anystory.adapter import AnyStoryAdapter
+from ..anystory.checkpoint import RefNetWeights
+from ..anystory.preview import MAX_SUBJECTS
+from ..anystory.reference import ReferenceFeatures
+
+ANYSTORY = "ANYSTORY"
+ANYSTORY_SUBJECTS = "ANYSTORY_SUBJECTS"
+ANYSTORY_ROUTING = "ANYSTORY_ROUTING"
+
+
+class AnyStoryError(ValueError):
+    """A problem with what the user wired or chose; the message says what, where and how to fix it.
+    Raised as a normal exception so ComfyUI shows it on the node and keeps serving."""
+
+
+@dataclass(eq=False)
+class AnyStoryModel:
+    """ANYSTORY: what AnyStoryModelLoader loaded ("router loading").
+
+    adapter: subject QFormer + per-layer Ŵ_k/Ŵ_v (+ routing QFormer and router when native).
+    patcher: a ComfyUI ModelPatcher around ``adapter`` so model_management loads/offloads it.
+    refnet: native ReferenceNet weights, or None (then the shared-UNet stand-in is used).
+    """
+
+    name: str
+    adapter: AnyStoryAdapter
+    patcher: object
+    refnet: Optional[RefNetWeights] = None
+    refnet_name: Optional[str] = None
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    _refnet_module: object = None  # built lazily by nodes/refnet.py
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def describe(self) -> str:
+        slots = dict(self.adapter.slots)
+        slots["ReferenceNet"] = ("native AnyStory" if self.refnet is not None
+                                 else "training-free (shared UNet, connect MODEL on the encode node)")
+        return f"{self.name} — " + "; ".join(f"{k}: {v}" for k, v in slots.items())
+
+
+@dataclass(eq=False)
+class Subject:
+    """One encoded subject i: E_i, R_i, G_i^l (cached once) and what the UI shows of it."""
+
+    E: torch.Tensor                     # [m, 2048]
+    R: Optional[torch.Tensor]           # [1, 2048] or None
+    refs: Optional[ReferenceFeatures]   # G_i^l of this subject (1 subject), or None
+    label: str = ""
+    strength: float = 1.0
+    preview: Optional[torch.Tensor] = None  # [S, S, 3] the segmented crop the encoders saw
+    warnings: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class SubjectList:
+    """ANYSTORY_SUBJECTS: subjects in order (order = index = colour), plus the background route
+    (E_{N+1}, R_{N+1} from an all-zero image), all made with one ANYSTORY model."""
+
+    model_uid: str
+    model_name: str
+    subjects: list
+    E_bg: torch.Tensor
+    R_bg: Optional[torch.Tensor]
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __len__(self):
+        return len(self.subjects)
+
+    def extended(self, subject: Subject) -> "SubjectList":
+        if len(self.subjects) >= MAX_SUBJECTS:
+            raise AnyStoryError(
+                f"AnyStory takes at most {MAX_SUBJECTS} subjects in one image; this chain already has "
+                f"{len(self.subjects)}. Split the scene or drop a subject.")
+        return SubjectList(self.model_uid, self.model_name, self.subjects + [subject], self.E_bg, self.R_bg)
+
+    @property
+    def labels(self) -> list:
+        return [s.label or f"subject {i + 1}" for i, s in enumerate(self.subjects)]
