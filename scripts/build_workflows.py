@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Write the shipped graphs in workflows/: UI format (drag-and-drop into the editor) and API format
+(workflows/api/, for POST /prompt), both from one description per graph, so the two never drift.
+
+    python scripts/build_workflows.py            # rewrite workflows/*.json and workflows/api/*.json
+
+Widget order per node type is listed in WIDGETS (ComfyUI's INPUT_TYPES order, plus the extra
+"control_after_generate" value the editor keeps after a seed, and LoadImage's "upload" widget);
+tests/nodes check it against a live server's /object_info.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The file names users have (the demo, scripts/demo.py, maps them to its random-weight files).
+CKPT = "sd_xl_base_1.0.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+ANYSTORY = "anystory_sdxl.safetensors"
+REFNET = "anystory_sdxl_refnet.safetensors"
+IPADAPTER = "ip-adapter-plus_sdxl_vit-h.safetensors"
+SUBJECT_A = "anystory_subject_fox.png"
+SUBJECT_B = "anystory_subject_robot.png"
+
+# node type → (widget names in order, output (name, type) list, input sockets (name, type) in order)
+WIDGETS = {
+    "CheckpointLoaderSimple": (["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], []),
+    "CLIPVisionLoader": (["clip_name"], [("CLIP_VISION", "CLIP_VISION")], []),
+    "LoadImage": (["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")], []),
+    "InvertMask": ([], [("MASK", "MASK")], [("mask", "MASK")]),
+    "CLIPTextEncode": (["text"], [("CONDITIONING", "CONDITIONING")], [("clip", "CLIP")]),
+    "EmptyLatentImage": (["width", "height", "batch_size"], [("LATENT", "LATENT")], []),
+    "KSampler": (["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+                 [("LATENT", "LATENT")],
+                 [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")]),
+    "VAEDecode": ([], [("IMAGE", "IMAGE")], [("samples", "LATENT"), ("vae", "VAE")]),
+    "SaveImage": (["filename_prefix"], [], [("images", "IMAGE")]),
+    "PreviewImage": ([], [], [("images", "IMAGE")]),
+    "MaskToImage": ([], [("IMAGE", "IMAGE")], [("mask", "MASK")]),
+    "AnyStoryModelLoader": (["model_name", "refnet_name"], [("anystory", "ANYSTORY"), ("info", "STRING")], []),
+    "AnyStorySubjectEncode": (["label", "strength", "reference"],
+                              [("subjects", "ANYSTORY_SUBJECTS"), ("subject_crop", "IMAGE")],
+                              [("anystory", "ANYSTORY"), ("clip_vision", "CLIP_VISION"), ("vae", "VAE"),
+                               ("image", "IMAGE"), ("mask", "MASK"), ("model", "MODEL"),
+                               ("subjects", "ANYSTORY_SUBJECTS")]),
+    "AnyStoryApply": (["router_mode", "eta", "gamma", "start_percent", "end_percent", "record_routing"],
+                      [("model", "MODEL"), ("routing", "ANYSTORY_ROUTING")],
+                      [("model", "MODEL"), ("anystory", "ANYSTORY"), ("subjects", "ANYSTORY_SUBJECTS"),
+                       ("region_masks", "MASK")]),
+    "AnyStoryRoutingPreview": (["layers", "steps", "mask_steps", "image_index", "cell_size"],
+                               [("routing_grid", "IMAGE"), ("subject_masks", "MASK")],
+                               [("routing", "ANYSTORY_ROUTING"), ("latent", "LATENT")]),
+}
+UI_ONLY_WIDGETS = {"control_after_generate", "upload"}
+OPTIONAL_SOCKETS = {("AnyStorySubjectEncode", "mask"), ("AnyStorySubjectEncode", "model"),
+                    ("AnyStorySubjectEncode", "subjects"), ("AnyStoryApply", "region_masks")}
+
+
+class Graph:
+    def __init__(self, title: str):
+        self.title = title
+        self.nodes: dict[int, dict] = {}
+
+    def add(self, nid: int, ntype: str, pos, title: str = None, **inputs):
+        """inputs: widget values, or (node id, output index) tuples for links."""
+        self.nodes[nid] = {"type": ntype, "pos": list(pos), "inputs": inputs, "title": title}
+        return nid
+
+    # --- API format -------------------------------------------------------------------------------
+    def api(self) -> dict:
+        out = {}
+        for nid, n in self.nodes.items():
+            inputs = {}
+            for k, v in n["inputs"].items():
+                if k in UI_ONLY_WIDGETS:
+                    continue
+                inputs[k] = [str(v[0]), v[1]] if isinstance(v, tuple) else v
+            entry = {"class_type": n["type"], "inputs": inputs}
+            if n["title"]:
+                entry["_meta"] = {"title": n["title"]}
+            out[str(nid)] = entry
+        return out
+
+    # --- UI (LiteGraph) format ------------------------------------------------------------------
+    def ui(self) -> dict:
+        links, link_id = [], 0
+        out_links: dict[tuple, list] = {}
+        ui_nodes = {}
+        for order, (nid, n) in enumerate(self.nodes.items()):
+            widgets, outputs, sockets = WIDGETS[n["type"]]
+            node = {"id": nid, "type": n["type"], "pos": n["pos"], "size": [320, 60 + 26 * (len(widgets) + len(sockets))],
+                    "flags": {}, "order": order, "mode": 0, "inputs": [],
+                    "outputs": [{"name": name, "type": t, "links": [], "slot_index": i}
+                                for i, (name, t) in enumerate(outputs)],
+                    "properties": {"Node name for S&R": n["type"]},
+                    "widgets_values": [n["inputs"][w] for w in widgets if w in n["inputs"]]}
+            if n["title"]:
+                node["title"] = n["title"]
+            if any(w not in n["inputs"] for w in widgets):
+                missing = [w for w in widgets if w not in n["inputs"]]
+                raise ValueError(f"{self.title}: node {nid} ({n['type']}) lacks widget values {missing}")
+            ui_nodes[nid] = node
+        for nid, n in self.nodes.items():
+            _, _, sockets = WIDGETS[n["type"]]
+            for slot, (name, t) in enumerate(sockets):
+                src = n["inputs"].get(name)
+                entry = {"name": name, "type": t, "link": None}
+                if (n["type"], name) in OPTIONAL_SOCKETS:
+                    entry["shape"] = 7  # the editor draws optional sockets hollow
+                if isinstance(src, tuple):
+                    link_id += 1
+                    links.append([link_id, src[0], src[1], nid, slot, t])
+                    entry["link"] = link_id
+                    ui_nodes[src[0]]["outputs"][src[1]]["links"].append(link_id)
+                ui_nodes[nid]["inputs"].append(entry)
+        return {"last_node_id": max(self.nodes), "last_link_id": link_id, "nodes": list(ui_nodes.values()),
+                "links": links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "anystory": {"title": self.title}},
+                "version": 0.4}
+
+
+def _base(g: Graph, seed: int = 42, steps: int = 20, width: int = 1024, height: int = 1024,
+          anystory: str = ANYSTORY, refnet: str = REFNET):
+    g.add(1, "CheckpointLoaderSimple", (0, 0), ckpt_name=CKPT)
+    g.add(2, "CLIPVisionLoader", (0, 180), clip_name=CLIP_VISION)
+    g.add(3, "AnyStoryModelLoader", (0, 290), model_name=anystory, refnet_name=refnet)
+    g.add(20, "CLIPTextEncode", (400, 760), title="Negative prompt", clip=(1, 1),
+          text="blurry, low quality, deformed, extra limbs")
+    g.add(21, "EmptyLatentImage", (400, 980), width=width, height=height, batch_size=1)
+
+
+def _subject(g: Graph, nid_load: int, nid_inv: int, nid_enc: int, image: str, label: str, y: int, prev=None):
+    g.add(nid_load, "LoadImage", (0, y), title=f"Subject: {label}", image=image, upload="image")
+    # LoadImage's MASK is 1 on the transparent background: invert so that white = subject
+    g.add(nid_inv, "InvertMask", (330, y + 40), mask=(nid_load, 1))
+    kw = dict(anystory=(3, 0), clip_vision=(2, 0), vae=(1, 2), image=(nid_load, 0), mask=(nid_inv, 0),
+              model=(1, 0), label=label, strength=1.0, reference="auto")
+    if prev is not None:
+        kw["subjects"] = (prev, 0)
+    g.add(nid_enc, "AnyStorySubjectEncode", (560, y), **kw)
+
+
+def _render(g: Graph, ks: int, dec: int, save: int, pos_node: int, x: int, y: int, prefix: str, seed: int,
+            steps: int, model=(30, 0)):
+    g.add(ks, "KSampler", (x, y), model=model, positive=(pos_node, 0), negative=(20, 0), latent_image=(21, 0),
+          seed=seed, control_after_generate="fixed", steps=steps, cfg=6.0, sampler_name="euler",
+          scheduler="normal", denoise=1.0)
+    g.add(dec, "VAEDecode", (x + 330, y), samples=(ks, 0), vae=(1, 2))
+    g.add(save, "SaveImage", (x + 560, y), images=(dec, 0), filename_prefix=prefix)
+
+
+def one_subject(steps=20, size=1024) -> Graph:
+    g = Graph("AnyStory — one subject")
+    _base(g, width=size, height=size)
+    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
+    g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(12, 0), router_mode="auto",
+          eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True)
+    g.add(22, "CLIPTextEncode", (400, 560), title="Positive prompt", clip=(1, 1),
+          text="the fox reading a book in a cozy library, warm light, detailed illustration")
+    _render(g, 40, 41, 42, 22, 1250, 300, "anystory_one_subject", 42, steps)
+    return g
+
+
+def two_subjects(steps=20, size=1024) -> Graph:
+    g = Graph("AnyStory — two subjects with routing preview")
+    _base(g, width=size, height=size)
+    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
+    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 760, prev=12)
+    g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
+          eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True)
+    g.add(22, "CLIPTextEncode", (400, 560), title="Positive prompt", clip=(1, 1),
+          text="the fox and the robot playing chess in a park, sunny day, detailed illustration")
+    _render(g, 40, 41, 42, 22, 1250, 300, "anystory_two_subjects", 7, steps)
+    g.add(50, "AnyStoryRoutingPreview", (1250, 620), routing=(30, 1), latent=(40, 0), layers="auto", steps="auto",
+          mask_steps="last", image_index=0, cell_size=96)
+    g.add(51, "MaskToImage", (1600, 620), mask=(50, 1))
+    g.add(52, "PreviewImage", (1830, 620), title="Subject masks from the router", images=(51, 0))
+    return g
+
+
+STORY = [
+    "the fox and the robot meet on a forest path at dawn",
+    "the fox and the robot build a campfire together at night",
+    "the fox riding on the shoulders of the robot across a river",
+    "the fox and the robot watching the sunrise from a hilltop",
+]
+
+
+def story(steps=20, size=1024) -> Graph:
+    g = Graph("AnyStory — a 4-image story with the same two subjects")
+    _base(g, width=size, height=size)
+    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
+    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 760, prev=12)
+    g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
+          eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True)
+    for i, text in enumerate(STORY):
+        pos = 60 + 10 * i
+        g.add(pos, "CLIPTextEncode", (900, 700 + 220 * i), title=f"Panel {i + 1}", clip=(1, 1),
+              text=text + ", storybook illustration")
+        _render(g, pos + 1, pos + 2, pos + 3, pos, 1250, 700 + 220 * i, f"anystory_story_{i + 1}", 100 + i, steps)
+    return g
+
+
+WORKFLOWS = {
+    "anystory_one_subject": one_subject,
+    "anystory_two_subjects": two_subjects,
+    "anystory_story_4_images": story,
+}
+
+
+def write(out_dir: Path = ROOT / "workflows", **kw) -> list[Path]:
+    written = []
+    (out_dir / "api").mkdir(parents=True, exist_ok=True)
+    for name, make in WORKFLOWS.items():
+        g = make(**kw)
+        for path, data in ((out_dir / f"{name}.json", g.ui()), (out_dir / "api" / f"{name}.json", g.api())):
+            path.write_text(json.dumps(data, indent=1) + "\n")
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write():
+        print(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
+    sys.exit(0)
