@@ -101,6 +101,8 @@ def native_unet(model: AnyStoryModel):
     if cfg is None:
         raise AnyStoryError(f"cannot read the UNet architecture of the ReferenceNet {model.refnet_name!r}")
     cfg = {k: v for k, v in cfg.items() if k != "disable_unet_model_creation"}
+    if cfg.get("num_heads", -1) == -1 and cfg.get("num_head_channels", -1) == -1:
+        cfg["num_head_channels"] = 64  # every SDXL-family UNet (ComfyUI's supported_models set it so too)
     load_device = mm.get_torch_device()
     dtype = mm.unet_dtype(supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
     manual = mm.unet_manual_cast(dtype, load_device)

@@ -322,7 +322,8 @@ class ComfyServer:
     """
 
     def __init__(self, base_dir=None, python: Optional[str] = None, port: Optional[int] = None,
-                 extra_args=(), startup_timeout: float = 120.0, link_pack: bool = True, env: Optional[dict] = None):
+                 extra_args=(), startup_timeout: float = 120.0, link_pack: bool = True, env: Optional[dict] = None,
+                 cpu: bool = True):
         ok, why = comfy_available()
         if not ok:
             raise RuntimeError(why)
@@ -335,6 +336,7 @@ class ComfyServer:
         self.startup_timeout = startup_timeout
         self.link_pack = link_pack
         self.env = env
+        self.cpu = cpu  # False: let ComfyUI use the GPU (the device machine)
         self.log_path = self.base_dir / "comfyui.log"
         self.proc: Optional[subprocess.Popen] = None
         self.client_id = uuid.uuid4().hex
@@ -342,7 +344,7 @@ class ComfyServer:
 
     # -- life cycle -------------------------------------------------------------------------------
     def command(self) -> list[str]:
-        return [self.python, str(comfyui_path() / "main.py"), "--cpu", "--listen", "127.0.0.1",
+        return [self.python, str(comfyui_path() / "main.py"), *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
                 "--port", str(self.port), "--base-directory", str(self.base_dir), "--disable-auto-launch",
                 "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}", *self.extra_args]
 

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job: set up the environment, make random-weight models, start a real ComfyUI server with
+# this pack and render workflows/api/anystory_two_subjects.json through /prompt. Arguments go to
+# scripts/demo.py (--help).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=$(bash "$here/scripts/setup_env.sh" | tail -n 1)
+export ANYSTORY_PYTHON="$PY"
+exec "$PY" "$here/scripts/demo.py" "$@"
