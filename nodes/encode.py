@@ -28,6 +28,25 @@ def clip_features(clip_vision, images: torch.Tensor) -> torch.Tensor:
     return feats
 
 
+_ZERO_FEATS: dict = {}
+
+
+def background_features(clip_vision) -> torch.Tensor:
+    """F_clip of the all-zero image (the background route N+1), once per CLIP vision model."""
+    key = id(clip_vision.model) if hasattr(clip_vision, "model") else id(clip_vision)
+    hit = _ZERO_FEATS.get(key)
+    if hit is None or hit[0]() is not clip_vision:
+        import weakref
+        try:
+            ref = weakref.ref(clip_vision)
+        except TypeError:
+            ref = lambda: clip_vision  # noqa: E731
+        hit = (ref, clip_features(clip_vision, torch.zeros(1, 224, 224, 3)))
+        _ZERO_FEATS.clear()
+        _ZERO_FEATS[key] = hit
+    return hit[1]
+
+
 def check_model(anystory) -> AnyStoryModel:
     if not isinstance(anystory, AnyStoryModel):
         raise AnyStoryError(f"the 'anystory' input must come from AnyStoryModelLoader, got {type(anystory).__name__}")
@@ -116,7 +135,7 @@ class AnyStorySubjectEncode:
         mm.load_models_gpu([clip_vision.patcher])
         feats = clip_features(clip_vision, prep.clip_image)
         check_clip_width(anystory, feats)
-        zero = clip_features(clip_vision, torch.zeros(1, 224, 224, 3))
+        zero = background_features(clip_vision)
         pbar.update(1)
 
         mm.load_models_gpu([anystory.patcher])

@@ -1,0 +1,185 @@
+"""The nodes as a user meets them: a real ComfyUI server's /object_info, the shipped workflows in both
+formats, and renders queued through POST /prompt on random-weight files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NODES = ("AnyStoryModelLoader", "AnyStorySubjectEncode", "AnyStoryApply", "AnyStoryRoutingPreview")
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "IMAGE", "MASK", "LATENT", "CONDITIONING",
+                "ANYSTORY", "ANYSTORY_SUBJECTS", "ANYSTORY_ROUTING"}
+
+
+def _load(name, path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def workflows_mod():
+    return _load("build_workflows", REPO / "scripts" / "build_workflows.py")
+
+
+@pytest.fixture(scope="module")
+def demo_mod():
+    return _load("anystory_demo", REPO / "scripts" / "demo.py")
+
+
+@pytest.fixture(scope="module")
+def info(comfy_server):
+    return comfy_server.object_info()
+
+
+@pytest.fixture(scope="module")
+def subjects_in_input(comfy_server, demo_mod):
+    return demo_mod.draw_subjects(comfy_server.base_dir / "input")
+
+
+def _inputs(entry):
+    out = {}
+    for group in ("required", "optional"):
+        for name, spec in (entry["input"].get(group) or {}).items():
+            out[name] = (group, spec)
+    return out
+
+
+def test_pack_loads_without_import_errors(comfy_server, info):
+    assert comfy_server.pack_import_errors() == []
+    for n in NODES:
+        assert n in info, f"{n} missing from /object_info"
+        assert info[n]["category"] == "AnyStory"
+
+
+def test_object_info_matches_the_node_classes(info, pack):
+    """Every node's INPUT_TYPES as the live server publishes it: same names, groups, types; a tooltip on
+    every input; the documented outputs."""
+    for n in NODES:
+        cls = pack.NODE_CLASS_MAPPINGS[n]
+        local = cls.INPUT_TYPES()
+        live = _inputs(info[n])
+        mine = {}
+        for group in ("required", "optional"):
+            for name, spec in (local.get(group) or {}).items():
+                mine[name] = (group, spec)
+        assert set(live) == set(mine), n
+        for name, (group, spec) in mine.items():
+            lgroup, lspec = live[name]
+            assert lgroup == group, (n, name)
+            typ = spec[0]
+            if isinstance(typ, (list, tuple)):
+                assert isinstance(lspec[0], list), (n, name)
+            else:
+                assert lspec[0] == typ, (n, name)
+            opts = spec[1] if len(spec) > 1 else {}
+            assert opts.get("tooltip"), f"{n}.{name} has no tooltip"
+        assert list(info[n]["output"]) == list(cls.RETURN_TYPES)
+        assert list(info[n]["output_name"]) == list(cls.RETURN_NAMES)
+    loader = info["AnyStoryModelLoader"]["input"]["required"]
+    assert any("anystory_sdxl" in f for f in loader["model_name"][0]), "models/anystory not listed"
+    assert any("ip-adapter-plus" in f for f in loader["model_name"][0]), "models/ipadapter not listed"
+
+
+def _widget_names(entry) -> list:
+    names = []
+    for group in ("required", "optional"):
+        for name, spec in (entry["input"].get(group) or {}).items():
+            typ = spec[0]
+            if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                names.append(name)
+                opts = spec[1] if len(spec) > 1 else {}
+                if opts.get("control_after_generate"):
+                    names.append("control_after_generate")
+                if opts.get("image_upload"):
+                    names.append("upload")
+    return names
+
+
+@pytest.mark.parametrize("name", ["anystory_one_subject", "anystory_two_subjects", "anystory_story_4_images"])
+def test_ui_workflow_fits_the_live_nodes(name, info, workflows_mod):
+    """The drag-and-drop graph: every node type exists, widget values line up with the live widget
+    order, links join existing sockets of matching types."""
+    wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert {str(i) for i in nodes} == set(api), "UI and API graphs differ"
+    for nid, n in nodes.items():
+        assert n["type"] in info, f"node type {n['type']} unknown to the server"
+        widgets = _widget_names(info[n["type"]])
+        assert len(n["widgets_values"]) == len(widgets), (n["type"], widgets, n["widgets_values"])
+        for wname, value in zip(widgets, n["widgets_values"]):
+            if wname in ("control_after_generate", "upload"):
+                continue
+            assert api[str(nid)]["inputs"][wname] == value, (n["type"], wname)
+            spec = _inputs(info[n["type"]])[wname][1]
+            if isinstance(spec[0], list) and n["type"].startswith("AnyStory"):
+                assert value in spec[0] or wname in ("model_name", "refnet_name"), (n["type"], wname, value)
+    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        assert src in nodes and dst in nodes
+        assert info[nodes[src]["type"]]["output"][src_slot] == typ
+        assert nodes[dst]["inputs"][dst_slot]["type"] == typ
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+    # the API form links the same sockets
+    for nid, node in api.items():
+        for k, v in node["inputs"].items():
+            if isinstance(v, list):
+                assert v[0] in api, (nid, k)
+
+
+def test_build_workflows_is_in_sync(tmp_path, workflows_mod):
+    """workflows/ is exactly what scripts/build_workflows.py writes (one description, two formats)."""
+    written = workflows_mod.write(tmp_path)
+    for p in written:
+        rel = p.relative_to(tmp_path)
+        assert (REPO / "workflows" / rel).read_text() == p.read_text(), f"workflows/{rel} is stale"
+
+
+def _run(server, wf, timeout=900):
+    entry = server.run(wf, timeout=timeout)
+    return entry, entry.get("outputs", {})
+
+
+def test_two_subject_workflow_renders_through_prompt(comfy_server, model_files, demo_mod, subjects_in_input):
+    wf = demo_mod.demo_workflow("anystory_two_subjects", model_files, size=64, steps=2)
+    entry, outputs = _run(comfy_server, wf)
+    saved = comfy_server.output_files(entry)
+    assert any(p.name.startswith("anystory_two_subjects") and p.is_file() for p in saved)
+    grid = outputs["50"]["images"]
+    assert grid and grid[0]["type"] == "temp"
+    assert (comfy_server.base_dir / "temp" / grid[0]["filename"]).is_file()
+    crops = [o for k, o in outputs.items() if wf[k]["class_type"] == "AnyStorySubjectEncode"]
+    assert len(crops) == 2 and all(o["images"] for o in crops)
+    assert {o["anystory_subject"][0]["color"] for o in crops} == {"#e6194b", "#3cb44b"}
+    loader_ui = outputs.get("3", {})
+    assert "native AnyStory" in " ".join(loader_ui.get("text", []))
+
+
+def test_story_and_one_subject_workflows_render(comfy_server, model_files, demo_mod, subjects_in_input):
+    wf = demo_mod.demo_workflow("anystory_story_4_images", model_files, size=64, steps=1)
+    entry, _ = _run(comfy_server, wf)
+    names = sorted(p.name for p in comfy_server.output_files(entry))
+    for i in range(1, 5):
+        assert any(n.startswith(f"anystory_story_{i}") for n in names), names
+    wf = demo_mod.demo_workflow("anystory_one_subject", model_files, size=64, steps=1)
+    entry, _ = _run(comfy_server, wf)
+    assert comfy_server.output_files(entry)
+
+
+def test_bad_file_name_is_refused_and_server_keeps_serving(comfy_server, model_files, demo_mod, subjects_in_input):
+    wf = demo_mod.demo_workflow("anystory_one_subject", model_files, size=64, steps=1)
+    wf["3"]["inputs"]["model_name"] = "../../etc/passwd"
+    status, body = comfy_server.validate(wf)
+    assert status == 400
+    assert "model_name" in json.dumps(body)
+    ok = demo_mod.demo_workflow("anystory_one_subject", model_files, size=64, steps=1)
+    entry, _ = _run(comfy_server, ok)
+    assert comfy_server.output_files(entry)
