@@ -60,11 +60,13 @@ def route_bias(index: torch.Tensor, tokens_per_route: int, num_routes: int, dtyp
 
 def routed_cross_attention(q: torch.Tensor, k_routes: torch.Tensor, v_routes: torch.Tensor,
                            index: torch.Tensor, heads: int, eta: Eta = 1.0,
-                           attn_fn: AttnFn = sdpa) -> torch.Tensor:
+                           attn_fn: AttnFn = sdpa, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """η ⊙ Σ_i one-hot(M_i) ⊙ Attn(Q, K_i, V_i) as one biased attention (the routed term of eq. 5).
 
     q: [B, L, C]; k_routes, v_routes: [K, m, C] (shared by the batch) or [B, K, m, C];
-    index: [B, L] route of each query (0…K-1). Returns [B, L, C] — add it to the text attention."""
+    index: [B, L] route of each query (0…K-1); weight: optional [B, L] per-token factor (feathered
+    region masks fade the injection towards their edges). Returns [B, L, C] — add it to the text
+    attention."""
     b = q.shape[0]
     if k_routes.ndim == 3:
         k_routes, v_routes = k_routes.unsqueeze(0), v_routes.unsqueeze(0)
@@ -72,7 +74,10 @@ def routed_cross_attention(q: torch.Tensor, k_routes: torch.Tensor, v_routes: to
     k = k_routes.expand(b, -1, -1, -1).reshape(b, K * m, C).to(q.dtype)
     v = v_routes.expand(b, -1, -1, -1).reshape(b, K * m, C).to(q.dtype)
     out = attn_fn(q, k, v, heads, mask=route_bias(index, m, K, q.dtype))
-    return out * _eta_per_token(eta, index, out.dtype)
+    out = out * _eta_per_token(eta, index, out.dtype)
+    if weight is not None:
+        out = out * weight.unsqueeze(-1).to(out.dtype)
+    return out
 
 
 def routed_cross_attention_sum(q: torch.Tensor, k_routes: torch.Tensor, v_routes: torch.Tensor,

@@ -50,6 +50,8 @@ class RoutingInputs:
     refs: G_i^l of the N subjects (None: no reference attention).
     region_masks: [N, H, W] user masks in image space (None: no masks); an all-zero mask = not given.
     mode: one of :data:`MODES`.
+    feather: the masks were feathered (blurred): tokens a mask decides get their injection scaled by
+        clamp(2·m − 1, 0, 1), fading to nothing at the mask's edge.
     """
 
     E: torch.Tensor
@@ -59,6 +61,7 @@ class RoutingInputs:
     refs: Optional[ReferenceFeatures] = None
     region_masks: Optional[torch.Tensor] = None
     mode: str = MODE_ROUTER
+    feather: bool = False
 
     @property
     def num_routes(self) -> int:
@@ -79,7 +82,9 @@ class CallState:
     last_index: Optional[torch.Tensor] = None  # [B, L] route index of the previous layer, all rows
     last_hw: Optional[tuple] = None
     index: dict = field(default_factory=dict)  # layer key → [B, L] route index of this call
-    source: dict = field(default_factory=dict)
+    weight: dict = field(default_factory=dict)  # layer key → [B, L] per-token factor (feathered masks)
+    layer_hw: dict = field(default_factory=dict)  # layer key → (h, w) token grid
+    labels: Optional[list] = None  # per chunk: None or N lists of label token positions (attention router)
 
     @property
     def batch(self) -> int:
@@ -180,11 +185,12 @@ class RoutedPatch:
         return hit
 
     # --- routing -------------------------------------------------------------------------------
-    def mask_index(self, hw: tuple, device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """User masks on a layer grid: (index [L] with -1 where no mask decides, covered [L] bool)."""
+    def mask_index(self, hw: tuple, device):
+        """User masks on a layer grid: (index [L] with -1 where no mask decides, covered [L] bool,
+        weight [L]: the injection factor of covered tokens, 1 elsewhere)."""
         masks = self.inputs.region_masks
         if masks is None:
-            return None, None
+            return None, None, None
         cache = self._run.setdefault("mask_index", {})
         hit = cache.get(hw)
         if hit is None:
@@ -193,7 +199,10 @@ class RoutedPatch:
             best, arg = m.max(0)
             covered = best > 0.5
             idx = torch.where(covered, arg, torch.full_like(arg, -1))
-            hit = (idx.to(device), covered.to(device))
+            w = torch.ones_like(best)
+            if self.inputs.feather:
+                w = torch.where(covered, (2 * best - 1).clamp(0, 1), w)
+            hit = (idx.to(device), covered.to(device), w.to(device))
             cache[hw] = hit
         return hit
 
@@ -202,22 +211,28 @@ class RoutedPatch:
         spec = self.layout.get(key)
         if spec is None or not state.active:
             return
+        state.layer_hw[key] = tuple(hw)
         B, L, _ = n.shape
         if hw[0] * hw[1] != L or B != state.batch:
             return  # tokens re-tiled/merged by another patch: leave this layer un-routed
         bg = self.inputs.num_subjects
-        parts, srcs = [], []
+        parts, srcs, weights = [], [], []
         for sl, is_cond in state.chunks:
             rows = sl.stop - sl.start
             if not is_cond:
                 parts.append(torch.full((rows, L), bg, dtype=torch.long, device=n.device))
                 srcs.append(torch.full((rows, L), SOURCE_ROUTER, dtype=torch.uint8, device=n.device))
+                weights.append(torch.ones(rows, L, device=n.device))
                 continue
-            idx, src = self._route_rows(spec, n[sl], hw, state)
+            idx, src, w = self._route_rows(spec, n[sl], hw, state)
             parts.append(idx)
             srcs.append(src)
-        index = torch.cat(parts) if len(parts) > 1 else parts[0]
+            weights.append(w)
+        cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]  # noqa: E731
+        index = cat(parts)
         state.index[key] = index
+        if self.inputs.feather:
+            state.weight[key] = cat(weights)
         state.last_index, state.last_hw = index, tuple(hw)
         if self.recorder is not None and state.any_cond:
             src = torch.cat(srcs) if len(srcs) > 1 else srcs[0]
@@ -239,19 +254,24 @@ class RoutedPatch:
             src = torch.full_like(base, SOURCE_ROUTER, dtype=torch.uint8)
         elif mode in (MODE_ATTENTION, MODE_MIXED) and self.attention_router is not None:
             base = self.attention_router.route(spec, hw, rows, dev, state)
-            src = torch.full_like(base, SOURCE_ATTENTION, dtype=torch.uint8)
+            if base is not None:
+                src = torch.full_like(base, SOURCE_ATTENTION, dtype=torch.uint8)
+        weight = None
         if mode in (MODE_MASKS, MODE_MIXED):
-            midx, covered = self.mask_index(tuple(hw), dev)
+            midx, covered, mw = self.mask_index(tuple(hw), dev)
             if midx is not None:
                 if base is None:
                     base = torch.full((rows, L), self.inputs.num_subjects, dtype=torch.long, device=dev)
                     src = torch.full((rows, L), SOURCE_MASK, dtype=torch.uint8, device=dev)
                 base = torch.where(covered, midx, base)
                 src = torch.where(covered, torch.tensor(SOURCE_MASK, dtype=torch.uint8, device=dev), src)
+                weight = mw.expand(rows, -1)
         if base is None:  # nothing can decide (e.g. attention router before its warm-up): background
             base = torch.full((rows, L), self.inputs.num_subjects, dtype=torch.long, device=dev)
             src = torch.full((rows, L), SOURCE_ROUTER, dtype=torch.uint8, device=dev)
-        return base, src
+        if weight is None:
+            weight = torch.ones(rows, L, device=dev)
+        return base, src, weight
 
     # --- injection -----------------------------------------------------------------------------
     def cross_attention(self, state: CallState, key, q, k, v, heads: int, base: Callable) -> torch.Tensor:
@@ -265,7 +285,8 @@ class RoutedPatch:
         spec = self.layout.by_key(key)
         kr, vr = self.route_kv(spec, q)
         eta = self._on("eta", self.inputs.eta, q.device)
-        return out + routed_cross_attention(q, kr, vr, index, heads, eta, attn_fn=self.attn_masked).to(out.dtype)
+        return out + routed_cross_attention(q, kr, vr, index, heads, eta, attn_fn=self.attn_masked,
+                                            weight=state.weight.get(key)).to(out.dtype)
 
     def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable) -> torch.Tensor:
         """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else."""

@@ -18,7 +18,8 @@ LAYOUT = LayerLayout([(("input", 1, 0), C, HEADS), (("middle", 0, 0), C, HEADS),
 GRIDS = {("input", 1, 0): (4, 6), ("middle", 0, 0): (2, 3), ("output", 1, 0): (4, 6)}
 
 
-def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0, recorder=None):
+def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0, recorder=None,
+         attention_router=None):
     torch.manual_seed(seed)
     ad = random_adapter(LAYOUT, qformer_dim=64, clip_dim=48, depth=1, router_dim=16, router_heads=2, seed=seed)
     emb = ad.encode(torch.randn(n, 5, 48), torch.zeros(1, 5, 48))
@@ -35,15 +36,18 @@ def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0
                            gamma=torch.full((n,), float(gamma)), refs=rf, region_masks=region, mode=mode)
     proj = torch.nn.Linear(C, C, bias=False)
     rp = RoutedPatch(ad, LAYOUT, inputs, attn_masked=sdpa,
-                     project_reference=lambda key, g: (proj(g), proj(g) * 0.5), recorder=recorder)
+                     project_reference=lambda key, g: (proj(g), proj(g) * 0.5), recorder=recorder,
+                     attention_router=attention_router)
     return rp, proj
 
 
-def run_call(rp, roles=(True, False), rows=1, active=True, step=0, seed=1):
+def run_call(rp, roles=(True, False), rows=1, active=True, step=0, seed=1, labels=None):
     """One UNet call: per layer attn1 → route → attn2, as ComfyUI's BasicTransformerBlock orders them."""
     g = torch.Generator().manual_seed(seed)
     B = rows * len(roles)
     state = CallState(chunks_from_roles(list(roles), rows), active=active, step=step)
+    if labels is not None:
+        state.labels = [labels if r else None for r in roles]
     base = functools.partial(sdpa, heads=HEADS)
     outs = {}
     for spec in LAYOUT:
@@ -163,6 +167,48 @@ def test_recorder_keeps_cond_rows_per_step_and_layer():
     found, matched = rec.find_run(torch.ones(1, 4, 8, 12))
     assert found is run and matched
     assert rec.find_run(torch.zeros(1, 4, 8, 12))[1] is False
+
+
+def test_attention_router_mode_routes_after_warmup_with_its_source():
+    from anystory.attention_router import AttentionRouter
+    from anystory.patch import MODE_ATTENTION, SOURCE_ATTENTION
+
+    rec = RoutingRecorder(2)
+    rp, _ = make(mode=MODE_ATTENTION, masks=False, gamma=0.0, recorder=rec,
+                 attention_router=AttentionRouter(2, warmup_steps=1, threshold=0.2, smooth=1))
+    rp.begin_run()
+    first = run_call(rp, step=0, labels=[[1, 2], [5]])
+    assert all((o["index"] == 2).all() for o in first.values())  # warm-up: background only
+    second = run_call(rp, step=1, labels=[[1, 2], [5]], seed=2)
+    idx = second[("input", 1, 0)]["index"][0]
+    assert (idx < 2).any()  # the label attention of step 0 routes tokens to subjects at step 1
+    assert (second[("input", 1, 0)]["index"][1] == 2).all()  # uncond row stays background
+    rp.end_run()
+    hw, ridx, src = rec.runs[-1].steps[1][("input", 1, 0)]
+    assert (src == SOURCE_ATTENTION).all()
+
+
+def test_feathered_masks_fade_injection_at_edges():
+    rp, _ = make(mode=MODE_MASKS, gamma=0.0)
+    rp.inputs.feather = True
+    soft = torch.zeros(2, 8, 12)
+    soft[0, :, :6] = torch.linspace(1.0, 0.6, 6)  # fades towards the middle of the image
+    soft[1, :, 6:] = 1.0
+    rp.inputs.region_masks = soft
+    rp.begin_run()
+    o = run_call(rp, roles=(True,))[("input", 1, 0)]
+    text = sdpa(o["q"], o["kt"], o["vt"], HEADS)
+    kr, vr = rp.route_kv(LAYOUT.by_key(("input", 1, 0)), o["q"])
+    full = sdpa(o["q"], kr[0:1], vr[0:1], HEADS)
+    added = o["a2"] - text
+    grid = o["index"][0].view(4, 6)
+    assert (grid[:, :3] == 0).all()
+    # token (0,0) lies where the mask is ~1 (full injection), token (0,2) where it is ~0.65 (faded)
+    m = torch.nn.functional.interpolate(soft[:1, None], size=(4, 6), mode="area")[0, 0]
+    for col in (0, 2):
+        w = float((2 * m[0, col] - 1).clamp(0, 1))
+        torch.testing.assert_close(added[0, col], w * full[0, col], atol=1e-5, rtol=1e-5)
+    assert float(m[0, 2]) < 0.9
 
 
 def test_mode_requirements():

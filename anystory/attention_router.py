@@ -1,0 +1,157 @@
+"""Training-free router (DESIGN §2, stand-in for the learned router of §1.2), after Prompt-to-Prompt.
+
+Each subject i is named by words of the positive prompt (its label, e.g. "the red car"). During step t
+the text cross-attention probabilities of those words' tokens, softmax over all prompt tokens,
+averaged over heads and summed over the label's tokens, are collected at every cross-attention layer
+and aggregated on the coarsest token grid:
+
+    a_i(u) = Σ_l Σ_{τ ∈ label_i} mean_h softmax_τ'(q_u k_τ'/√d)[τ]      (then a_i /= max_u a_i)
+
+At step t+1 every token u is routed to argmax_i a_i(u) when max_i a_i(u) ≥ threshold, else to the
+background — the maps are carried from one step to the next, and routing starts after
+``warmup_steps`` steps (before that every token is background). Optional smoothing (a k×k mean) keeps
+regions compact.
+
+Label words are found in the prompt's token ids (ComfyUI's tokenizer, so weighting syntax and prompts
+longer than 77 tokens work): see :func:`find_label_positions`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .attention import split_heads
+
+STOP_WORDS = {"a", "an", "the", "of", "and", "with", "in", "on", "at", "to", "his", "her", "its", "their", "my"}
+
+
+def find_label_positions(chunks: list, label_ids: list, chunk_len: int = 77,
+                         stop_ids: Optional[set] = None) -> list:
+    """Positions (in the concatenated context, chunk c → c·chunk_len + i) of every occurrence of the
+    token sequence ``label_ids`` in ``chunks`` (lists of token ids per 77-token chunk; a word cut by a
+    chunk border is found too). Tokens in ``stop_ids`` ("the", "a"…) are dropped from the result unless
+    the label has nothing else."""
+    flat, where = [], []
+    for c, chunk in enumerate(chunks):
+        for i, t in enumerate(chunk):
+            flat.append(t)
+            where.append(c * chunk_len + i)
+    n = len(label_ids)
+    if n == 0:
+        return []
+    hits = []
+    for s in range(len(flat) - n + 1):
+        if flat[s:s + n] == list(label_ids):
+            hits.extend(range(s, s + n))
+    if not hits:
+        return []
+    keep = [h for h in hits if not stop_ids or flat[h] not in stop_ids]
+    return sorted({where[h] for h in (keep or hits)})
+
+
+def label_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: list) -> torch.Tensor:
+    """[B, N, L]: for each subject, Σ_{τ ∈ label} mean_h softmax over all text tokens of q·k/√d."""
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    probs = (qh.float() @ kh.float().transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(-1)  # [B, H, L, T]
+    probs = probs.mean(1)  # [B, L, T]
+    T = probs.shape[-1]
+    out = []
+    for pos in positions:
+        pos = [p for p in pos if p < T]
+        out.append(probs[..., pos].sum(-1) if pos else torch.zeros(probs.shape[:2], device=probs.device))
+    return torch.stack(out, 1)
+
+
+class AttentionRouter:
+    """Collects label attention during a step and routes with it in the next.
+
+    State lives here for one sampling run (``begin_run`` clears it); rows are the cond rows of each UNet
+    call in order, so the maps of image b at step t+1 come from image b at step t."""
+
+    def __init__(self, num_subjects: int, warmup_steps: int = 2, threshold: float = 0.35, smooth: int = 3):
+        self.num_subjects = num_subjects
+        self.warmup_steps = int(warmup_steps)
+        self.threshold = float(threshold)
+        self.smooth = int(smooth)
+        self.begin_run()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def begin_run(self) -> None:
+        self._acc: dict = {}     # hw → [Bc, N, L] summed label attention of the step being collected
+        self._acc_step = None
+        self._maps = None        # ([Bc, N, h, w] normalised maps, step they came from)
+
+    # --- collecting ----------------------------------------------------------------------------
+    def observe(self, state, key, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
+        """attn2 of a layer: add the label attention of the cond rows that carry label positions."""
+        labels = getattr(state, "labels", None)
+        if not labels:
+            return
+        self._roll(state.step)
+        rows, pos = [], None
+        for (sl, is_cond), lab in zip(state.chunks, labels):
+            if is_cond and lab is not None:
+                rows.append(sl)
+                pos = lab
+        if not rows or pos is None:
+            return
+        qs = torch.cat([q[sl] for sl in rows]) if len(rows) > 1 else q[rows[0]]
+        ks = torch.cat([k[sl] for sl in rows]) if len(rows) > 1 else k[rows[0]]
+        a = label_attention(qs, ks, heads, pos)  # [Bc, N, L]
+        hw = getattr(state, "layer_hw", {}).get(key)
+        if hw is None:
+            return
+        prev = self._acc.get(hw)
+        self._acc[hw] = a if prev is None or prev.shape != a.shape else prev + a
+
+    def _roll(self, step: int) -> None:
+        if self._acc_step is None:
+            self._acc_step = step
+        elif step != self._acc_step:
+            self._finalize()
+            self._acc_step = step
+
+    def _finalize(self) -> None:
+        if not self._acc:
+            return
+        target = min(self._acc, key=lambda hw: hw[0] * hw[1])
+        total = None
+        for hw, a in self._acc.items():
+            b, n, _ = a.shape
+            m = a.view(b, n, *hw)
+            if hw != target:
+                m = F.interpolate(m, size=target, mode="area" if hw[0] >= target[0] else "bilinear")
+            total = m if total is None else total + m
+        if self.smooth > 1:
+            total = F.avg_pool2d(total, self.smooth, stride=1, padding=self.smooth // 2, count_include_pad=False)
+        mx = total.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        self._maps = (total / mx, self._acc_step)
+        self._acc = {}
+
+    # --- routing -------------------------------------------------------------------------------
+    def maps(self) -> Optional[torch.Tensor]:
+        return None if self._maps is None else self._maps[0]
+
+    def route(self, spec, hw: tuple, rows: int, device, state) -> Optional[torch.Tensor]:
+        """Route index [rows, h·w] for a layer of grid hw from the previous step's maps, or None during
+        the warm-up / before any maps exist (the caller then routes to the background)."""
+        if state.step < self.warmup_steps:
+            return None
+        if self._acc_step is not None and self._acc_step < state.step:
+            self._finalize()
+            self._acc_step = state.step
+        if self._maps is None:
+            return None
+        maps = self._maps[0]
+        if maps.shape[0] != rows:
+            maps = maps[:1].expand(rows, -1, -1, -1) if maps.shape[0] == 1 or maps.shape[0] > rows else None
+            if maps is None:
+                return None
+        m = F.interpolate(maps.float(), size=tuple(hw), mode="bilinear", align_corners=False).flatten(2)  # [B,N,L]
+        best, arg = m.max(1)
+        idx = torch.where(best >= self.threshold, arg, torch.full_like(arg, self.num_subjects))
+        return idx.to(device)
