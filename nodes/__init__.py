@@ -7,12 +7,14 @@ from .apply import AnyStoryApply  # noqa: E402
 from .encode import AnyStorySubjectEncode  # noqa: E402
 from .loader import AnyStoryModelLoader  # noqa: E402
 from .preview import AnyStoryRoutingPreview  # noqa: E402
+from .text import AnyStoryTextEncode  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {
     "AnyStoryModelLoader": AnyStoryModelLoader,
     "AnyStorySubjectEncode": AnyStorySubjectEncode,
     "AnyStoryApply": AnyStoryApply,
     "AnyStoryRoutingPreview": AnyStoryRoutingPreview,
+    "AnyStoryTextEncode": AnyStoryTextEncode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +22,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AnyStorySubjectEncode": "AnyStory Subject Encode",
     "AnyStoryApply": "AnyStory Apply",
     "AnyStoryRoutingPreview": "AnyStory Routing Preview",
+    "AnyStoryTextEncode": "AnyStory Text Encode (subject words)",
 }

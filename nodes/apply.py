@@ -10,6 +10,7 @@ import torch
 import comfy.model_base
 
 from ..anystory.layers import discover_layout
+from ..anystory.attention_router import AttentionRouter
 from ..anystory.patch import MODE_ATTENTION, MODE_MASKS, MODE_MIXED, MODE_ROUTER, RoutedPatch, RoutingInputs
 from ..anystory.preview import RoutingRecorder
 from .encode import check_model
@@ -18,7 +19,7 @@ from .types import ANYSTORY, ANYSTORY_ROUTING, ANYSTORY_SUBJECTS, AnyStoryError,
 
 log = logging.getLogger("anystory")
 
-ROUTER_MODES = ("auto", MODE_ROUTER, MODE_MASKS, MODE_MIXED)
+ROUTER_MODES = ("auto", MODE_ROUTER, MODE_ATTENTION, MODE_MASKS, MODE_MIXED)
 
 
 def _blocks(unet) -> dict:
@@ -62,6 +63,21 @@ def check_sdxl_model(model, anystory: AnyStoryModel):
     return layout
 
 
+def _feathered(masks: torch.Tensor, radius: float) -> torch.Tensor:
+    """Gaussian blur of [N, H, W] masks with σ = radius/2 pixels (radius 0: unchanged)."""
+    if radius <= 0:
+        return masks
+    sigma = radius / 2.0
+    k = int(2 * round(radius) + 1)
+    x = torch.arange(k, dtype=torch.float32) - k // 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    m = masks[:, None]
+    m = torch.nn.functional.conv2d(torch.nn.functional.pad(m, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
+    m = torch.nn.functional.conv2d(torch.nn.functional.pad(m, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
+    return m[:, 0].clamp(0, 1)
+
+
 def _region_masks(masks, n: int):
     if masks is None:
         return None
@@ -99,9 +115,11 @@ class AnyStoryApply:
                 "subjects": (ANYSTORY_SUBJECTS, {"tooltip": "From AnyStorySubjectEncode (chain one per subject)."}),
                 "router_mode": (list(ROUTER_MODES), {"default": "auto", "tooltip":
                                 "How each region is assigned to a subject. auto: the learned router if the file "
-                                "has one, else the region masks. router: the learned AnyStory router. masks: "
-                                "region_masks only (background elsewhere). mixed: region masks where given, the "
-                                "router elsewhere."}),
+                                "has one, else the attention router (labels), with region masks on top where "
+                                "given. router: the learned AnyStory router. attention: training-free, from the "
+                                "cross-attention of each subject's label words (positive prompt from AnyStory Text "
+                                "Encode). masks: region_masks only (background elsewhere). mixed: region masks "
+                                "where given, the router (learned, else attention) elsewhere."}),
                 "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
                                   "η — subject strength: weight of the routed subject tokens in cross-attention "
                                   "(eq. 5). 0 = off."}),
@@ -122,11 +140,20 @@ class AnyStoryApply:
                 "record_routing": ("BOOLEAN", {"default": True, "tooltip": "Keep the routing maps of each sampling "
                                                                            "for the preview (small, kept on the GPU "
                                                                            "until the end of the run)."}),
+                "feather": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1, "tooltip":
+                                    "Feather the region masks by this many pixels: the subject's injection fades "
+                                    "out towards the mask's edge."}),
+                "warmup_steps": ("INT", {"default": 2, "min": 0, "max": 100, "tooltip":
+                                         "Attention router: steps before routing starts (the layout forms first; "
+                                         "meanwhile every token is background)."}),
+                "threshold": ("FLOAT", {"default": 0.35, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                        "Attention router: a token belongs to a subject when that subject's "
+                                        "normalised word attention there is at least this; else background."}),
             },
         }
 
     def apply(self, model, anystory, subjects, router_mode="auto", eta=1.0, gamma=1.0, start_percent=0.0,
-              end_percent=1.0, region_masks=None, record_routing=True):
+              end_percent=1.0, region_masks=None, record_routing=True, feather=0, warmup_steps=2, threshold=0.35):
         anystory = check_model(anystory)
         if not isinstance(subjects, SubjectList):
             raise AnyStoryError("the 'subjects' input must come from AnyStorySubjectEncode")
@@ -143,30 +170,40 @@ class AnyStoryApply:
         layout = check_sdxl_model(model, anystory)
         masks = _region_masks(region_masks, n)
         ad = anystory.adapter
+        learned = ad.has_router and all(s.R is not None for s in subjects.subjects)
+        labelled = all(s.label for s in subjects.subjects)
         mode = router_mode
         if mode == "auto":
-            if ad.has_router and all(s.R is not None for s in subjects.subjects):
-                mode = MODE_MIXED if masks is not None else MODE_ROUTER
+            if learned or labelled:
+                mode = MODE_MIXED if masks is not None else (MODE_ROUTER if learned else MODE_ATTENTION)
             elif masks is not None:
                 mode = MODE_MASKS
             else:
                 raise AnyStoryError(
                     f"nothing can decide where the subjects go: {anystory.name} has no learned router (public "
-                    "IP-Adapter weights). Connect region_masks (one per subject), or load a native AnyStory file.")
-        if mode in (MODE_ROUTER,) and not ad.has_router:
-            raise AnyStoryError(f"router_mode '{mode}' needs the learned AnyStory router, which {anystory.name} does "
-                                "not have (public IP-Adapter weights). Use 'masks' with region_masks.")
-        if mode == MODE_MIXED and not ad.has_router:
-            raise AnyStoryError(f"router_mode 'mixed' needs a router for the regions without a mask; {anystory.name} "
-                                "has none. Use 'masks'.")
+                    "IP-Adapter weights) and not every subject has a label. Give each AnyStorySubjectEncode a "
+                    "label (its words in the prompt) and encode the prompt with AnyStory Text Encode, or connect "
+                    "region_masks (one per subject).")
+        if mode == MODE_ROUTER and not learned:
+            raise AnyStoryError(f"router_mode 'router' needs the learned AnyStory router, which {anystory.name} does "
+                                "not have (public IP-Adapter weights). Use 'attention' (subject labels) or 'masks'.")
+        if mode in (MODE_ATTENTION,) or (mode == MODE_MIXED and not learned):
+            unlabelled = [i + 1 for i, s in enumerate(subjects.subjects) if not s.label]
+            if unlabelled:
+                raise AnyStoryError(f"router_mode '{mode}' uses the attention router, which finds each subject by its "
+                                    f"label words in the prompt; subject(s) {unlabelled} have no label. Set 'label' "
+                                    "on their AnyStorySubjectEncode.")
         if mode in (MODE_MASKS, MODE_MIXED) and masks is None:
             raise AnyStoryError(f"router_mode '{mode}' needs region_masks: one mask per subject, in subject order")
-        if mode in (MODE_ROUTER, MODE_MIXED) and any(s.R is None for s in subjects.subjects):
-            raise AnyStoryError("the subjects were encoded without routing features; re-run their encode nodes")
+        attention_router = None
+        if mode == MODE_ATTENTION or (mode == MODE_MIXED and not learned):
+            attention_router = AttentionRouter(n, warmup_steps=warmup_steps, threshold=threshold)
+        if masks is not None and feather > 0:
+            masks = _feathered(masks, float(feather))
 
         E = torch.stack([s.E for s in subjects.subjects] + [subjects.E_bg]).float()
         R = None
-        if ad.has_router:
+        if learned:
             R = torch.stack([s.R for s in subjects.subjects] + [subjects.R_bg]).float()
         strengths = torch.tensor([s.strength for s in subjects.subjects], dtype=torch.float32)
         eta_t = torch.cat([eta * strengths, torch.tensor([eta], dtype=torch.float32)])
@@ -184,12 +221,14 @@ class AnyStoryApply:
 
         unet = model.model.diffusion_model
         runtime = RoutedPatch(ad, layout, RoutingInputs(E=E, R=R, eta=eta_t, gamma=gamma_t, refs=refs,
-                                                        region_masks=masks, mode=mode),
+                                                        region_masks=masks, mode=mode, feather=feather > 0),
                               attn_masked=_masked_attention(),
-                              recorder=RoutingRecorder(n, subjects.labels, enabled=bool(record_routing)))
+                              recorder=RoutingRecorder(n, subjects.labels, enabled=bool(record_routing)),
+                              attention_router=attention_router)
         ms = model.get_model_object("model_sampling")
         owner = ComfyRoutedPatch(runtime, _blocks(unet), ms.percent_to_sigma(start_percent),
-                                 ms.percent_to_sigma(end_percent), uuid.uuid4().hex[:10])
+                                 ms.percent_to_sigma(end_percent), uuid.uuid4().hex[:10],
+                                 subject_labels=[s.label for s in subjects.subjects])
         patched = model.clone()
         ref_keys = []
         if refs is not None:

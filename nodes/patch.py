@@ -22,6 +22,8 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension as pe
 
 from ..anystory.patch import CallState, RoutedPatch, chunks_from_roles
+from .text import LABELS_KEY
+from .types import AnyStoryError
 
 log = logging.getLogger("anystory")
 
@@ -42,14 +44,17 @@ class StepInfo:
     step: int
     cond_uuids: Optional[set]
     latent_hw: Optional[tuple]
+    labels: Optional[dict] = None  # uuid → {label: token positions} (AnyStoryTextEncode)
 
 
 class ComfyRoutedPatch:
     """Holds one RoutedPatch and the ComfyUI callables that drive it. Survives ModelPatcher.clone()
     by reference (deepcopy returns self): it holds modules and tensors that must not be copied."""
 
-    def __init__(self, runtime: RoutedPatch, blocks: dict, sigma_start: float, sigma_end: float, uid: str):
+    def __init__(self, runtime: RoutedPatch, blocks: dict, sigma_start: float, sigma_end: float, uid: str,
+                 subject_labels: Optional[list] = None):
         self.runtime = runtime
+        self.subject_labels = list(subject_labels or [])
         self.blocks = blocks  # layer key → BasicTransformerBlock of the denoising UNet
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
@@ -90,19 +95,31 @@ class ComfyRoutedPatch:
         step = 0
         ss = to.get("sample_sigmas")
         if ss is not None:
-            hits = torch.isclose(ss.detach().float().cpu(), torch.tensor(sigma), rtol=1e-4, atol=1e-6).nonzero()
+            ss = ss.detach().float().cpu()
+            hits = torch.isclose(ss, torch.tensor(sigma), rtol=1e-4, atol=1e-6).nonzero()
             if hits.numel():
                 step = int(hits[0])
-        cond_uuids = None
+            else:  # an intermediate evaluation (dpmpp_sde, …) between sigmas[i] and sigmas[i+1]: step i
+                step = max(0, int((ss > sigma).sum()) - 1)
+        cond_uuids, labels = None, None
         guider = getattr(executor, "class_obj", None)
         conds = getattr(guider, "conds", None)
         if isinstance(conds, dict):
-            cond_uuids = set()
+            cond_uuids, labels = set(), {}
             for name, entries in conds.items():
                 if name == "negative" or entries is None:
                     continue
-                cond_uuids.update(e.get("uuid") for e in entries if isinstance(e, dict))
-        info = StepInfo(active, step, cond_uuids, tuple(x.shape[-2:]))
+                for e in entries:
+                    if isinstance(e, dict):
+                        cond_uuids.add(e.get("uuid"))
+                        if e.get(LABELS_KEY) is not None:
+                            labels[e.get("uuid")] = e[LABELS_KEY]
+        if self.runtime.attention_router is not None and self.runtime.inputs.mode == "attention" and not labels:
+            raise AnyStoryError(
+                "AnyStory's attention router needs to know where the subjects' words are in the positive prompt: "
+                "encode the positive prompt with 'AnyStory Text Encode' (instead of CLIPTextEncode), or give "
+                "region_masks and use router_mode 'masks'.")
+        info = StepInfo(active, step, cond_uuids, tuple(x.shape[-2:]), labels)
         mo = dict(model_options)
         mo["transformer_options"] = dict(to)
         mo["transformer_options"][self.step_key] = info
@@ -126,6 +143,11 @@ class ComfyRoutedPatch:
             active = False
         state = CallState(chunks_from_roles(roles, x.shape[0] // len(cou)), active=active,
                           step=info.step if info is not None else 0)
+        if info is not None and info.labels and uuids is not None and len(uuids) == len(cou):
+            state.labels = []
+            for u, is_cond in zip(uuids, roles):
+                tag = info.labels.get(u) if is_cond else None
+                state.labels.append(None if tag is None else [list(tag.get(lab, [])) for lab in self.subject_labels])
         to = dict(transformer_options)
         to[self.state_key] = state
         try:

@@ -118,7 +118,8 @@ class AnyStoryRoutingPreview:
         rows = len(lay)
         ch = (grid.shape[0] - (rows + 1) * gap) // rows
         cw = (grid.shape[1] - (len(st) + 1) * gap) // len(st)
-        note = f"router: {getattr(routing, 'mode', '?')}" + ("" if matched else " (latest sampling)")
+        note = (f"router: {getattr(routing, 'mode', '?')}; striped = decided by a region mask"
+                + ("" if matched else " (latest sampling)"))
         img = labelled_grid(grid, lay, st, routing.labels, (ch, cw), gap, note)[None]
         h, w = samples.shape[-2] * 8, samples.shape[-1] * 8
         masks = subject_masks(run, order, mst, routing.num_subjects, (h, w), image=image_index)

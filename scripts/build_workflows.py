@@ -47,10 +47,13 @@ WIDGETS = {
                               [("anystory", "ANYSTORY"), ("clip_vision", "CLIP_VISION"), ("vae", "VAE"),
                                ("image", "IMAGE"), ("mask", "MASK"), ("model", "MODEL"),
                                ("subjects", "ANYSTORY_SUBJECTS")]),
-    "AnyStoryApply": (["router_mode", "eta", "gamma", "start_percent", "end_percent", "record_routing"],
+    "AnyStoryApply": (["router_mode", "eta", "gamma", "start_percent", "end_percent", "record_routing", "feather",
+                       "warmup_steps", "threshold"],
                       [("model", "MODEL"), ("routing", "ANYSTORY_ROUTING")],
                       [("model", "MODEL"), ("anystory", "ANYSTORY"), ("subjects", "ANYSTORY_SUBJECTS"),
                        ("region_masks", "MASK")]),
+    "AnyStoryTextEncode": (["text"], [("CONDITIONING", "CONDITIONING")],
+                           [("clip", "CLIP"), ("subjects", "ANYSTORY_SUBJECTS")]),
     "AnyStoryRoutingPreview": (["layers", "steps", "mask_steps", "image_index", "cell_size"],
                                [("routing_grid", "IMAGE"), ("subject_masks", "MASK")],
                                [("routing", "ANYSTORY_ROUTING"), ("latent", "LATENT")]),
@@ -123,6 +126,10 @@ class Graph:
                 "version": 0.4}
 
 
+APPLY_DEFAULTS = dict(eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True, feather=0,
+                      warmup_steps=2, threshold=0.35)
+
+
 def _base(g: Graph, seed: int = 42, steps: int = 20, width: int = 1024, height: int = 1024,
           anystory: str = ANYSTORY, refnet: str = REFNET):
     g.add(1, "CheckpointLoaderSimple", (0, 0), ckpt_name=CKPT)
@@ -158,7 +165,7 @@ def one_subject(steps=20, size=1024) -> Graph:
     _base(g, width=size, height=size)
     _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
     g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(12, 0), router_mode="auto",
-          eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True)
+          **APPLY_DEFAULTS)
     g.add(22, "CLIPTextEncode", (400, 560), title="Positive prompt", clip=(1, 1),
           text="the fox reading a book in a cozy library, warm light, detailed illustration")
     _render(g, 40, 41, 42, 22, 1250, 300, "anystory_one_subject", 42, steps)
@@ -171,7 +178,7 @@ def two_subjects(steps=20, size=1024) -> Graph:
     _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
     _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 760, prev=12)
     g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
-          eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True)
+          **APPLY_DEFAULTS)
     g.add(22, "CLIPTextEncode", (400, 560), title="Positive prompt", clip=(1, 1),
           text="the fox and the robot playing chess in a park, sunny day, detailed illustration")
     _render(g, 40, 41, 42, 22, 1250, 300, "anystory_two_subjects", 7, steps)
@@ -196,7 +203,7 @@ def story(steps=20, size=1024) -> Graph:
     _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
     _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 760, prev=12)
     g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
-          eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True)
+          **APPLY_DEFAULTS)
     for i, text in enumerate(STORY):
         pos = 60 + 10 * i
         g.add(pos, "CLIPTextEncode", (900, 700 + 220 * i), title=f"Panel {i + 1}", clip=(1, 1),
@@ -205,10 +212,28 @@ def story(steps=20, size=1024) -> Graph:
     return g
 
 
+def public_weights(steps=20, size=1024) -> Graph:
+    """Runs today on public files: IP-Adapter Plus SDXL ViT-H as subject encoder, the SDXL MODEL as
+    ReferenceNet (shared), the training-free attention router finding each subject by its words."""
+    g = Graph("AnyStory on public weights — IP-Adapter Plus + shared ReferenceNet + attention router")
+    _base(g, width=size, height=size, anystory=IPADAPTER, refnet="none")
+    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
+    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 760, prev=12)
+    g.add(22, "AnyStoryTextEncode", (900, 560), title="Positive prompt (marks the subjects' words)", clip=(1, 1),
+          subjects=(15, 0), text="the fox and the robot playing chess in a park, sunny day, detailed illustration")
+    g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
+          **APPLY_DEFAULTS)
+    _render(g, 40, 41, 42, 22, 1250, 300, "anystory_public_weights", 7, steps)
+    g.add(50, "AnyStoryRoutingPreview", (1250, 620), routing=(30, 1), latent=(40, 0), layers="auto", steps="auto",
+          mask_steps="last", image_index=0, cell_size=96)
+    return g
+
+
 WORKFLOWS = {
     "anystory_one_subject": one_subject,
     "anystory_two_subjects": two_subjects,
     "anystory_story_4_images": story,
+    "anystory_public_weights": public_weights,
 }
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-NODES = ("AnyStoryModelLoader", "AnyStorySubjectEncode", "AnyStoryApply", "AnyStoryRoutingPreview")
+NODES = ("AnyStoryModelLoader", "AnyStorySubjectEncode", "AnyStoryApply", "AnyStoryRoutingPreview",
+         "AnyStoryTextEncode")
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "IMAGE", "MASK", "LATENT", "CONDITIONING",
                 "ANYSTORY", "ANYSTORY_SUBJECTS", "ANYSTORY_ROUTING"}
 
@@ -104,7 +105,8 @@ def _widget_names(entry) -> list:
     return names
 
 
-@pytest.mark.parametrize("name", ["anystory_one_subject", "anystory_two_subjects", "anystory_story_4_images"])
+@pytest.mark.parametrize("name", ["anystory_one_subject", "anystory_two_subjects", "anystory_story_4_images",
+                                  "anystory_public_weights"])
 def test_ui_workflow_fits_the_live_nodes(name, info, workflows_mod):
     """The drag-and-drop graph: every node type exists, widget values line up with the live widget
     order, links join existing sockets of matching types."""
@@ -183,3 +185,37 @@ def test_bad_file_name_is_refused_and_server_keeps_serving(comfy_server, model_f
     ok = demo_mod.demo_workflow("anystory_one_subject", model_files, size=64, steps=1)
     entry, _ = _run(comfy_server, ok)
     assert comfy_server.output_files(entry)
+
+
+def test_public_weights_workflow_routes_with_the_attention_router(comfy_server, model_files, demo_mod,
+                                                                  subjects_in_input):
+    """IP-Adapter Plus file + shared-UNet ReferenceNet + attention router, through /prompt."""
+    wf = demo_mod.demo_workflow("anystory_public_weights", model_files, size=64, steps=4)
+    entry, outputs = _run(comfy_server, wf)
+    assert comfy_server.output_files(entry)
+    info = " ".join(outputs["3"]["text"])
+    assert "public IP-Adapter Plus" in info and "training-free" in info
+    refs = {o["anystory_subject"][0]["reference"] for k, o in outputs.items()
+            if wf[k]["class_type"] == "AnyStorySubjectEncode"}
+    assert refs == {"shared"}
+    assert outputs["50"]["images"]
+    log = comfy_server.log_text()
+    assert "router attention" in log
+    assert "label positions in the prompt" in log
+
+
+def test_label_missing_from_prompt_is_a_clear_error(comfy_server, model_files, demo_mod, subjects_in_input):
+    wf = demo_mod.demo_workflow("anystory_public_weights", model_files, size=64, steps=1)
+    wf["22"]["inputs"]["text"] = "a cat and a dog in a park"
+    entry = comfy_server.run(wf, timeout=600, expect_success=False)
+    err = comfy_server_error(entry)
+    assert err is not None and err["node_type"] == "AnyStoryTextEncode"
+    assert "'the fox'" in err["exception_message"] and "do not occur in the prompt" in err["exception_message"]
+    # the server keeps serving: the same graph with a fitting prompt renders
+    ok = demo_mod.demo_workflow("anystory_public_weights", model_files, size=64, steps=1)
+    assert comfy_server.output_files(_run(comfy_server, ok)[0])
+
+
+def comfy_server_error(entry):
+    import comfy_harness as H
+    return H.execution_error(entry)
