@@ -236,9 +236,10 @@ class RoutedPatch:
         state.last_index, state.last_hw = index, tuple(hw)
         if self.recorder is not None and state.any_cond:
             src = torch.cat(srcs) if len(srcs) > 1 else srcs[0]
-            cond = [sl for sl, c in state.chunks if c]
-            self.recorder.record(state.step, key, hw, torch.cat([index[s] for s in cond]),
-                                 torch.cat([src[s] for s in cond]))
+            # one row per image: the first positive chunk (further positive entries, e.g. from
+            # ConditioningCombine, are other prompts for the same images, not more images)
+            first = next(sl for sl, c in state.chunks if c)
+            self.recorder.record(state.step, key, hw, index[first], src[first])
 
     def _route_rows(self, spec, z: torch.Tensor, hw, state: CallState):
         mode = self.inputs.mode

@@ -110,7 +110,8 @@ class ComfyRoutedPatch:
                 if name == "negative" or entries is None:
                     continue
                 for e in entries:
-                    if isinstance(e, dict):
+                    # DualCFGGuider's "middle" prompt is tagged prompt_type=negative by ComfyUI: not routed
+                    if isinstance(e, dict) and e.get("prompt_type") != "negative":
                         cond_uuids.add(e.get("uuid"))
                         if e.get(LABELS_KEY) is not None:
                             labels[e.get("uuid")] = e[LABELS_KEY]

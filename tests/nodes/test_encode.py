@@ -1,0 +1,240 @@
+"""AnyStorySubjectEncode in-process with REAL ComfyUI (issue #3): the subject mask convention (white =
+subject, any size, alpha fallback, all-black = whole image with a visible warning), several images =
+several views of one subject (tokens pooled, reference tokens concatenated), label/strength stored
+and used, chained subjects in order, the 9-subject limit, CLIP width and wiring refusals.
+
+Stand-ins with ComfyUI's interfaces for CLIP vision and the VAE; the tiny SDXL-family MODEL is the
+shared ReferenceNet.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _fixtures():
+    name = "anystory_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("anystory_fixtures.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+F = _fixtures()
+temp_dir = F.temp_dir
+
+
+@pytest.fixture(scope="module")
+def env(harness, pack, temp_dir):
+    return F.build_env(harness, pack, with_subjects=False)
+
+
+def _err(pack):
+    return F.pack_mod("nodes.types").AnyStoryError
+
+
+RED, BLUE = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
+
+
+def _two_colour_image(h=64, w=96):
+    """[1, H, W, 3]: left half red, right half blue."""
+    import torch
+    img = torch.zeros(1, h, w, 3)
+    img[:, :, : w // 2] = torch.tensor(RED)
+    img[:, :, w // 2:] = torch.tensor(BLUE)
+    return img
+
+
+def _colours(img):
+    """(red pixels, blue pixels, neutral-fill pixels) of [.., H, W, 3]."""
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    red = int(((r > 0.7) & (b < 0.3)).sum())
+    blue = int(((b > 0.7) & (r < 0.3)).sum())
+    fill = int((((img - 0.5).abs() < 0.02).all(-1)).sum())
+    return red, blue, fill
+
+
+# ------------------------------------------------------------------------------------------------
+# mask conventions
+# ------------------------------------------------------------------------------------------------
+def test_mask_white_is_subject_any_size(env):
+    import torch
+
+    img = _two_colour_image()
+    mask = torch.zeros(1, 32, 48)       # another size than the image: resized
+    mask[:, :, :24] = 1                 # white on the RED half = the subject
+    res = env.encode(img, mask=mask, reference="off")
+    subject, crop = res["result"]
+    assert crop.shape == (1, 512, 512, 3) and 0 <= float(crop.min()) and float(crop.max()) <= 1
+    red, blue, fill = _colours(crop)
+    assert red > 0.2 * 512 * 512 and blue < 0.01 * 512 * 512 and fill > 0.2 * 512 * 512, (red, blue, fill)
+    seen = [im for im in env.clip.seen if im.abs().max() > 0][-1]  # what CLIP encoded (not the zero image)
+    assert seen.shape == (1, 224, 224, 3)
+    red, blue, _ = _colours(seen)
+    assert red > 0.2 * 224 * 224 and blue < 0.01 * 224 * 224
+    assert res["ui"]["anystory_subject"][0]["warnings"] == []
+
+    # the inverted mask (e.g. LoadImage's MASK without InvertMask) selects the other half
+    crop_inv = env.encode(img, mask=1 - mask, reference="off")["result"][1]
+    red, blue, _ = _colours(crop_inv)
+    assert blue > 0.2 * 512 * 512 and red < 0.01 * 512 * 512, (red, blue)
+
+
+def test_all_black_mask_means_whole_image_with_warning(env, caplog):
+    import torch
+
+    img = _two_colour_image()
+    with caplog.at_level(logging.WARNING):
+        res = env.encode(img, mask=torch.zeros(1, 64, 64), label="blob", reference="off")  # LoadImage, no alpha
+    subject, crop = res["result"]
+    red, blue, _ = _colours(crop)
+    assert red > 0.1 * 512 * 512 and blue > 0.1 * 512 * 512, "an all-black mask did not mean the whole image"
+    warnings = res["ui"]["anystory_subject"][0]["warnings"]
+    assert warnings and "empty" in warnings[0] and "InvertMask" in warnings[0]
+    assert subject.subjects[0].warnings == warnings
+    assert any("InvertMask" in r.getMessage() and "blob" in r.getMessage() for r in caplog.records)
+
+
+def test_alpha_channel_is_the_mask_when_none_given(env):
+    import torch
+
+    img = torch.cat([_two_colour_image(), torch.zeros(1, 64, 96, 1)], -1)
+    img[..., 48:, 3] = 1  # opaque = the blue half
+    crop = env.encode(img, reference="off")["result"][1]
+    red, blue, _ = _colours(crop)
+    assert blue > 0.2 * 512 * 512 and red == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# several images = several views of one subject
+# ------------------------------------------------------------------------------------------------
+def test_image_batch_is_views_of_one_subject(env):
+    import torch
+
+    a = F.subject_image((0.9, 0.2, 0.1), (64, 64), seed=1)
+    b = F.subject_image((0.2, 0.8, 0.3), (64, 64), seed=2)
+    one = env.encode(a)["result"][0].subjects[0]
+    n_before = len(env.clip.seen)
+    both = env.encode(torch.cat([a, b]))["result"][0]
+    views = [im for im in env.clip.seen[n_before:] if im.abs().max() > 0]
+    assert len(views) == 1, "the views were not encoded in one CLIP call"
+    views = views[0]
+    assert len(both) == 1, "two views made two subjects"
+    s = both.subjects[0]
+    assert s.E.shape == one.E.shape == (F.TINY_TOKENS, F.CTX)
+    # tokens pooled: E = QFormer(mean of the two views' CLIP features)
+    assert views.shape == (2, 224, 224, 3)
+    feats = env.clip.encode_image(views).penultimate_hidden_states
+    zero = env.clip.encode_image(torch.zeros(1, 224, 224, 3)).penultimate_hidden_states
+    emb = env.am.adapter.encode(feats.mean(0, keepdim=True), zero)
+    torch.testing.assert_close(s.E, emb.E[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both.E_bg, emb.E[1], rtol=1e-5, atol=1e-6)
+    swapped = env.encode(torch.cat([b, a]))["result"][0].subjects[0]
+    torch.testing.assert_close(swapped.E, s.E, rtol=1e-5, atol=1e-6)  # order of views does not matter
+    assert (s.E - one.E).abs().max() > 1e-4
+    # references concatenated: twice the tokens per layer, the first view's tokens first
+    assert env.vae.seen[-1].shape[0] == 2
+    for key, f in s.refs.features.items():
+        f1 = one.refs.features[key]
+        assert f.shape[0] == 1 and f.shape[1] == 2 * f1.shape[1], (key, f.shape, f1.shape)
+        assert s.refs.valid[key].shape == (1, f.shape[1])
+        torch.testing.assert_close(f[:, : f1.shape[1]], f1, rtol=1e-4, atol=1e-5)
+        assert s.refs.subject_tokens(key, 0).shape[0] >= one.refs.subject_tokens(key, 0).shape[0]
+    assert set(s.refs.features) == set(F.TINY_KEYS)
+
+
+# ------------------------------------------------------------------------------------------------
+# label, strength, chaining
+# ------------------------------------------------------------------------------------------------
+def test_label_strength_and_chain_order(env):
+    import torch
+
+    enc = lambda **kw: env.encode(F.subject_image(seed=len(kw)), reference="off", **kw)  # noqa: E731
+    r1 = enc(label="  the red car ", strength=0.7)
+    r2 = env.encode(F.subject_image((0.1, 0.9, 0.1), seed=3), subjects=r1["result"][0], label="the man",
+                    reference="off")
+    r3 = env.encode(F.subject_image((0.1, 0.1, 0.9), seed=4), subjects=r2["result"][0], reference="off")
+    s1, s2, s3 = r1["result"][0], r2["result"][0], r3["result"][0]
+    assert [len(s1), len(s2), len(s3)] == [1, 2, 3]
+    assert s3.labels == ["the red car", "the man", "subject 3"]
+    assert [s.strength for s in s3.subjects] == [0.7, 1.0, 1.0]
+    assert s3.subjects[0] is s1.subjects[0] and s3.subjects[1] is s2.subjects[1]  # appended in order
+    assert torch.equal(s3.E_bg, s1.E_bg)
+    assert len(s1) == 1 and len(s2) == 2  # chaining does not modify the upstream value
+    palette = F.pack_mod("anystory.preview").PALETTE_HEX
+    for i, r in enumerate((r1, r2, r3)):
+        info = r["ui"]["anystory_subject"][0]
+        assert info["index"] == i and info["color"] == palette[i]
+    assert r1["ui"]["anystory_subject"][0]["label"] == "the red car"
+    # strength multiplies η (and γ) of that subject in AnyStoryApply; the background route gets η
+    masks = torch.zeros(3, 32, 32)
+    masks[0, :, :10], masks[1, :, 10:20], masks[2, :, 20:] = 1, 1, 1
+    patched, routing = env.apply(subjects=s3, eta=0.8, gamma=0.5, region_masks=masks)
+    rt = F.owner_of(patched).runtime
+    torch.testing.assert_close(rt.inputs.eta, torch.tensor([0.56, 0.8, 0.8, 0.8]))
+    assert routing.labels == ["the red car", "the man", "subject 3"]
+    assert torch.equal(rt.inputs.E[0], s1.subjects[0].E.float()) and torch.equal(rt.inputs.E[-1], s1.E_bg.float())
+
+
+def test_ninth_subject_refused(env, pack):
+    subjects = None
+    for i in range(8):
+        subjects = env.encode(F.subject_image(seed=i), subjects=subjects, reference="off")["result"][0]
+    assert len(subjects) == 8
+    with pytest.raises(_err(pack)) as ei:
+        env.encode(F.subject_image(seed=9), subjects=subjects, reference="off")
+    assert "at most 8" in str(ei.value) and "8" in str(ei.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals
+# ------------------------------------------------------------------------------------------------
+def test_clip_width_mismatch_refused(env, pack):
+    vit_l = F.FakeClipVision(width=1024)
+    with pytest.raises(_err(pack)) as ei:
+        env.encode(F.subject_image(), clip=vit_l, reference="off")
+    msg = str(ei.value)
+    assert "1024" in msg and "CLIP ViT-L/14" in msg and "CLIP ViT-H/14" in msg and "CLIP-ViT-H-14" in msg, msg
+
+
+def test_wiring_refusals(env, harness, pack):
+    import torch
+
+    err = _err(pack)
+    with pytest.raises(err, match="reference='native' needs a ReferenceNet"):
+        env.encode(F.subject_image(), reference="native")
+    with pytest.raises(err, match="connect the MODEL input"):
+        env.encode(F.subject_image(), reference="shared", model=None)
+    with pytest.raises(err, match="SDXL"):
+        env.encode(F.subject_image(), reference="shared", model=harness.tiny_sd15())
+    other = F.make_anystory(env.layout, seed=3, name="other-file")
+    first = env.encode(F.subject_image(), reference="off")["result"][0]
+    with pytest.raises(err, match="another AnyStory model"):
+        env.encode(F.subject_image(), am=other, subjects=first, reference="off")
+    with pytest.raises(err, match="must come from AnyStoryModelLoader"):
+        env.encode(F.subject_image(), am=object(), reference="off")
+    bad = F.subject_image()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(err, match="NaN"):
+        env.encode(bad, reference="off")
+    with pytest.raises(err, match="mask"):
+        env.encode(torch.rand(2, 32, 32, 3), mask=torch.ones(3, 32, 32), reference="off")
+
+
+def test_reference_auto_mode(env):
+    with_model = env.encode(F.subject_image())
+    without = env.encode(F.subject_image(), model=None)
+    assert with_model["result"][0].subjects[0].refs.source == "shared"
+    assert with_model["ui"]["anystory_subject"][0]["reference"] == "shared"
+    assert without["result"][0].subjects[0].refs is None
+    assert without["ui"]["anystory_subject"][0]["reference"] == "off"
+    # the preview image of the crop is written to ComfyUI's temp folder
+    import folder_paths
+    img = with_model["ui"]["images"][0]
+    assert img["type"] == "temp" and (Path(folder_paths.get_temp_directory()) / img["filename"]).is_file()
