@@ -478,7 +478,13 @@ class ComfyServer:
         node_id, node_type) of a failed run."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            entry = self.history(prompt_id)
+            try:
+                entry = self.history(prompt_id)
+            except (TimeoutError, OSError) as e:  # a busy (CPU-starved) server answers late: ask again
+                if not self.alive:
+                    raise RuntimeError(f"ComfyUI died while running {prompt_id}\n{self.log_tail(60)}") from e
+                time.sleep(1.0)
+                continue
             if entry is not None:
                 st = entry.get("status") or {}
                 if st.get("completed") or st.get("status_str") in ("success", "error"):
