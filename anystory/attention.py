@@ -59,3 +59,69 @@ def attention_reference(q, k, v, heads, mask=None, scale=None):
             mask = mask[:, None]
         logits = logits + mask.float()
     return merge_heads(logits.softmax(-1) @ v).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped attention without a bias tensor
+# ------------------------------------------------------------------------------------------------
+# Routed attention (eq. 5 with one-hot maps, eq. 6-8) has a bias of a special form: key j belongs to a
+# group g(j) (a route, a subject's references) or is shared (g = −1); query u belongs to one group
+# r(u) (or none). bias[u, j] = 0 for shared keys, offset[g] if r(u) = g(j), −∞ otherwise. Such a bias is
+# an inner product of small vectors, so it can ride along in E extra head dimensions of q and k:
+#   q_e(u) = [1, one-hot(r(u)), 1, 0…],  k_e(j) = [−M, M·one-hot(g(j)), offset_g/scale, 0…]  (shared: 0)
+# scale·(q_e·k_e) = −M·scale + M·scale·[r(u)=g(j)] + offset = offset or −M·scale (M·scale = 512: exp → 0).
+# No [B, L, Lk] tensor is built and the attention keeps the flash kernels (no attn_mask).
+
+GROUP_BIG = 512.0  # exp(−512) = 0 in every float format; small enough to keep fp32 logits exact to ~1e-4
+
+
+def extra_dims(num_groups: int) -> int:
+    """Extra head dimensions for ``num_groups`` groups (a multiple of 8, as fused kernels want)."""
+    return -(-(num_groups + 2) // 8) * 8
+
+
+def query_extra(q_group: torch.Tensor, num_groups: int, dtype) -> torch.Tensor:
+    """[B, L] group of each query (−1 or ≥ num_groups: none) → [B, L, E]."""
+    E = extra_dims(num_groups)
+    out = torch.zeros(*q_group.shape, E, dtype=dtype, device=q_group.device)
+    out[..., 0] = 1
+    out[..., num_groups + 1] = 1
+    g = q_group.long()
+    valid = (g >= 0) & (g < num_groups)
+    idx = torch.where(valid, g + 1, torch.zeros_like(g))  # no group → dim 0, which is 1 anyway
+    out.scatter_(-1, idx.unsqueeze(-1), torch.ones(*idx.shape, 1, dtype=dtype, device=idx.device))
+    return out
+
+
+def key_extra(k_group: torch.Tensor, num_groups: int, dim_head: int, dtype,
+              offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[Lk] group of each key (−1: shared) → [Lk, E]; ``offsets``: [num_groups] logit offsets."""
+    E = extra_dims(num_groups)
+    scale = dim_head ** -0.5
+    M = torch.tensor(GROUP_BIG / scale, dtype=dtype).item()  # the same rounded value with both signs
+    out = torch.zeros(k_group.shape[0], E, dtype=torch.float32, device=k_group.device)
+    g = k_group.long()
+    grouped = g >= 0
+    out[grouped, 0] = -M
+    idx = grouped.nonzero().squeeze(-1)
+    out[idx, g[idx] + 1] = M
+    if offsets is not None:
+        out[idx, num_groups + 1] = offsets.to(out.device).float()[g[idx]] / scale
+    return out.to(dtype)
+
+
+def with_extra(x: torch.Tensor, heads: int, extra: Optional[torch.Tensor], E: int) -> torch.Tensor:
+    """[B, L, H·D] (+ extra [B or 1, L, E] or None = zeros) → [B, H, L, D+E]."""
+    xh = split_heads(x, heads)
+    b, h, n, _ = xh.shape
+    if extra is None:
+        pad = xh.new_zeros(b, h, n, E)
+    else:
+        pad = extra.to(xh.dtype)[:, None].expand(b, h, n, E)
+    return torch.cat([xh, pad], dim=-1)
+
+
+def grouped_sdpa(q_ext: torch.Tensor, k_ext: torch.Tensor, v_ext: torch.Tensor, dim_head: int) -> torch.Tensor:
+    """Attention over [B, H, L, D+E] tensors with the original 1/√D scale → [B, L, H·D]."""
+    out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=dim_head ** -0.5)
+    return merge_heads(out[..., :dim_head])

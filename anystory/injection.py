@@ -17,12 +17,13 @@ Two evaluations of the same sum:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .attention import NEG, AttnFn, sdpa
+from .attention import NEG, AttnFn, extra_dims, grouped_sdpa, key_extra, query_extra, sdpa, with_extra
 
 
 class DecoupledKV(nn.Module):
@@ -107,3 +108,43 @@ def project_routes(ip_layer: DecoupledKV, E: torch.Tensor, dtype: Optional[torch
     if dtype is not None:
         k, v = k.to(dtype), v.to(dtype)
     return k, v
+
+
+@dataclass
+class PreparedRoutes:
+    """E_i Ŵ_k^l, E_i Ŵ_v^l of all routes of a layer in the grouped layout (once per run):
+    k, v: [1, H, K·m, D+E] (keys carry their route in the extra dims, values are zero-padded)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    num_routes: int
+    dim_head: int
+
+
+def prepare_routes(k_routes: torch.Tensor, v_routes: torch.Tensor, heads: int) -> PreparedRoutes:
+    K, m, C = k_routes.shape
+    D = C // heads
+    E = extra_dims(K)
+    groups = torch.arange(K, device=k_routes.device).repeat_interleave(m)
+    ke = key_extra(groups, K, D, k_routes.dtype)
+    k = with_extra(k_routes.reshape(1, K * m, C), heads, ke[None], E)
+    v = with_extra(v_routes.reshape(1, K * m, C), heads, None, E)
+    return PreparedRoutes(k.contiguous(), v.contiguous(), K, D)
+
+
+def routed_cross_attention_fast(q: torch.Tensor, routes: PreparedRoutes, index: torch.Tensor, heads: int,
+                                eta: Eta = 1.0, weight: Optional[torch.Tensor] = None,
+                                q_extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The routed term of eq. 5 for one-hot maps, as :func:`routed_cross_attention`, but with the route
+    mask carried in extra head dimensions (no bias tensor; fused attention kernels stay available).
+    ``q_extra`` may pass a cached :func:`query_extra` of ``index``."""
+    b = q.shape[0]
+    E = routes.k.shape[-1] - routes.dim_head
+    qe = q_extra if q_extra is not None else query_extra(index, routes.num_routes, q.dtype)
+    q_ext = with_extra(q, heads, qe, E)
+    out = grouped_sdpa(q_ext, routes.k.to(q.dtype).expand(b, -1, -1, -1), routes.v.to(q.dtype).expand(b, -1, -1, -1),
+                       routes.dim_head)
+    out = out * _eta_per_token(eta, index, out.dtype)
+    if weight is not None:
+        out = out * weight.unsqueeze(-1).to(out.dtype)
+    return out

@@ -22,9 +22,10 @@ from typing import Callable, Optional
 import torch
 
 from .adapter import AnyStoryAdapter
-from .injection import project_routes, routed_cross_attention
+from .attention import query_extra
+from .injection import prepare_routes, project_routes, routed_cross_attention_fast
 from .layers import LayerLayout
-from .reference import ReferenceFeatures, routed_reference_attention
+from .reference import ReferenceFeatures, prepare_references, routed_reference_attention_fast
 from .router import resize_index, route_index
 
 log = logging.getLogger("anystory")
@@ -85,6 +86,7 @@ class CallState:
     weight: dict = field(default_factory=dict)  # layer key → [B, L] per-token factor (feathered masks)
     layer_hw: dict = field(default_factory=dict)  # layer key → (h, w) token grid
     labels: Optional[list] = None  # per chunk: None or N lists of label token positions (attention router)
+    cache: dict = field(default_factory=dict)  # per-call values shared by the layers of one grid
 
     @property
     def batch(self) -> int:
@@ -104,13 +106,14 @@ class RoutedPatch:
     """Router + routed injection for one AnyStoryApply.
 
     project_reference(key, G [T, C]) -> (K̃, Ṽ): the denoising UNet's attn1 to_k/to_v of that layer
-    (supplied by the host, which owns the weights). attn_masked(q, k, v, heads, mask=...) is the host's
-    attention function for biased calls; un-biased attention is the ``base`` each hook receives (the
-    host's own attention, or another patch that was there first).
+    (supplied by the host, which owns the weights). Plain attention is the ``base`` each hook receives
+    (the host's own attention, or another patch that was there first); the routed attentions carry
+    their routing in extra head dimensions (anystory.attention, grouped attention) and call torch's
+    fused SDPA directly, so no backend can drop a mask.
     """
 
     def __init__(self, adapter: AnyStoryAdapter, layout: LayerLayout, inputs: RoutingInputs,
-                 attn_masked: Callable, project_reference: Optional[Callable] = None, recorder=None,
+                 project_reference: Optional[Callable] = None, recorder=None,
                  attention_router=None):
         if inputs.mode not in MODES:
             raise ValueError(f"unknown router mode {inputs.mode!r}; choose one of {', '.join(MODES)}")
@@ -123,7 +126,6 @@ class RoutedPatch:
         self.adapter = adapter
         self.layout = layout
         self.inputs = inputs
-        self.attn_masked = attn_masked
         self.project_reference = project_reference
         self.recorder = recorder
         self.attention_router = attention_router
@@ -133,7 +135,9 @@ class RoutedPatch:
     def begin_run(self, **meta) -> None:
         """Drop every per-run cache (reference K/V are projected with the UNet weights of this run,
         which LoRAs or other patches may have changed)."""
-        self._run = {"route_kv": {}, "ref_kv": {}, "mask_index": {}, "dev": {}}
+        self._run = {"route_kv": {}, "ref_kv": {}, "mask_index": {}, "dev": {},
+                     "eta_zero": bool((self.inputs.eta == 0).all()),
+                     "gamma_zero": bool((self.inputs.gamma == 0).all())}
         if self.attention_router is not None:
             self.attention_router.begin_run()
         if self.recorder is not None:
@@ -158,12 +162,22 @@ class RoutedPatch:
         """(E_i Ŵ_k^l, E_i Ŵ_v^l) for all routes of layer l, projected once per run."""
         cache = self._run.setdefault("route_kv", {})
         hit = cache.get(spec.key)
-        if hit is None or hit[0].device != like.device:
+        if hit is None or hit[0].device != like.device or hit[0].dtype != like.dtype:
             ip = self.adapter.ip_adapter[str(spec.ckpt_index)]
             dev = ip.to_k_ip.weight.device
             with torch.no_grad():
                 k, v = project_routes(ip, self.inputs.E.to(dev))
             hit = (k.to(like.device, like.dtype), v.to(like.device, like.dtype))
+            cache[spec.key] = hit
+        return hit
+
+    def prepared_routes(self, spec, like: torch.Tensor):
+        """route_kv in the grouped layout of the fused routed attention (once per run and layer)."""
+        cache = self._run.setdefault("routes_prep", {})
+        hit = cache.get(spec.key)
+        if hit is None or hit.k.device != like.device or hit.k.dtype != like.dtype:
+            k, v = self.route_kv(spec, like)
+            hit = prepare_routes(k, v, spec.heads)
             cache[spec.key] = hit
         return hit
 
@@ -183,6 +197,14 @@ class RoutedPatch:
             hit = (ks, vs)
             cache[key] = hit
         return hit
+
+    def prepared_references(self, key, like: torch.Tensor, heads: int):
+        """ref_kv with ln γ_i in the grouped layout of the fused reference attention (once per run)."""
+        cache = self._run.setdefault("refs_prep", {})
+        if key not in cache:
+            ks, vs = self.ref_kv(key, like)
+            cache[key] = prepare_references(ks, vs, heads, self.inputs.gamma.to(like.device))
+        return cache[key]
 
     # --- routing -------------------------------------------------------------------------------
     def mask_index(self, hw: tuple, device):
@@ -215,31 +237,48 @@ class RoutedPatch:
         B, L, _ = n.shape
         if hw[0] * hw[1] != L or B != state.batch:
             return  # tokens re-tiled/merged by another patch: leave this layer un-routed
+        mode = self.inputs.mode
+        # masks and the attention router decide the same for every layer of a grid within one call
+        static = mode in (MODE_MASKS, MODE_ATTENTION) or (mode == MODE_MIXED and not self.adapter.has_router)
+        ck = ("route", tuple(hw))
+        hit = state.cache.get(ck) if static else None
+        if hit is None:
+            hit = self._route_all(spec, n, hw, state)
+            if static:
+                state.cache[ck] = hit
+        index, idx_rec, src_rec, weight = hit
+        state.index[key] = index
+        if weight is not None:
+            state.weight[key] = weight
+        state.last_index, state.last_hw = index, tuple(hw)
+        if self.recorder is not None and idx_rec is not None:
+            self.recorder.record(state.step, key, hw, idx_rec, src_rec)
+
+    def _route_all(self, spec, n: torch.Tensor, hw, state: CallState):
+        """(index [B, L] long, recorded index/source [b, L] uint8 of the first positive chunk — one row
+        per image; further positive entries, e.g. from ConditioningCombine, are other prompts for the
+        same images — and the per-token weight [B, L] or None)."""
+        B, L, _ = n.shape
         bg = self.inputs.num_subjects
-        parts, srcs, weights = [], [], []
+        parts, weights = [], []
+        rec = None
         for sl, is_cond in state.chunks:
             rows = sl.stop - sl.start
             if not is_cond:
                 parts.append(torch.full((rows, L), bg, dtype=torch.long, device=n.device))
-                srcs.append(torch.full((rows, L), SOURCE_ROUTER, dtype=torch.uint8, device=n.device))
-                weights.append(torch.ones(rows, L, device=n.device))
+                weights.append(None)
                 continue
             idx, src, w = self._route_rows(spec, n[sl], hw, state)
             parts.append(idx)
-            srcs.append(src)
             weights.append(w)
-        cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]  # noqa: E731
-        index = cat(parts)
-        state.index[key] = index
+            if rec is None:
+                rec = (idx.to(torch.uint8), src)
+        index = torch.cat(parts) if len(parts) > 1 else parts[0]
+        weight = None
         if self.inputs.feather:
-            state.weight[key] = cat(weights)
-        state.last_index, state.last_hw = index, tuple(hw)
-        if self.recorder is not None and state.any_cond:
-            src = torch.cat(srcs) if len(srcs) > 1 else srcs[0]
-            # one row per image: the first positive chunk (further positive entries, e.g. from
-            # ConditioningCombine, are other prompts for the same images, not more images)
-            first = next(sl for sl, c in state.chunks if c)
-            self.recorder.record(state.step, key, hw, index[first], src[first])
+            weight = torch.cat([w if w is not None else torch.ones(p.shape, device=n.device)
+                                for w, p in zip(weights, parts)])
+        return index, (rec[0] if rec else None), (rec[1] if rec else None), weight
 
     def _route_rows(self, spec, z: torch.Tensor, hw, state: CallState):
         mode = self.inputs.mode
@@ -275,36 +314,51 @@ class RoutedPatch:
         return base, src, weight
 
     # --- injection -----------------------------------------------------------------------------
+    def _query_extra(self, state: CallState, index: torch.Tensor, groups: int, dtype) -> torch.Tensor:
+        key = ("qe", id(index), groups, dtype)
+        hit = state.cache.get(key)
+        if hit is None or hit[0] is not index:
+            hit = (index, query_extra(index, groups, dtype))
+            state.cache[key] = hit
+        return hit[1]
+
     def cross_attention(self, state: CallState, key, q, k, v, heads: int, base: Callable) -> torch.Tensor:
-        """attn2 of layer l: text attention (``base``) + eq. 5 routed term."""
+        """attn2 of layer l: text attention (``base``) + eq. 5 routed term (one fused attention)."""
         out = base(q, k, v)
         if self.attention_router is not None and state.active:
             self.attention_router.observe(state, key, q, k, heads)
         index = state.index.get(key)
-        if not state.active or index is None or bool((self.inputs.eta == 0).all()):
+        if not state.active or index is None or self._run.get("eta_zero", False):
             return out
         spec = self.layout.by_key(key)
-        kr, vr = self.route_kv(spec, q)
+        routes = self.prepared_routes(spec, q)
         eta = self._on("eta", self.inputs.eta, q.device)
-        return out + routed_cross_attention(q, kr, vr, index, heads, eta, attn_fn=self.attn_masked,
-                                            weight=state.weight.get(key)).to(out.dtype)
+        qe = self._query_extra(state, index, routes.num_routes, q.dtype)
+        return out + routed_cross_attention_fast(q, routes, index, heads, eta, weight=state.weight.get(key),
+                                                 q_extra=qe).to(out.dtype)
 
     def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable) -> torch.Tensor:
         """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else."""
         refs = self.inputs.refs
         if (not state.active or refs is None or state.last_index is None or key not in refs.features
-                or self.project_reference is None or bool((self.inputs.gamma == 0).all())):
+                or self.project_reference is None or self._run.get("gamma_zero", False)):
             return base(q, k, v)
         if hw is None or hw[0] * hw[1] != q.shape[1] or q.shape[0] != state.batch or not state.any_cond:
             return base(q, k, v)
-        index = resize_index(state.last_index, state.last_hw, hw)
-        kr, vr = self.ref_kv(key, q)
-        gamma = self._on("gamma", self.inputs.gamma, q.device)
+        rk = ("resized", id(state.last_index), tuple(hw))
+        hit = state.cache.get(rk)
+        if hit is None or hit[0] is not state.last_index:
+            hit = (state.last_index, resize_index(state.last_index, state.last_hw, hw))
+            state.cache[rk] = hit
+        index = hit[1]
+        prep = self.prepared_references(key, q, heads)
+        if prep is None:
+            return base(q, k, v)
         outs = []
         for sl, is_cond in state.chunks:
             if is_cond:
-                outs.append(routed_reference_attention(q[sl], k[sl], v[sl], kr, vr, index[sl], heads, gamma,
-                                                       attn_fn=self.attn_masked))
+                qe = self._query_extra(state, index, prep.num_subjects, q.dtype)[sl]
+                outs.append(routed_reference_attention_fast(q[sl], k[sl], v[sl], prep, index[sl], heads, q_extra=qe))
             else:
                 outs.append(base(q[sl], k[sl], v[sl]))
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -28,7 +28,7 @@ from typing import Optional, Union
 
 import torch
 
-from .attention import NEG, AttnFn, sdpa
+from .attention import NEG, AttnFn, extra_dims, grouped_sdpa, key_extra, query_extra, sdpa, with_extra
 
 Gamma = Union[float, torch.Tensor]
 
@@ -111,6 +111,54 @@ def routed_reference_attention_sparse(q, k, v, k_ref: RefList, v_ref: RefList, i
                 mask[..., k.shape[1]:] = lg[j].to(q.dtype)
             out[bi, rows] = attn_fn(qj, kj, vj, heads, mask=mask)[0]
     return out
+
+
+@dataclass
+class PreparedReferences:
+    """K̃_i^l, Ṽ_i^l of all subjects of a layer in the grouped layout (once per run): k, v
+    [1, H, ΣL_ref, D+E]; each key carries its subject and ln γ_i in the extra dims."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    num_subjects: int
+    dim_head: int
+
+
+def prepare_references(k_ref: RefList, v_ref: RefList, heads: int, gamma: Gamma) -> Optional[PreparedReferences]:
+    """None when no subject has reference tokens with γ > 0 (then attn1 is the plain attention)."""
+    k_ref, v_ref = _as_list(k_ref), _as_list(v_ref)
+    n = len(k_ref)
+    if n == 0:
+        return None
+    lg = _log_gamma(gamma, n, k_ref[0].device)
+    keep = [i for i in range(n) if k_ref[i].shape[0] > 0 and float(lg[i]) > NEG]
+    if not keep:
+        return None
+    C = k_ref[0].shape[-1]
+    D = C // heads
+    E = extra_dims(n)
+    groups = torch.cat([torch.full((k_ref[i].shape[0],), i, device=k_ref[0].device) for i in keep])
+    ks = torch.cat([k_ref[i] for i in keep])[None]
+    vs = torch.cat([v_ref[i] for i in keep])[None]
+    ke = key_extra(groups, n, D, ks.dtype, offsets=lg)
+    return PreparedReferences(with_extra(ks, heads, ke[None], E).contiguous(),
+                              with_extra(vs, heads, None, E).contiguous(), n, D)
+
+
+def routed_reference_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    refs: Optional[PreparedReferences], index: torch.Tensor, heads: int,
+                                    q_extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 6-8 as :func:`routed_reference_attention`, with the routing bias carried in extra head
+    dimensions: one fused attention over [own keys; all subjects' reference keys], no bias tensor."""
+    if refs is None:
+        return sdpa(q, k, v, heads)
+    b = q.shape[0]
+    E = refs.k.shape[-1] - refs.dim_head
+    qe = q_extra if q_extra is not None else query_extra(index, refs.num_subjects, q.dtype)
+    q_ext = with_extra(q, heads, qe, E)
+    k_ext = torch.cat([with_extra(k, heads, None, E), refs.k.to(k.dtype).expand(b, -1, -1, -1)], dim=2)
+    v_ext = torch.cat([with_extra(v, heads, None, E), refs.v.to(v.dtype).expand(b, -1, -1, -1)], dim=2)
+    return grouped_sdpa(q_ext, k_ext, v_ext, refs.dim_head)
 
 
 @dataclass

@@ -69,7 +69,13 @@ def load_pack():
 
 def init_(module, seed: int, std: float = 0.02):
     import torch
-    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    gens = {}
+
+    def gen(device):
+        if str(device) not in gens:
+            gens[str(device)] = torch.Generator(device=device).manual_seed(seed)
+        return gens[str(device)]
+
     with torch.no_grad():
         for name, m in module.named_modules():
             own = list(m.named_parameters(recurse=False))
@@ -81,7 +87,7 @@ def init_(module, seed: int, std: float = 0.02):
                 continue
             for pn, p in own:
                 s = 0.01 if "position_embedding" in pn or "position_embedding" in name else std
-                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).mul_(s).to(p.dtype))
+                p.copy_(torch.randn(p.shape, generator=gen(p.device), device=p.device, dtype=torch.float32).mul_(s).to(p.dtype))
 
 
 def build_models(device, dtype, quick: bool):
@@ -281,7 +287,10 @@ class Bench:
                     self.record("regional IP-Adapter Plus (this pack)", n, *self.time_sampling(m, pos0, neg0), enc_ms)
                     del m, subjects
             elif group == "ipadapter_plus":
-                self.run_ipadapter_plus(counts, pos0, neg0)
+                try:
+                    self.run_ipadapter_plus(counts, pos0, neg0)
+                except Exception as e:  # third-party code: report, keep the rest of the table
+                    print(f"[bench] IPAdapter_plus failed: {type(e).__name__}: {e}", flush=True)
             torch.cuda.empty_cache() if self.cuda else None
 
     def make(self, kind, refnet):

@@ -14,7 +14,7 @@ from ..anystory.attention_router import AttentionRouter
 from ..anystory.patch import MODE_ATTENTION, MODE_MASKS, MODE_MIXED, MODE_ROUTER, RoutedPatch, RoutingInputs
 from ..anystory.preview import RoutingRecorder
 from .encode import check_model
-from .patch import ComfyRoutedPatch, _masked_attention, install
+from .patch import ComfyRoutedPatch, install
 from .types import ANYSTORY, ANYSTORY_ROUTING, ANYSTORY_SUBJECTS, AnyStoryError, AnyStoryModel, SubjectList
 
 log = logging.getLogger("anystory")
@@ -222,7 +222,6 @@ class AnyStoryApply:
         unet = model.model.diffusion_model
         runtime = RoutedPatch(ad, layout, RoutingInputs(E=E, R=R, eta=eta_t, gamma=gamma_t, refs=refs,
                                                         region_masks=masks, mode=mode, feather=feather > 0),
-                              attn_masked=_masked_attention(),
                               recorder=RoutingRecorder(n, subjects.labels, enabled=bool(record_routing)),
                               attention_router=attention_router)
         ms = model.get_model_object("model_sampling")

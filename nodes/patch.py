@@ -28,16 +28,6 @@ from .types import AnyStoryError
 log = logging.getLogger("anystory")
 
 
-def _masked_attention():
-    """An attention function that honours an additive mask on every backend: ComfyUI's pytorch SDPA
-    path (sage ignores masks and flash rejects them, COMFYUI.md §7)."""
-    fn = comfy_attention.attention_pytorch
-
-    def attn(q, k, v, heads, mask=None):
-        return fn(q, k, v, heads, mask=mask)
-    return attn
-
-
 @dataclass
 class StepInfo:
     active: bool

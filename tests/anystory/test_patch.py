@@ -35,7 +35,7 @@ def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0
     inputs = RoutingInputs(E=emb.E, R=emb.R, eta=torch.full((n + 1,), float(eta)),
                            gamma=torch.full((n,), float(gamma)), refs=rf, region_masks=region, mode=mode)
     proj = torch.nn.Linear(C, C, bias=False)
-    rp = RoutedPatch(ad, LAYOUT, inputs, attn_masked=sdpa,
+    rp = RoutedPatch(ad, LAYOUT, inputs,
                      project_reference=lambda key, g: (proj(g), proj(g) * 0.5), recorder=recorder,
                      attention_router=attention_router)
     return rp, proj
@@ -215,6 +215,6 @@ def test_mode_requirements():
     with pytest.raises(ValueError, match="needs a native AnyStory file"):
         ad = random_adapter(LAYOUT, kind="ip-adapter-plus-sdxl", qformer_dim=64, clip_dim=48, depth=1)
         emb = ad.encode(torch.randn(1, 5, 48), torch.zeros(1, 5, 48))
-        RoutedPatch(ad, LAYOUT, RoutingInputs(emb.E, None, torch.ones(2), torch.ones(1)), attn_masked=sdpa)
+        RoutedPatch(ad, LAYOUT, RoutingInputs(emb.E, None, torch.ones(2), torch.ones(1)))
     with pytest.raises(ValueError, match="region mask"):
         make(mode=MODE_MASKS, masks=False)

@@ -148,3 +148,27 @@ def test_token_grid_uses_ceil_halving():
     assert token_grid(32 * 19, (125, 75)) == (32, 19)
     with pytest.raises(ValueError):
         token_grid(1000, (125, 75))
+
+
+@pytest.mark.parametrize("gamma", [1.0, [0.5, 3.0], [0.0, 2.0]])
+def test_grouped_fast_path_equals_slow_reference(gamma):
+    """The extra-dimension formulation (no bias tensor) gives eq. 6-8."""
+    from anystory.reference import prepare_references, routed_reference_attention_fast
+    q, k, v, k_ref, v_ref, index, heads = _setup(seed=11)
+    kl, vl = [k_ref[0, :3], k_ref[1]], [v_ref[0, :3], v_ref[1]]
+    g = torch.tensor(gamma) if isinstance(gamma, list) else gamma
+    prep = prepare_references(kl, vl, heads, g)
+    fast = routed_reference_attention_fast(q, k, v, prep, index, heads)
+    dense = routed_reference_attention(q, k, v, kl, vl, index, heads, gamma=g)
+    # the ±M of the extra dims cancel in fp32 up to ~1e-4 of a logit
+    torch.testing.assert_close(fast, dense, atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_fast_path_low_precision(dtype):
+    from anystory.reference import prepare_references, routed_reference_attention_fast
+    q, k, v, k_ref, v_ref, index, heads = _setup(seed=12, C=128, heads=2)  # 64-d heads as SDXL
+    prep = prepare_references(k_ref.to(dtype), v_ref.to(dtype), heads, torch.tensor([1.5, 0.7]))
+    fast = routed_reference_attention_fast(q.to(dtype), k.to(dtype), v.to(dtype), prep, index, heads)
+    ref = slow_eq6(q, k, v, k_ref, v_ref, index, heads, [1.5, 0.7])
+    torch.testing.assert_close(fast.double(), ref, atol=3e-2, rtol=3e-2)
