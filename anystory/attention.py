@@ -125,3 +125,46 @@ def grouped_sdpa(q_ext: torch.Tensor, k_ext: torch.Tensor, v_ext: torch.Tensor, 
     """Attention over [B, H, L, D+E] tensors with the original 1/√D scale → [B, L, H·D]."""
     out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=dim_head ** -0.5)
     return merge_heads(out[..., :dim_head])
+
+
+class GroupedBuffers:
+    """Reusable [B, H, L, D+E] staging buffers of the grouped attention, one set per shape, so that a
+    call costs one copy per operand (no cat/pad allocations). ComfyUI runs one UNet call at a time on
+    one stream, so reuse across layers is ordered. The extra dims of the self-key rows stay zero; the
+    query's extra dims are rewritten only when the routing (``q_extra``) changes."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+    def query(self, q: torch.Tensor, heads: int, q_extra: torch.Tensor, E: int) -> torch.Tensor:
+        b, n, c = q.shape
+        D = c // heads
+        key = ("q", b, heads, n, D + E, q.dtype, q.device)
+        ent = self._bufs.get(key)
+        if ent is None:
+            ent = [q.new_empty(b, heads, n, D + E), None]
+            self._bufs[key] = ent
+        buf = ent[0]
+        buf[..., :D].copy_(split_heads(q, heads))
+        if ent[1] is not q_extra:
+            buf[..., D:].copy_(q_extra.to(q.dtype)[:, None].expand(b, heads, n, E))
+            ent[1] = q_extra  # kept alive, so the identity test is sound
+        return buf
+
+    def keys(self, x: torch.Tensor, heads: int, tail: torch.Tensor, E: int, which: str) -> torch.Tensor:
+        """[x (own tokens, extra dims 0); tail ([1, H, T, D+E], all rows)] as one [B, H, L+T, D+E]."""
+        b, n, c = x.shape
+        D = c // heads
+        T = tail.shape[2]
+        key = (which, b, heads, n, T, D + E, x.dtype, x.device)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = x.new_empty(b, heads, n + T, D + E)
+            buf[:, :, :n, D:] = 0
+            self._bufs[key] = buf
+        buf[:, :, :n, :D].copy_(split_heads(x, heads))
+        buf[:, :, n:].copy_(tail.expand(b, -1, -1, -1))
+        return buf

@@ -3,7 +3,7 @@
 Each subject i is named by words of the positive prompt (its label, e.g. "the red car"). During step t
 the text cross-attention probabilities of those words' tokens, softmax over all prompt tokens,
 averaged over heads and summed over the label's tokens, are collected at every cross-attention layer
-and aggregated on the coarsest token grid:
+and aggregated over the layers of the coarsest token grid (the most semantic ones, and the cheapest):
 
     a_i(u) = Σ_l Σ_{τ ∈ label_i} mean_h softmax_τ'(q_u k_τ'/√d)[τ]      (then a_i /= max_u a_i)
 
@@ -51,17 +51,30 @@ def find_label_positions(chunks: list, label_ids: list, chunk_len: int = 77,
     return sorted({where[h] for h in (keep or hits)})
 
 
-def label_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: list) -> torch.Tensor:
-    """[B, N, L]: for each subject, Σ_{τ ∈ label} mean_h softmax over all text tokens of q·k/√d."""
+def _assignment(positions: list, T: int, device) -> tuple:
+    """(label token columns [P], assignment [P, N]: which subject each column counts for)."""
+    cols, owner = [], []
+    for i, pos in enumerate(positions):
+        for p in pos:
+            if p < T:
+                cols.append(p)
+                owner.append(i)
+    A = torch.zeros(len(cols), len(positions))
+    A[torch.arange(len(cols)), torch.tensor(owner, dtype=torch.long)] = 1.0
+    return torch.tensor(cols, dtype=torch.long, device=device), A.to(device)
+
+
+def label_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: list, assign=None) -> torch.Tensor:
+    """[B, N, L]: for each subject, Σ_{τ ∈ label} mean_h softmax over all text tokens of q·k/√d
+    (only the label columns are exponentiated: p_τ = exp(logit_τ − logsumexp))."""
     qh, kh = split_heads(q, heads), split_heads(k, heads)
-    probs = (qh.float() @ kh.float().transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(-1)  # [B, H, L, T]
-    probs = probs.mean(1)  # [B, L, T]
-    T = probs.shape[-1]
-    out = []
-    for pos in positions:
-        pos = [p for p in pos if p < T]
-        out.append(probs[..., pos].sum(-1) if pos else torch.zeros(probs.shape[:2], device=probs.device))
-    return torch.stack(out, 1)
+    logits = torch.matmul(qh, kh.transpose(-1, -2)).float() * qh.shape[-1] ** -0.5  # [B, H, L, T]
+    cols, A = assign if assign is not None else _assignment(positions, logits.shape[-1], q.device)
+    if cols.numel() == 0:
+        return torch.zeros(q.shape[0], len(positions), q.shape[1], device=q.device)
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    p = (logits.index_select(-1, cols) - lse).exp().mean(1)  # [B, L, P]
+    return torch.matmul(p, A).transpose(1, 2)  # [B, N, L]
 
 
 class AttentionRouter:
@@ -70,8 +83,11 @@ class AttentionRouter:
     State lives here for one sampling run (``begin_run`` clears it); rows are the cond rows of each UNet
     call in order, so the maps of image b at step t+1 come from image b at step t."""
 
-    def __init__(self, num_subjects: int, warmup_steps: int = 2, threshold: float = 0.35, smooth: int = 3):
+    def __init__(self, num_subjects: int, warmup_steps: int = 2, threshold: float = 0.35, smooth: int = 3,
+                 layers: Optional[set] = None):
+        """layers: the layer keys whose attention is collected (None: every layer of the coarsest grid)."""
         self.num_subjects = num_subjects
+        self.layers = layers
         self.warmup_steps = int(warmup_steps)
         self.threshold = float(threshold)
         self.smooth = int(smooth)
@@ -81,16 +97,25 @@ class AttentionRouter:
         return self
 
     def begin_run(self) -> None:
+        self._assign_key = None
         self._acc: dict = {}     # hw → [Bc, N, L] summed label attention of the step being collected
         self._acc_step = None
         self._maps = None        # ([Bc, N, h, w] normalised maps, step they came from)
+        self._min_area = None    # the coarsest grid seen: only its layers are aggregated (cheapest, most semantic)
 
     # --- collecting ----------------------------------------------------------------------------
     def observe(self, state, key, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
         """attn2 of a layer: add the label attention of the cond rows that carry label positions."""
         labels = getattr(state, "labels", None)
-        if not labels:
+        if not labels or (self.layers is not None and key not in self.layers):
             return
+        hw = getattr(state, "layer_hw", {}).get(key)
+        if hw is None:
+            return
+        area = hw[0] * hw[1]
+        if self._min_area is not None and area > self._min_area:
+            return
+        self._min_area = area
         self._roll(state.step)
         rows, pos = [], None
         for (sl, is_cond), lab in zip(state.chunks, labels):
@@ -101,10 +126,11 @@ class AttentionRouter:
             return
         qs = torch.cat([q[sl] for sl in rows]) if len(rows) > 1 else q[rows[0]]
         ks = torch.cat([k[sl] for sl in rows]) if len(rows) > 1 else k[rows[0]]
-        a = label_attention(qs, ks, heads, pos)  # [Bc, N, L]
-        hw = getattr(state, "layer_hw", {}).get(key)
-        if hw is None:
-            return
+        akey = (id(labels), ks.shape[1], str(ks.device))
+        if getattr(self, "_assign_key", None) != akey:
+            self._assign = _assignment(pos, ks.shape[1], ks.device)
+            self._assign_key = akey
+        a = label_attention(qs, ks, heads, pos, self._assign)  # [Bc, N, L]
         prev = self._acc.get(hw)
         self._acc[hw] = a if prev is None or prev.shape != a.shape else prev + a
 
@@ -119,13 +145,8 @@ class AttentionRouter:
         if not self._acc:
             return
         target = min(self._acc, key=lambda hw: hw[0] * hw[1])
-        total = None
-        for hw, a in self._acc.items():
-            b, n, _ = a.shape
-            m = a.view(b, n, *hw)
-            if hw != target:
-                m = F.interpolate(m, size=target, mode="area" if hw[0] >= target[0] else "bilinear")
-            total = m if total is None else total + m
+        a = self._acc[target]
+        total = a.view(a.shape[0], a.shape[1], *target)
         if self.smooth > 1:
             total = F.avg_pool2d(total, self.smooth, stride=1, padding=self.smooth // 2, count_include_pad=False)
         mx = total.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
@@ -155,3 +176,13 @@ class AttentionRouter:
         best, arg = m.max(1)
         idx = torch.where(best >= self.threshold, arg, torch.full_like(arg, self.num_subjects))
         return idx.to(device)
+
+
+def observed_layers(layout, max_layers: int = 16) -> set:
+    """The layers the attention router listens to: the widest (coarsest-grid, most semantic) blocks,
+    at most ``max_layers`` of them spread evenly over execution order."""
+    widest = max(s.dim for s in layout)
+    keys = [s.key for s in layout if s.dim == widest]
+    if len(keys) > max_layers:
+        keys = [keys[round(i * (len(keys) - 1) / (max_layers - 1))] for i in range(max_layers)]
+    return set(keys)

@@ -121,8 +121,13 @@ class PreparedRoutes:
     dim_head: int
 
 
-def prepare_routes(k_routes: torch.Tensor, v_routes: torch.Tensor, heads: int) -> PreparedRoutes:
+def prepare_routes(k_routes: torch.Tensor, v_routes: torch.Tensor, heads: int,
+                   eta: Optional[torch.Tensor] = None) -> PreparedRoutes:
+    """``eta`` [K] (η per route) is folded into the values: every query attends to one route only,
+    so η_r·Attn(Q, K_r, V_r) = Attn(Q, K_r, η_r·V_r) — no per-token scaling at run time."""
     K, m, C = k_routes.shape
+    if eta is not None:
+        v_routes = v_routes * eta.to(v_routes).view(K, 1, 1)
     D = C // heads
     E = extra_dims(K)
     groups = torch.arange(K, device=k_routes.device).repeat_interleave(m)
@@ -134,17 +139,18 @@ def prepare_routes(k_routes: torch.Tensor, v_routes: torch.Tensor, heads: int) -
 
 def routed_cross_attention_fast(q: torch.Tensor, routes: PreparedRoutes, index: torch.Tensor, heads: int,
                                 eta: Eta = 1.0, weight: Optional[torch.Tensor] = None,
-                                q_extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                q_extra: Optional[torch.Tensor] = None, buffers=None) -> torch.Tensor:
     """The routed term of eq. 5 for one-hot maps, as :func:`routed_cross_attention`, but with the route
     mask carried in extra head dimensions (no bias tensor; fused attention kernels stay available).
-    ``q_extra`` may pass a cached :func:`query_extra` of ``index``."""
+    ``q_extra`` may pass a cached :func:`query_extra` of ``index``; ``buffers`` a GroupedBuffers;
+    ``eta`` is applied here unless it was folded into ``routes`` (pass 1.0 then)."""
     b = q.shape[0]
     E = routes.k.shape[-1] - routes.dim_head
     qe = q_extra if q_extra is not None else query_extra(index, routes.num_routes, q.dtype)
-    q_ext = with_extra(q, heads, qe, E)
-    out = grouped_sdpa(q_ext, routes.k.to(q.dtype).expand(b, -1, -1, -1), routes.v.to(q.dtype).expand(b, -1, -1, -1),
-                       routes.dim_head)
-    out = out * _eta_per_token(eta, index, out.dtype)
+    q_ext = buffers.query(q, heads, qe, E) if buffers is not None else with_extra(q, heads, qe, E)
+    out = grouped_sdpa(q_ext, routes.k.expand(b, -1, -1, -1), routes.v.expand(b, -1, -1, -1), routes.dim_head)
+    if not (isinstance(eta, float) and eta == 1.0):
+        out = out * _eta_per_token(eta, index, out.dtype)
     if weight is not None:
         out = out * weight.unsqueeze(-1).to(out.dtype)
     return out

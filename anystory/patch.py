@@ -22,11 +22,11 @@ from typing import Callable, Optional
 import torch
 
 from .adapter import AnyStoryAdapter
-from .attention import query_extra
+from .attention import GroupedBuffers, query_extra
 from .injection import prepare_routes, project_routes, routed_cross_attention_fast
 from .layers import LayerLayout
 from .reference import ReferenceFeatures, prepare_references, routed_reference_attention_fast
-from .router import resize_index, route_index
+from .router import resize_index
 
 log = logging.getLogger("anystory")
 
@@ -130,6 +130,7 @@ class RoutedPatch:
         self.recorder = recorder
         self.attention_router = attention_router
         self._run: dict = {}
+        self._buffers = GroupedBuffers()
 
     # --- run level (one sampling) ------------------------------------------------------------------
     def begin_run(self, **meta) -> None:
@@ -145,6 +146,7 @@ class RoutedPatch:
 
     def end_run(self, **meta) -> None:
         self._run = {}
+        self._buffers.clear()
         if self.recorder is not None:
             self.recorder.end_run(**meta)
 
@@ -158,15 +160,33 @@ class RoutedPatch:
             cache[name] = hit
         return hit
 
+    @property
+    def uses_learned_router(self) -> bool:
+        return self.inputs.mode in (MODE_ROUTER, MODE_MIXED) and self.adapter.has_router
+
+    @torch.no_grad()
+    def precompute_routes(self, device=None) -> None:
+        """E_i Ŵ_k^l, E_i Ŵ_v^l of every layer, once (E and Ŵ are fixed once the node has run): then the
+        adapter's weights are not needed while sampling (unless the learned router runs)."""
+        out = {}
+        for spec in self.layout:
+            ip = self.adapter.ip_adapter[str(spec.ckpt_index)]
+            k, v = project_routes(ip, self.inputs.E.to(ip.to_k_ip.weight.device))
+            out[spec.key] = (k.to(device) if device is not None else k, v.to(device) if device is not None else v)
+        self._static_route_kv = out
+
     def route_kv(self, spec, like: torch.Tensor):
-        """(E_i Ŵ_k^l, E_i Ŵ_v^l) for all routes of layer l, projected once per run."""
+        """(E_i Ŵ_k^l, E_i Ŵ_v^l) for all routes of layer l (precomputed, or projected once per run)."""
         cache = self._run.setdefault("route_kv", {})
         hit = cache.get(spec.key)
         if hit is None or hit[0].device != like.device or hit[0].dtype != like.dtype:
-            ip = self.adapter.ip_adapter[str(spec.ckpt_index)]
-            dev = ip.to_k_ip.weight.device
-            with torch.no_grad():
-                k, v = project_routes(ip, self.inputs.E.to(dev))
+            static = getattr(self, "_static_route_kv", None)
+            if static is not None and spec.key in static:
+                k, v = static[spec.key]
+            else:
+                ip = self.adapter.ip_adapter[str(spec.ckpt_index)]
+                with torch.no_grad():
+                    k, v = project_routes(ip, self.inputs.E.to(ip.to_k_ip.weight.device))
             hit = (k.to(like.device, like.dtype), v.to(like.device, like.dtype))
             cache[spec.key] = hit
         return hit
@@ -177,7 +197,7 @@ class RoutedPatch:
         hit = cache.get(spec.key)
         if hit is None or hit.k.device != like.device or hit.k.dtype != like.dtype:
             k, v = self.route_kv(spec, like)
-            hit = prepare_routes(k, v, spec.heads)
+            hit = prepare_routes(k, v, spec.heads, eta=self.inputs.eta.to(like.device))
             cache[spec.key] = hit
         return hit
 
@@ -286,11 +306,14 @@ class RoutedPatch:
         dev = z.device
         base = src = None
         if mode in (MODE_ROUTER, MODE_MIXED) and self.adapter.has_router:
-            r = self._on("R", self.inputs.R, dev)
             router = self.adapter.router[str(spec.ckpt_index)]
-            with torch.no_grad():
-                logits = router(z.to(router.proj_z.weight.dtype), r.transpose(0, 1).expand(rows, -1, -1))
-            base = route_index(logits)
+            cache = self._run.setdefault("router_prep", {})
+            prep = cache.get(spec.key)
+            if prep is None or prep["r"].device != dev:
+                r = self._on("R", self.inputs.R, dev).transpose(0, 1)  # [1, K, 2048]
+                prep = router.prepare(r.to(router.proj_z.weight.dtype))
+                cache[spec.key] = prep
+            base = router.route(z.to(router.proj_z.weight.dtype), prep)
             src = torch.full_like(base, SOURCE_ROUTER, dtype=torch.uint8)
         elif mode in (MODE_ATTENTION, MODE_MIXED) and self.attention_router is not None:
             base = self.attention_router.route(spec, hw, rows, dev, state)
@@ -332,10 +355,10 @@ class RoutedPatch:
             return out
         spec = self.layout.by_key(key)
         routes = self.prepared_routes(spec, q)
-        eta = self._on("eta", self.inputs.eta, q.device)
         qe = self._query_extra(state, index, routes.num_routes, q.dtype)
-        return out + routed_cross_attention_fast(q, routes, index, heads, eta, weight=state.weight.get(key),
-                                                 q_extra=qe).to(out.dtype)
+        # η is folded into the prepared values (prepare_routes)
+        return out + routed_cross_attention_fast(q, routes, index, heads, 1.0, weight=state.weight.get(key),
+                                                 q_extra=qe, buffers=self._buffers).to(out.dtype)
 
     def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable) -> torch.Tensor:
         """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else."""
@@ -354,11 +377,8 @@ class RoutedPatch:
         prep = self.prepared_references(key, q, heads)
         if prep is None:
             return base(q, k, v)
-        outs = []
-        for sl, is_cond in state.chunks:
-            if is_cond:
-                qe = self._query_extra(state, index, prep.num_subjects, q.dtype)[sl]
-                outs.append(routed_reference_attention_fast(q[sl], k[sl], v[sl], prep, index[sl], heads, q_extra=qe))
-            else:
-                outs.append(base(q[sl], k[sl], v[sl]))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        # one fused call for the whole batch: uncond rows are routed to the background, whose queries
+        # match no reference group, so they get exactly their plain attention (cheaper on the host than
+        # splitting the batch into two attention calls)
+        qe = self._query_extra(state, index, prep.num_subjects, q.dtype)
+        return routed_reference_attention_fast(q, k, v, prep, index, heads, q_extra=qe, buffers=self._buffers)

@@ -130,31 +130,35 @@ def prepare_references(k_ref: RefList, v_ref: RefList, heads: int, gamma: Gamma)
     n = len(k_ref)
     if n == 0:
         return None
-    lg = _log_gamma(gamma, n, k_ref[0].device)
+    lg = _log_gamma(torch.as_tensor(gamma).cpu(), n, "cpu")  # decided on the host: no device sync
     keep = [i for i in range(n) if k_ref[i].shape[0] > 0 and float(lg[i]) > NEG]
     if not keep:
         return None
     C = k_ref[0].shape[-1]
     D = C // heads
     E = extra_dims(n)
-    groups = torch.cat([torch.full((k_ref[i].shape[0],), i, device=k_ref[0].device) for i in keep])
+    groups = torch.cat([torch.full((k_ref[i].shape[0],), i) for i in keep])
     ks = torch.cat([k_ref[i] for i in keep])[None]
     vs = torch.cat([v_ref[i] for i in keep])[None]
-    ke = key_extra(groups, n, D, ks.dtype, offsets=lg)
+    ke = key_extra(groups, n, D, ks.dtype, offsets=lg).to(ks.device)
     return PreparedReferences(with_extra(ks, heads, ke[None], E).contiguous(),
                               with_extra(vs, heads, None, E).contiguous(), n, D)
 
 
 def routed_reference_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     refs: Optional[PreparedReferences], index: torch.Tensor, heads: int,
-                                    q_extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                    q_extra: Optional[torch.Tensor] = None, buffers=None) -> torch.Tensor:
     """Eq. 6-8 as :func:`routed_reference_attention`, with the routing bias carried in extra head
-    dimensions: one fused attention over [own keys; all subjects' reference keys], no bias tensor."""
+    dimensions: one fused attention over [own keys; all subjects' reference keys], no bias tensor.
+    ``buffers`` (a GroupedBuffers) stages the operands with one copy each."""
     if refs is None:
         return sdpa(q, k, v, heads)
     b = q.shape[0]
     E = refs.k.shape[-1] - refs.dim_head
     qe = q_extra if q_extra is not None else query_extra(index, refs.num_subjects, q.dtype)
+    if buffers is not None:
+        return grouped_sdpa(buffers.query(q, heads, qe, E), buffers.keys(k, heads, refs.k, E, "k"),
+                            buffers.keys(v, heads, refs.v, E, "v"), refs.dim_head)
     q_ext = with_extra(q, heads, qe, E)
     k_ext = torch.cat([with_extra(k, heads, None, E), refs.k.to(k.dtype).expand(b, -1, -1, -1)], dim=2)
     v_ext = torch.cat([with_extra(v, heads, None, E), refs.v.to(v.dtype).expand(b, -1, -1, -1)], dim=2)

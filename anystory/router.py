@@ -64,13 +64,38 @@ class LayerRouter(nn.Module):
         refined = self._logits(zp, r_new)
         return (refined, coarse) if return_coarse else refined
 
+    @torch.no_grad()
+    def prepare(self, r: torch.Tensor) -> dict:
+        """What depends only on the routing features R (constant through a sampling run): their
+        projections, the refinement queries, and the fused key/value weights."""
+        return {"r": r, "rp": self.proj_r(r).float() / math.sqrt(self.router_dim),
+                "q": self.refine_q(self.refine_norm(r)),
+                "w_kv": torch.cat([self.refine_k.weight, self.refine_v.weight], 0)}
+
+    @torch.no_grad()
+    def route(self, z: torch.Tensor, prep: dict) -> torch.Tensor:
+        """Inference: the route index [B, L] (argmax of the refined map), same math as forward() with
+        the R-dependent parts from :meth:`prepare` (``prep["r"]`` etc. are [1, K, ·], broadcast)."""
+        b = z.shape[0]
+        zp = self.proj_z(z).float()                               # [B, L, D]
+        coarse = torch.matmul(prep["rp"], zp.transpose(1, 2))      # [B, K, L]
+        bias = coarse_attention_bias(coarse).to(z.dtype)
+        kv = torch.nn.functional.linear(z, prep["w_kv"].to(z.dtype))
+        k, v = kv.chunk(2, dim=-1)
+        q = prep["q"].to(z.dtype).expand(b, -1, -1)
+        upd = sdpa(q, k, v, self.heads, mask=bias[:, None])
+        r_new = prep["r"].to(z.dtype) + self.refine_out(upd)
+        refined = torch.matmul(self.proj_r(r_new).float(), zp.transpose(1, 2))
+        return refined.argmax(1)
+
 
 def coarse_attention_bias(coarse_logits: torch.Tensor) -> torch.Tensor:
     """Mask2Former-style mask from coarse logits [B, K, L]: 0 where token l is assigned to route k
     (argmax over k), NEG elsewhere; a route that owns no token may attend to every token."""
-    assign = F.one_hot(coarse_logits.argmax(1), coarse_logits.shape[1]).transpose(1, 2).bool()  # [B, K, L]
-    empty = ~assign.any(-1, keepdim=True)
-    allowed = assign | empty
+    K = coarse_logits.shape[1]
+    owner = coarse_logits.argmax(1, keepdim=True)  # [B, 1, L]
+    assign = owner == torch.arange(K, device=owner.device).view(1, K, 1)  # [B, K, L]
+    allowed = assign | ~assign.any(-1, keepdim=True)
     return torch.where(allowed, 0.0, NEG).to(coarse_logits.dtype)
 
 

@@ -197,9 +197,24 @@ class Bench:
         return comfy.sample.sample(model, noise, steps, self.args.cfg, "euler", "normal", pos, neg, self.latent,
                                    disable_pbar=True, seed=seed)
 
+    def unload_aux(self):
+        """Unload what encoding left loaded (CLIP vision, VAE, a native ReferenceNet): sampling does not
+        use them, so the peak below is what sampling itself needs."""
+        import comfy.model_management as mm
+        keep = []
+        for lm in list(mm.current_loaded_models):
+            inner = getattr(getattr(lm, "model", None), "model", None)
+            if type(inner).__name__ in ("CLIPVisionModelProjection", "AutoencoderKL", "UNetModel", "AnyStoryAdapter"):
+                lm.model_unload()
+            else:
+                keep.append(lm)
+        mm.current_loaded_models[:] = keep
+        mm.soft_empty_cache()
+
     def time_sampling(self, model, pos, neg):
         """ms per step = (t(long) − t(short)) / (long − short); peak VRAM of the long run."""
         import torch
+        self.unload_aux()
         long, short = self.args.steps, max(1, self.args.steps // 5)
         self.sample(model, pos, neg, 2)  # warm-up (loads, allocator, caches)
         ts, tl = [], []
@@ -236,6 +251,20 @@ class Bench:
         _, times = self.encode(am, 4, reference, True)
         return statistics.median(times)
 
+    def settle(self, what: str):
+        """Free what the last configuration left and log what stays allocated (leak check)."""
+        import gc
+        import torch
+        import comfy.model_management as mm
+        gc.collect()
+        mm.cleanup_models()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            alloc = torch.cuda.memory_allocated() / 2 ** 30
+            loaded = [(type(m.model.model).__name__, round(m.model_loaded_memory() / 2 ** 30, 2))
+                      for m in mm.current_loaded_models]
+            print(f"[bench] after {what}: {alloc:.2f} GB allocated; loaded {loaded}", flush=True)
+
     def record(self, name, n, ms, total, peak, enc_ms=None, note=""):
         plain = self.results[0]["ms_per_step"] if self.results else ms
         row = {"name": name, "subjects": n, "ms_per_step": round(ms, 2), "ratio_to_plain": round(ms / plain, 3),
@@ -254,6 +283,7 @@ class Bench:
         pos0, neg0 = conds(0, self.size)
         ms, total, peak = self.time_sampling(self.model, pos0, neg0)
         self.record("plain SDXL", 0, ms, total, peak)
+        self.settle("plain")
         apply = self.N["AnyStoryApply"]()
         counts = [int(c) for c in args.subjects.split(",")]
         groups = [g for g in args.configs.split(",")]
@@ -265,8 +295,9 @@ class Bench:
                     subjects, _ = self.encode(am, n, "shared", True)
                     pos, neg = conds(n, self.size)
                     m, _ = apply.apply(self.model, am, subjects, "attention", 1.0, 1.0, 0.0, 1.0)
-                    self.record(f"anystory public (shared, attention)", n, *self.time_sampling(m, pos, neg), enc_ms)
+                    self.record("anystory public (shared, attention)", n, *self.time_sampling(m, pos, neg), enc_ms)
                     del m, subjects
+                    self.settle(f"public {n}")
             elif group == "native":
                 am = self.make("anystory-sdxl", refnet=True)
                 enc_ms = self.encode_timing(am, "native")
@@ -275,6 +306,7 @@ class Bench:
                     m, _ = apply.apply(self.model, am, subjects, "router", 1.0, 1.0, 0.0, 1.0)
                     self.record("anystory native (refnet, router)", n, *self.time_sampling(m, pos0, neg0), enc_ms)
                     del m, subjects
+                    self.settle(f"native {n}")
                 am.refnet = None
                 am._refnet_module = None
             elif group == "regional":
@@ -286,6 +318,7 @@ class Bench:
                                        region_masks=region_masks(n, H, W))
                     self.record("regional IP-Adapter Plus (this pack)", n, *self.time_sampling(m, pos0, neg0), enc_ms)
                     del m, subjects
+                    self.settle(f"regional {n}")
             elif group == "ipadapter_plus":
                 try:
                     self.run_ipadapter_plus(counts, pos0, neg0)
@@ -333,6 +366,7 @@ class Bench:
                                          enhance_tiles=1, enhance_ratio=1.0, weight_kolors=1.0)[0]
             self.record("IPAdapter_plus itself (regional)", n, *self.time_sampling(m, pos, neg))
             del m
+            self.settle(f"IPAdapter_plus {n}")
         torch.cuda.empty_cache() if self.cuda else None
 
 
@@ -342,7 +376,7 @@ def profile(b: Bench, group: str, n: int, out_dir: Path):
     from torch.profiler import ProfilerActivity, profile as tprofile
     apply = b.N["AnyStoryApply"]()
     pos0, neg0 = conds(0, b.size)
-    if group == "plain":
+    if group in ("plain", "encode"):
         m, pos, neg = b.model, pos0, neg0
     elif group == "public":
         am = b.make("ip-adapter-plus-sdxl", refnet=False)
@@ -354,11 +388,18 @@ def profile(b: Bench, group: str, n: int, out_dir: Path):
         subjects, _ = b.encode(am, n, "native", False)
         m, _ = apply.apply(b.model, am, subjects, "router", 1.0, 1.0, 0.0, 1.0)
         pos, neg = pos0, neg0
-    b.sample(m, pos, neg, 2)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
-    with tprofile(activities=acts, record_shapes=False) as prof:
-        b.sample(m, pos, neg, 3)
-        b.sync()
+    if group == "encode":
+        am = b.make("ip-adapter-plus-sdxl", refnet=False)
+        b.encode(am, 1, "shared", True)
+        with tprofile(activities=acts, record_shapes=False) as prof:
+            b.encode(am, n, "shared", True)
+            b.sync()
+    else:
+        b.sample(m, pos, neg, 2)
+        with tprofile(activities=acts, record_shapes=False) as prof:
+            b.sample(m, pos, neg, 3)
+            b.sync()
     key = "cuda_time_total" if b.cuda else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
@@ -378,19 +419,25 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="1,2,4")
     ap.add_argument("--configs", default="public,native,regional,ipadapter_plus")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, for checking the script on a CPU")
-    ap.add_argument("--profile", default="", help="GROUP:N (plain|public|native) — profile instead of the table")
+    ap.add_argument("--profile", default="", help="GROUP:N[,GROUP:N] (plain|public|native|encode) — profiles "
+                                                  "(after the table unless --no-table)")
+    ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.repeats = min(args.size, 128), min(args.steps, 5), 1
     import torch
-    b = Bench(args)
+    with torch.inference_mode():
+        b = Bench(args)
     out = Path(args.out)
-    if args.profile:
-        g, n = args.profile.split(":")
-        profile(b, g, int(n), out)
+    with torch.inference_mode():  # as ComfyUI runs every node
+        if not args.no_table:
+            b.run()
+        for spec in filter(None, args.profile.split(",")):
+            g, n = spec.split(":")
+            profile(b, g, int(n), out)
+    if args.no_table:
         return 0
-    b.run()
     dev = torch.cuda.get_device_name(0) if b.cuda else "cpu"
     data = {"device": dev, "date": dt.date.today().isoformat(), "torch": torch.__version__,
             "size": args.size, "steps": args.steps, "cfg": args.cfg, "sampler": "euler",

@@ -10,7 +10,7 @@ import torch
 import comfy.model_base
 
 from ..anystory.layers import discover_layout
-from ..anystory.attention_router import AttentionRouter
+from ..anystory.attention_router import AttentionRouter, observed_layers
 from ..anystory.patch import MODE_ATTENTION, MODE_MASKS, MODE_MIXED, MODE_ROUTER, RoutedPatch, RoutingInputs
 from ..anystory.preview import RoutingRecorder
 from .encode import check_model
@@ -197,7 +197,8 @@ class AnyStoryApply:
             raise AnyStoryError(f"router_mode '{mode}' needs region_masks: one mask per subject, in subject order")
         attention_router = None
         if mode == MODE_ATTENTION or (mode == MODE_MIXED and not learned):
-            attention_router = AttentionRouter(n, warmup_steps=warmup_steps, threshold=threshold)
+            attention_router = AttentionRouter(n, warmup_steps=warmup_steps, threshold=threshold,
+                                              layers=observed_layers(layout))
         if masks is not None and feather > 0:
             masks = _feathered(masks, float(feather))
 
@@ -232,7 +233,12 @@ class AnyStoryApply:
         ref_keys = []
         if refs is not None:
             ref_keys = [s.key for s in layout if s.key in refs.features][1:]  # layer 1 has no M^0: dropped
-        install(patched, owner, ref_keys, [anystory.patcher])
+        # Ŵ_k/Ŵ_v projections of E, once; the adapter then stays out of sampling's VRAM unless the
+        # learned router needs its weights every step
+        import comfy.model_management as mm
+        mm.load_models_gpu([anystory.patcher])
+        runtime.precompute_routes(mm.get_torch_device())
+        install(patched, owner, ref_keys, [anystory.patcher] if runtime.uses_learned_router else [])
         routing = runtime.recorder
         routing.mode = mode
         log.info("AnyStory: %d subject(s), router %s, η=%.2f γ=%.2f, %d layers, references at %d layers",

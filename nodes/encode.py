@@ -19,6 +19,7 @@ log = logging.getLogger("anystory")
 REFERENCE_MODES = ("auto", "native", "shared", "off")
 
 
+@torch.no_grad()
 def clip_features(clip_vision, images: torch.Tensor) -> torch.Tensor:
     """F_clip: CLIP ViT-H/14 penultimate hidden states [B, 257, 1280] of 224² images [B, 224, 224, 3]."""
     out = clip_vision.encode_image(images, crop=False)
@@ -104,6 +105,7 @@ class AnyStorySubjectEncode:
             },
         }
 
+    @torch.no_grad()  # ComfyUI runs nodes in inference mode; direct Python callers must not build graphs
     def encode(self, anystory, clip_vision, vae, image, mask=None, model=None, subjects=None, label="",
                strength=1.0, reference="auto"):
         anystory = check_model(anystory)
@@ -122,9 +124,25 @@ class AnyStorySubjectEncode:
             raise AnyStoryError(f"'image' must be an IMAGE [batch, height, width, 3 or 4], got {tuple(image.shape)}")
         if not torch.isfinite(image).all():
             raise AnyStoryError("the subject image contains NaN or infinite values; check the node that made it")
+        if mask is not None and not torch.isfinite(mask).all():
+            raise AnyStoryError("the subject mask contains NaN or infinite values; check the node that made it "
+                                "(or disconnect the mask to use the image's alpha / the whole image)")
+        # the reference mode and the MODEL are checked before the expensive encoders run: fail fast
+        mode = reference
+        if mode == "auto":
+            mode = "native" if anystory.refnet is not None else ("shared" if model is not None else "off")
+        if mode == "native" and anystory.refnet is None:
+            raise AnyStoryError("reference='native' needs a ReferenceNet file: choose one in AnyStoryModelLoader's "
+                                "refnet_name, or use reference='shared' with a MODEL connected")
+        if mode == "shared" and model is None:
+            raise AnyStoryError("reference='shared' uses the SDXL MODEL as ReferenceNet: connect the MODEL input")
+        if model is not None and mode != "off":
+            from .apply import check_sdxl_model
+            check_sdxl_model(model, anystory)
         pbar = comfy.utils.ProgressBar(4)
         try:
-            prep = prepare_subject(image, mask)
+            work = mm.get_torch_device()  # segment/crop/resize on the GPU: no CPU image work per subject
+            prep = prepare_subject(image.to(work), None if mask is None else mask.to(work))
         except ValueError as e:
             raise AnyStoryError(f"subject image/mask: {e}") from None
         for w in prep.warnings:
@@ -149,19 +167,8 @@ class AnyStorySubjectEncode:
         pbar.update(1)
 
         refs = None
-        mode = reference
-        if mode == "auto":
-            mode = "native" if anystory.refnet is not None else ("shared" if model is not None else "off")
-        if mode == "native" and anystory.refnet is None:
-            raise AnyStoryError("reference='native' needs a ReferenceNet file: choose one in AnyStoryModelLoader's "
-                                "refnet_name, or use reference='shared' with a MODEL connected")
-        if mode == "shared" and model is None:
-            raise AnyStoryError("reference='shared' uses the SDXL MODEL as ReferenceNet: connect the MODEL input")
         if mode != "off":
             from .refnet import reference_features
-            from .apply import check_sdxl_model
-            if model is not None:
-                check_sdxl_model(model, anystory)
             am = anystory if mode == "native" else _without_refnet(anystory)
             refs = reference_features(am, vae, prep.ref_image, prep.ref_mask, unet_model=model)
         else:

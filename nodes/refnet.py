@@ -125,7 +125,9 @@ def native_unet(model: AnyStoryModel):
 def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_mask: torch.Tensor,
                        unet_model=None) -> ReferenceFeatures:
     """G^l of ONE subject (``ref_image`` [V, S, S, 3] are views of it; their tokens are concatenated)."""
-    store = mm.intermediate_device()
+    # G_i^l stays where the UNet runs (≈50 MB per 512² subject for SDXL): no host round trip, and
+    # the sampling run that projects it needs it there anyway
+    store = mm.get_torch_device()
     if model.refnet is not None:
         patcher, dtype = native_unet(model)
         mm.load_models_gpu([patcher])
@@ -155,9 +157,13 @@ def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_m
         raise AnyStoryError(f"the ReferenceNet takes {in_ch} input channels but the VAE gives {x.shape[1]}: "
                             "use the SDXL VAE")
     feats, grids = capture_features(unet, x, dtype, store, shared=(source == "shared"))
-    features, valid = {}, {}
+    features, valid, by_grid = {}, {}, {}
+    mask = ref_mask.to(store)
     for key, f in feats.items():
         v = f.shape[0]
         features[key] = f.reshape(1, v * f.shape[1], f.shape[2])  # views → more tokens of one subject
-        valid[key] = _valid_tokens(ref_mask, grids[key]).reshape(1, -1).to(store)
+        hw = grids[key]
+        if hw not in by_grid:  # a handful of grids for ~70 layers
+            by_grid[hw] = _valid_tokens(mask, hw).reshape(1, -1)
+        valid[key] = by_grid[hw]
     return ReferenceFeatures(features, grids, source, valid)

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     base = Path(args.base_dir).resolve()
     mm = H.load_make_models()
     print(f"[demo] models in {base / 'models'} (random weights; made once)")
-    paths = mm.make_models(base / "models", full=args.full, log=lambda *a: print("[demo]", *a))
+    mm.make_models(base / "models", full=args.full, log=lambda *a: print("[demo]", *a))
     names = mm.file_names(full=args.full)
     files = {part: str(Path(rel).relative_to(Path(rel).parts[0])) for part, rel in names.items()}
     draw_subjects(base / "input")

@@ -578,13 +578,18 @@ def txt2img_workflow(ckpt_name: str, positive: str = "a photo of a cat", negativ
     }
 
 
-def load_make_models():
-    """scripts/make_models.py as a module (by file location)."""
-    name = "anystory_make_models"
+def load_module(name: str, path):
+    """A Python file (scripts/, bench/, tests/nodes/anystory_fixtures.py …) as module ``name``, loaded once
+    by file location: the repo root stays off sys.path (see the module docstring)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "make_models.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_make_models():
+    """scripts/make_models.py as a module (by file location)."""
+    return load_module("anystory_make_models", REPO / "scripts" / "make_models.py")

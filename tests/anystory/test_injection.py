@@ -124,3 +124,16 @@ def test_grouped_fast_path_equals_eq5(dtype):
     fast = routed_cross_attention_fast(q.to(dtype), prepare_routes(kr.to(dtype), vr.to(dtype), heads), index, heads, eta)
     tol = 5e-4 if dtype == torch.float32 else 3e-2  # ±M of the extra dims cancel to ~1e-4 in fp32
     torch.testing.assert_close(fast.double(), ref, atol=tol, rtol=tol)
+
+
+def test_eta_folded_into_values_and_buffers():
+    from anystory.attention import GroupedBuffers
+    from anystory.injection import prepare_routes, routed_cross_attention_fast
+    q, kr, vr, index, heads = _setup(seed=13)
+    eta = torch.tensor([0.5, 2.0, 0.0])
+    ref = routed_cross_attention(q, kr, vr, index, heads, eta)
+    bufs = GroupedBuffers()
+    for _ in range(2):
+        fast = routed_cross_attention_fast(q, prepare_routes(kr, vr, heads, eta=eta), index, heads, 1.0, buffers=bufs)
+        torch.testing.assert_close(fast, ref, atol=5e-4, rtol=5e-4)
+    assert torch.count_nonzero(fast[index == 2]) == 0

@@ -132,8 +132,10 @@ def test_reference_attention_uses_previous_layer_map_and_skips_uncond():
     vr = [proj(feats[i]) * 0.5 for i in range(2)]
     want = routed_reference_attention(o["q"][:1], o["k"][:1], o["v"][:1], kr, vr, index[:1], HEADS,
                                       torch.tensor([2.0, 2.0]))
-    torch.testing.assert_close(o["a1"][:1], want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(o["a1"][1:], sdpa(o["q"][1:], o["k"][1:], o["v"][1:], HEADS))  # uncond: plain
+    torch.testing.assert_close(o["a1"][:1], want, atol=5e-4, rtol=5e-4)
+    # uncond rows: their plain attention (one fused call for the batch: equal up to the fp32 rounding of
+    # the extra routing dims, ~1e-4 of a logit)
+    torch.testing.assert_close(o["a1"][1:], sdpa(o["q"][1:], o["k"][1:], o["v"][1:], HEADS), atol=5e-4, rtol=5e-4)
     assert not torch.allclose(o["a1"][:1], sdpa(o["q"][:1], o["k"][:1], o["v"][:1], HEADS))
 
 

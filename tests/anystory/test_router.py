@@ -123,3 +123,12 @@ def test_resize_index_nearest():
     odd = resize_index(torch.arange(6).view(1, 6) % 3, (2, 3), (3, 5))
     assert odd.shape == (1, 15) and set(odd.unique().tolist()) <= {0, 1, 2}
     assert resize_index(idx, (2, 2), (2, 2)) is idx
+
+
+def test_prepared_route_equals_forward_argmax():
+    torch.manual_seed(3)
+    r = LayerRouter(dim=24, route_dim=16, router_dim=32, heads=4)
+    z = torch.randn(2, 30, 24)
+    R = torch.randn(1, 3, 16)
+    want = r(z, R.expand(2, -1, -1)).argmax(1)
+    assert torch.equal(r.route(z, r.prepare(R)), want)

@@ -9,25 +9,17 @@ Tiny SDXL-family model (context 2048, 7 transformer blocks) + random native AnyS
 from __future__ import annotations
 
 import collections
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def _fixtures():
-    name = "anystory_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("anystory_fixtures.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+from comfy_harness import load_module  # registered by tests/nodes/conftest.py
 
 
-F = _fixtures()
+
+
+F = load_module("anystory_fixtures", Path(__file__).with_name("anystory_fixtures.py"))
 env = F.env  # module-scoped fixture (tiny model, adapter, two encoded subjects)
 temp_dir = F.temp_dir  # ComfyUI temp folder → a throw-away folder (preview PNGs)
 
@@ -596,9 +588,10 @@ def test_reference_off_subject_gets_no_references(env, caplog):
     a, b = rec_p.outs[0], rec_u.outs[0]   # [2 rows (uncond, cond), L, C]; inputs identical up to here (η=0)
     hw = F.tiny_grid(env.layout[1].dim, (16, 16))
     idx = F.expected_half_index(hw)
-    assert torch.equal(a[0], b[0]), "uncond rows got references"
+    # uncond rows: plain attention, up to the fp32 rounding of the routing dims of the fused call
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=5e-4, msg="uncond rows got references")
     left, right = idx == 0, idx == 1
-    torch.testing.assert_close(a[1][left], b[1][left], rtol=0, atol=1e-5)  # subject 1: no references
+    torch.testing.assert_close(a[1][left], b[1][left], rtol=0, atol=5e-4)  # subject 1: no references
     assert ((a[1][right] - b[1][right]).abs().amax(-1) > 1e-4).all(), "subject 2's tokens ignored its references"
 
 
@@ -638,8 +631,20 @@ def test_intermediate_evaluations_are_recorded_under_their_step(env):
 # ------------------------------------------------------------------------------------------------
 # 14. the adapter is loaded/offloaded with the UNet
 # ------------------------------------------------------------------------------------------------
+def test_adapter_stays_out_of_sampling_without_the_learned_router(env, comfy):
+    """masks/attention modes: E_i Ŵ_k/Ŵ_v are projected once at apply time, so the adapter's weights
+    need not be loaded while sampling (VRAM); the routed term still uses them."""
+    import torch
+    patched, _ = env.apply(eta=1.0, gamma=0.0)
+    owner = F.owner_of(patched)
+    assert patched.get_additional_models_with_key(owner.state_key) == []
+    assert set(owner.runtime._static_route_kv) == {s.key for s in env.layout}
+    out = env.sample(patched, _lat())
+    assert not torch.equal(out, env.sample(env.model, _lat()))
+
+
 def test_adapter_is_an_additional_model_of_the_patched_model(env, comfy):
-    patched, _ = env.apply(eta=1.0, gamma=1.0)
+    patched, _ = env.apply(eta=1.0, gamma=1.0, router_mode="router", region_masks=None)
     owner = F.owner_of(patched)
     assert patched.get_additional_models_with_key(owner.state_key) == [env.am.patcher]
     assert env.am.patcher in patched.get_nested_additional_models()

@@ -3,25 +3,17 @@ subject at the image size, masks that match the region masks in masks mode, laye
 strings, picking the sampling that made the LATENT, and refusals."""
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def _fixtures():
-    name = "anystory_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("anystory_fixtures.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+from comfy_harness import load_module  # registered by tests/nodes/conftest.py
 
 
-F = _fixtures()
+
+
+F = load_module("anystory_fixtures", Path(__file__).with_name("anystory_fixtures.py"))
 env = F.env
 temp_dir = F.temp_dir
 

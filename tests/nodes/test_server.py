@@ -2,12 +2,12 @@
 formats, and renders queued through POST /prompt on random-weight files."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from comfy_harness import load_module as _load  # registered by tests/nodes/conftest.py
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("AnyStoryModelLoader", "AnyStorySubjectEncode", "AnyStoryApply", "AnyStoryRoutingPreview",
@@ -16,14 +16,6 @@ SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "IMAGE", "MASK", "LATENT"
                 "ANYSTORY", "ANYSTORY_SUBJECTS", "ANYSTORY_ROUTING"}
 
 
-def _load(name, path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
