@@ -61,6 +61,7 @@ class RoutingRecorder:
         self.keep_runs = keep_runs
         self.enabled = enabled
         self.runs: list[RunRecord] = []
+        self.idle: Optional[RunRecord] = None  # the last sampling in which AnyStory never acted (no maps)
         self._current: Optional[RunRecord] = None
         self.listeners: list = []  # callables(run, step) after each completed step (live preview)
 
@@ -94,6 +95,8 @@ class RoutingRecorder:
         if output is not None:
             run.output = output.detach().float().cpu()
         run.meta.update(meta)
+        if not run.steps and self.enabled:  # e.g. no step inside start/end percent: say so, don't mislead
+            self.idle = run
         if run.steps:
             self.runs.append(run)
             del self.runs[:-self.keep_runs]

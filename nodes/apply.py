@@ -94,6 +94,27 @@ def _region_masks(masks, n: int):
     return m.float().clamp(0, 1).cpu()
 
 
+def _warn_duplicates(subjects: SubjectList, by_labels: bool) -> list:
+    """Log (and return) a warning for each pair of subjects that cannot be told apart: the same encoded
+    subject chained twice, or (attention router) the same label words."""
+    out = []
+    subs = subjects.subjects
+    for j in range(len(subs)):
+        for i in range(j):
+            a, b = subs[i], subs[j]
+            if a.E.shape == b.E.shape and torch.equal(a.E, b.E):
+                out.append(f"subjects {i + 1} and {j + 1} are the same encoded subject (same image and settings): "
+                           "they compete for the same region. Chain each subject once (several views of one "
+                           "subject go into ONE encode node as an image batch).")
+            elif by_labels and a.label and a.label.strip().lower() == b.label.strip().lower():
+                out.append(f"subjects {i + 1} and {j + 1} have the same label {a.label!r}: the attention router finds "
+                           "both by the same words and cannot tell them apart. Give each subject its own words in "
+                           "the prompt (e.g. 'the red car', 'the blue car').")
+    for w in out:
+        log.warning("AnyStory: %s", w)
+    return out
+
+
 class AnyStoryApply:
     CATEGORY = "AnyStory"
     FUNCTION = "apply"
@@ -103,7 +124,9 @@ class AnyStoryApply:
                        "The routing maps of the next sampling with this MODEL, for AnyStoryRoutingPreview.")
     DESCRIPTION = ("Patches an SDXL MODEL with AnyStory: each subject's tokens (η) and reference features (γ) "
                    "are routed to the region the router assigns to that subject, so several subjects keep "
-                   "their own looks without blending.")
+                   "their own looks without blending. Stacks with IPAdapter (before or after), LoRAs and "
+                   "ControlNet. Two AnyStory Apply on one MODEL: both add their subject tokens; only the first "
+                   "keeps its reference features (γ), the second's are left out (a warning says so).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -201,6 +224,7 @@ class AnyStoryApply:
                                               layers=observed_layers(layout))
         if masks is not None and feather > 0:
             masks = _feathered(masks, float(feather))
+        _warn_duplicates(subjects, attention_router is not None)
 
         E = torch.stack([s.E for s in subjects.subjects] + [subjects.E_bg]).float()
         R = None

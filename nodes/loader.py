@@ -34,6 +34,19 @@ def compute_dtype(device) -> torch.dtype:
     return torch.float32
 
 
+def _check_finite(name: str, tensors: list, dtype=None) -> None:
+    """Refuse weights with NaN/inf: a damaged file (no checksum in safetensors), or values that overflow the
+    compute dtype (``dtype`` given: checked after the cast)."""
+    for key, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if dtype is None:
+                raise AnyStoryError(f"AnyStory model file {name!r} has NaN or infinite values in '{key}': the file is "
+                                    "corrupted (a damaged download or disk). Re-download or re-create it.")
+            raise AnyStoryError(f"AnyStory model file {name!r}: '{key}' has values beyond the range of {dtype} "
+                                "(they overflow to infinity). Start ComfyUI with --force-fp32, or use a file saved "
+                                "in fp16/bf16.")
+
+
 def load_model(model_name: str, refnet_name: str = "none") -> AnyStoryModel:
     path = paths.resolve(model_name)
     rpath = paths.resolve(refnet_name) if refnet_name and refnet_name != "none" else None
@@ -55,8 +68,13 @@ def load_model(model_name: str, refnet_name: str = "none") -> AnyStoryModel:
                 f"the ReferenceNet {refnet_name!r} has {len(rl)} self-attention layers ({rl.describe()}), but the "
                 f"AnyStory model {model_name!r} has {len(adapter.layer_dims)} cross-attention layers; both files "
                 "must be made for the same base model.")
+    _check_finite(model_name, list(adapter.state_dict().items()))
+    if refnet is not None:
+        _check_finite(refnet_name, list(refnet.state_dict.items()))
     load_device = mm.get_torch_device()
-    adapter = adapter.to(compute_dtype(load_device)).eval().requires_grad_(False)
+    dtype = compute_dtype(load_device)
+    adapter = adapter.to(dtype).eval().requires_grad_(False)
+    _check_finite(model_name, list(adapter.state_dict().items()), dtype)
     patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=load_device, offload_device=mm.unet_offload_device())
     model = AnyStoryModel(name=model_name, adapter=adapter, patcher=patcher, refnet=refnet, refnet_name=refnet_name)
     _CACHE[key] = model

@@ -12,6 +12,7 @@ Installed on a ``model.clone()`` only:
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -73,6 +74,12 @@ class ComfyRoutedPatch:
         out = None
         try:
             out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+            if torch.is_tensor(out) and not bool(torch.isfinite(out).all()):  # one host sync per sampling
+                raise AnyStoryError(
+                    "the sampled latent contains NaN or infinite values: the model overflowed (fp16) or an input "
+                    "holds NaN/inf (e.g. a prompt weight like '(word:1e30)', a LoRA, an image). Check those "
+                    "inputs; for fp16 overflow start ComfyUI with --force-fp32 or --bf16-unet, or lower η/γ. "
+                    "Nothing of this run is kept: the next prompt is not affected.")
             return out
         finally:
             self.runtime.end_run(output=out)
@@ -186,7 +193,13 @@ class _Replace:
         self.previous = previous  # a replace that was already at this key (e.g. IPAdapter): chained
 
     def __deepcopy__(self, memo):
-        return self
+        # ModelPatcher.clone() deep-copies model_options: share the owner (weights, caches) and the chained
+        # replace, but give the clone its own list of added callbacks (IPAdapter's .add() mutates the
+        # replace it finds on ITS clone; that must not reach the MODEL it was cloned from)
+        new = copy.copy(self)
+        if hasattr(self, "callbacks"):
+            new.callbacks = list(self.callbacks)
+        return new
 
     def to(self, *a, **k):
         if self.previous is not None and hasattr(self.previous, "to"):
@@ -208,14 +221,45 @@ class _Replace:
 
 
 class Attn2Replace(_Replace):
-    """attn2 of layer l: text attention + η Σ_i σ(M_i^l) ⊙ Attn(Q, E_i Ŵ_k^l, E_i Ŵ_v^l)."""
+    """attn2 of layer l: text attention + η Σ_i σ(M_i^l) ⊙ Attn(Q, E_i Ŵ_k^l, E_i Ŵ_v^l).
+
+    Nodes applied AFTER AnyStory that find this replace at their key may ``.add(callback, **kwargs)``
+    (the IPAdapter_plus convention): each callback is called as ``callback(out, q, k, v, extra_options,
+    **kwargs)`` and its result added to the output when ``kwargs["sigma_end"] <= sigma <=
+    kwargs["sigma_start"]`` (both optional), in the order they were added."""
+
+    def __init__(self, owner: ComfyRoutedPatch, key: tuple, previous=None):
+        super().__init__(owner, key, previous)
+        self.callbacks: list = []  # [(callback, kwargs)] added by later nodes (IPAdapter_plus's .add)
+
+    def add(self, callback, **kwargs):
+        self.callbacks.append((callback, kwargs))
+
+    def set_new_condition(self, **kwargs):  # the pre-2024 IPAdapter_plus API on an existing replace
+        raise AnyStoryError("this IPAdapter version cannot be applied after AnyStory Apply (it expects its own "
+                            "patch at the attention layers): apply it before AnyStory Apply, or update "
+                            "ComfyUI_IPAdapter_plus")
 
     def __call__(self, q, k, v, extra_options):
         base = self._base(extra_options)
         state = extra_options.get(self.owner.state_key)
         if state is None or not state.active:
-            return base(q, k, v)
-        return self.owner.runtime.cross_attention(state, _key(extra_options), q, k, v, extra_options["n_heads"], base)
+            out = base(q, k, v)
+        else:
+            out = self.owner.runtime.cross_attention(state, _key(extra_options), q, k, v, extra_options["n_heads"],
+                                                     base)
+        if self.callbacks:
+            out = self._added(out, q, k, v, extra_options)
+        return out
+
+    def _added(self, out, q, k, v, extra_options):
+        sigmas = extra_options.get("sigmas")
+        sigma = float(sigmas.detach().reshape(-1)[0].cpu()) if sigmas is not None else 999999999.9
+        dtype = out.dtype
+        for callback, kw in self.callbacks:
+            if kw.get("sigma_end", 0.0) <= sigma <= kw.get("sigma_start", 999999999.9):
+                out = out + callback(out, q, k, v, extra_options, **kw)
+        return out.to(dtype)
 
 
 class Attn1Replace(_Replace):

@@ -57,6 +57,13 @@ def labelled_grid(grid: torch.Tensor, layers: list, steps: list, labels: list, c
     return torch.from_numpy(np.asarray(canvas).astype(np.float32) / 255.0)
 
 
+def _same_latent(output, samples) -> bool:
+    if output is None or samples is None or tuple(output.shape) != tuple(samples.shape):
+        return False
+    lat = samples.detach().float().cpu()
+    return float((output - lat).abs().max()) <= 1e-3 * (1.0 + float(lat.abs().max()))
+
+
 class AnyStoryRoutingPreview:
     CATEGORY = "AnyStory"
     FUNCTION = "preview"
@@ -96,6 +103,9 @@ class AnyStoryRoutingPreview:
             raise AnyStoryError("the 'routing' input must come from AnyStoryApply")
         samples = latent["samples"] if isinstance(latent, dict) else latent
         run, matched = routing.find_run(samples)
+        idle = getattr(routing, "idle", None)
+        if not matched and idle is not None and _same_latent(idle.output, samples):
+            return self._idle(routing, samples, cell_size)
         if run is None:
             raise AnyStoryError("no routing maps were recorded: sample with the MODEL that AnyStoryApply returned "
                                 "(with record_routing on) before this node")
@@ -124,4 +134,17 @@ class AnyStoryRoutingPreview:
         h, w = samples.shape[-2] * 8, samples.shape[-1] * 8
         masks = subject_masks(run, order, mst, routing.num_subjects, (h, w), image=image_index)
         ui = preview_images(img, prefix="anystory_routing")
+        return {"ui": ui, "result": (img, masks)}
+
+    @staticmethod
+    def _idle(routing, samples, cell_size):
+        """The sampling ran but AnyStory acted in none of its steps: an all-background grid, empty masks."""
+        log.warning("AnyStory preview: AnyStory did not act during this sampling (no step lay between start_percent "
+                    "and end_percent): nothing was routed")
+        bg = torch.tensor([int(BACKGROUND_HEX[i:i + 2], 16) / 255.0 for i in (1, 3, 5)])
+        img = bg.expand(1, cell_size, cell_size, 3).clone()
+        h, w = samples.shape[-2] * 8, samples.shape[-1] * 8
+        masks = torch.zeros(routing.num_subjects, h, w)
+        ui = preview_images(img, prefix="anystory_routing")
+        ui["anystory_routing_note"] = ["AnyStory did not act during this sampling (start/end percent)"]
         return {"ui": ui, "result": (img, masks)}
