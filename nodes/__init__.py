@@ -8,6 +8,9 @@ from .encode import AnyStorySubjectEncode  # noqa: E402
 from .loader import AnyStoryModelLoader  # noqa: E402
 from .preview import AnyStoryRoutingPreview  # noqa: E402
 from .text import AnyStoryTextEncode  # noqa: E402
+from . import live  # noqa: E402
+
+live.register_routes()  # GET /anystory/palette for the web extension (no-op outside a ComfyUI server)
 
 NODE_CLASS_MAPPINGS = {
     "AnyStoryModelLoader": AnyStoryModelLoader,

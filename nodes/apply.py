@@ -13,6 +13,7 @@ from ..anystory.layers import discover_layout
 from ..anystory.attention_router import AttentionRouter, observed_layers
 from ..anystory.patch import MODE_ATTENTION, MODE_MASKS, MODE_MIXED, MODE_ROUTER, RoutedPatch, RoutingInputs
 from ..anystory.preview import RoutingRecorder
+from . import live
 from .encode import check_model
 from .patch import ComfyRoutedPatch, install
 from .types import ANYSTORY, ANYSTORY_ROUTING, ANYSTORY_SUBJECTS, AnyStoryError, AnyStoryModel, SubjectList
@@ -173,10 +174,12 @@ class AnyStoryApply:
                                         "Attention router: a token belongs to a subject when that subject's "
                                         "normalised word attention there is at least this; else background."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},  # the live routing preview in the editor (nodes/live.py)
         }
 
     def apply(self, model, anystory, subjects, router_mode="auto", eta=1.0, gamma=1.0, start_percent=0.0,
-              end_percent=1.0, region_masks=None, record_routing=True, feather=0, warmup_steps=2, threshold=0.35):
+              end_percent=1.0, region_masks=None, record_routing=True, feather=0, warmup_steps=2, threshold=0.35,
+              unique_id=None):
         anystory = check_model(anystory)
         if not isinstance(subjects, SubjectList):
             raise AnyStoryError("the 'subjects' input must come from AnyStorySubjectEncode")
@@ -265,6 +268,7 @@ class AnyStoryApply:
         install(patched, owner, ref_keys, [anystory.patcher] if runtime.uses_learned_router else [])
         routing = runtime.recorder
         routing.mode = mode
+        live.attach(routing, unique_id)
         log.info("AnyStory: %d subject(s), router %s, η=%.2f γ=%.2f, %d layers, references at %d layers",
                  n, mode, eta, gamma, len(layout), len(ref_keys))
         return (patched, routing)

@@ -91,7 +91,6 @@ class Graph:
     # --- UI (LiteGraph) format ------------------------------------------------------------------
     def ui(self) -> dict:
         links, link_id = [], 0
-        out_links: dict[tuple, list] = {}
         ui_nodes = {}
         for order, (nid, n) in enumerate(self.nodes.items()):
             widgets, outputs, sockets = WIDGETS[n["type"]]
@@ -132,23 +131,25 @@ APPLY_DEFAULTS = dict(eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, re
 
 def _base(g: Graph, seed: int = 42, steps: int = 20, width: int = 1024, height: int = 1024,
           anystory: str = ANYSTORY, refnet: str = REFNET):
+    # columns (x): 0 loaders + images, 340 mask inverts, 580 subject encodes, 920 prompts + latent + apply,
+    # 1270 samplers + preview, 1610/1840 decode + save; rows leave room for the tallest node of each column
     g.add(1, "CheckpointLoaderSimple", (0, 0), ckpt_name=CKPT)
-    g.add(2, "CLIPVisionLoader", (0, 180), clip_name=CLIP_VISION)
-    g.add(3, "AnyStoryModelLoader", (0, 290), model_name=anystory, refnet_name=refnet)
-    g.add(20, "CLIPTextEncode", (400, 760), title="Negative prompt", clip=(1, 1),
+    g.add(2, "CLIPVisionLoader", (0, 150), clip_name=CLIP_VISION)
+    g.add(3, "AnyStoryModelLoader", (0, 260), model_name=anystory, refnet_name=refnet)
+    g.add(20, "CLIPTextEncode", (920, 230), title="Negative prompt", clip=(1, 1),
           text="blurry, low quality, deformed, extra limbs")
-    g.add(21, "EmptyLatentImage", (400, 980), width=width, height=height, batch_size=1)
+    g.add(21, "EmptyLatentImage", (920, 460), width=width, height=height, batch_size=1)
 
 
 def _subject(g: Graph, nid_load: int, nid_inv: int, nid_enc: int, image: str, label: str, y: int, prev=None):
     g.add(nid_load, "LoadImage", (0, y), title=f"Subject: {label}", image=image, upload="image")
     # LoadImage's MASK is 1 on the transparent background: invert so that white = subject
-    g.add(nid_inv, "InvertMask", (330, y + 40), mask=(nid_load, 1))
+    g.add(nid_inv, "InvertMask", (340, y + 60), mask=(nid_load, 1))
     kw = dict(anystory=(3, 0), clip_vision=(2, 0), vae=(1, 2), image=(nid_load, 0), mask=(nid_inv, 0),
               model=(1, 0), label=label, strength=1.0, reference="auto")
     if prev is not None:
         kw["subjects"] = (prev, 0)
-    g.add(nid_enc, "AnyStorySubjectEncode", (560, y), **kw)
+    g.add(nid_enc, "AnyStorySubjectEncode", (580, y), **kw)
 
 
 def _render(g: Graph, ks: int, dec: int, save: int, pos_node: int, x: int, y: int, prefix: str, seed: int,
@@ -156,36 +157,36 @@ def _render(g: Graph, ks: int, dec: int, save: int, pos_node: int, x: int, y: in
     g.add(ks, "KSampler", (x, y), model=model, positive=(pos_node, 0), negative=(20, 0), latent_image=(21, 0),
           seed=seed, control_after_generate="fixed", steps=steps, cfg=6.0, sampler_name="euler",
           scheduler="normal", denoise=1.0)
-    g.add(dec, "VAEDecode", (x + 330, y), samples=(ks, 0), vae=(1, 2))
-    g.add(save, "SaveImage", (x + 560, y), images=(dec, 0), filename_prefix=prefix)
+    g.add(dec, "VAEDecode", (x + 340, y), samples=(ks, 0), vae=(1, 2))
+    g.add(save, "SaveImage", (x + 570, y), images=(dec, 0), filename_prefix=prefix)
 
 
 def one_subject(steps=20, size=1024) -> Graph:
     g = Graph("AnyStory — one subject")
     _base(g, width=size, height=size)
-    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
-    g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(12, 0), router_mode="auto",
+    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 500)
+    g.add(30, "AnyStoryApply", (920, 620), model=(1, 0), anystory=(3, 0), subjects=(12, 0), router_mode="auto",
           **APPLY_DEFAULTS)
-    g.add(22, "CLIPTextEncode", (400, 560), title="Positive prompt", clip=(1, 1),
+    g.add(22, "CLIPTextEncode", (920, 0), title="Positive prompt", clip=(1, 1),
           text="the fox reading a book in a cozy library, warm light, detailed illustration")
-    _render(g, 40, 41, 42, 22, 1250, 300, "anystory_one_subject", 42, steps)
+    _render(g, 40, 41, 42, 22, 1270, 0, "anystory_one_subject", 42, steps)
     return g
 
 
 def two_subjects(steps=20, size=1024) -> Graph:
     g = Graph("AnyStory — two subjects with routing preview")
     _base(g, width=size, height=size)
-    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
-    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 760, prev=12)
-    g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
+    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 500)
+    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 1020, prev=12)
+    g.add(30, "AnyStoryApply", (920, 620), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
           **APPLY_DEFAULTS)
-    g.add(22, "CLIPTextEncode", (400, 560), title="Positive prompt", clip=(1, 1),
+    g.add(22, "CLIPTextEncode", (920, 0), title="Positive prompt", clip=(1, 1),
           text="the fox and the robot playing chess in a park, sunny day, detailed illustration")
-    _render(g, 40, 41, 42, 22, 1250, 300, "anystory_two_subjects", 7, steps)
-    g.add(50, "AnyStoryRoutingPreview", (1250, 620), routing=(30, 1), latent=(40, 0), layers="auto", steps="auto",
+    _render(g, 40, 41, 42, 22, 1270, 0, "anystory_two_subjects", 7, steps)
+    g.add(50, "AnyStoryRoutingPreview", (1270, 360), routing=(30, 1), latent=(40, 0), layers="auto", steps="auto",
           mask_steps="last", image_index=0, cell_size=96)
-    g.add(51, "MaskToImage", (1600, 620), mask=(50, 1))
-    g.add(52, "PreviewImage", (1830, 620), title="Subject masks from the router", images=(51, 0))
+    g.add(51, "MaskToImage", (1610, 360), mask=(50, 1))
+    g.add(52, "PreviewImage", (1840, 360), title="Subject masks from the router", images=(51, 0))
     return g
 
 
@@ -200,15 +201,15 @@ STORY = [
 def story(steps=20, size=1024) -> Graph:
     g = Graph("AnyStory — a 4-image story with the same two subjects")
     _base(g, width=size, height=size)
-    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
-    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 760, prev=12)
-    g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
+    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 500)
+    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 1020, prev=12)
+    g.add(30, "AnyStoryApply", (920, 620), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
           **APPLY_DEFAULTS)
     for i, text in enumerate(STORY):
         pos = 60 + 10 * i
-        g.add(pos, "CLIPTextEncode", (900, 700 + 220 * i), title=f"Panel {i + 1}", clip=(1, 1),
+        g.add(pos, "CLIPTextEncode", (1270, 380 * i), title=f"Panel {i + 1}", clip=(1, 1),
               text=text + ", storybook illustration")
-        _render(g, pos + 1, pos + 2, pos + 3, pos, 1250, 700 + 220 * i, f"anystory_story_{i + 1}", 100 + i, steps)
+        _render(g, pos + 1, pos + 2, pos + 3, pos, 1610, 380 * i, f"anystory_story_{i + 1}", 100 + i, steps)
     return g
 
 
@@ -217,14 +218,14 @@ def public_weights(steps=20, size=1024) -> Graph:
     ReferenceNet (shared), the training-free attention router finding each subject by its words."""
     g = Graph("AnyStory on public weights — IP-Adapter Plus + shared ReferenceNet + attention router")
     _base(g, width=size, height=size, anystory=IPADAPTER, refnet="none")
-    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 420)
-    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 760, prev=12)
-    g.add(22, "AnyStoryTextEncode", (900, 560), title="Positive prompt (marks the subjects' words)", clip=(1, 1),
+    _subject(g, 10, 11, 12, SUBJECT_A, "the fox", 500)
+    _subject(g, 13, 14, 15, SUBJECT_B, "the robot", 1020, prev=12)
+    g.add(22, "AnyStoryTextEncode", (920, 0), title="Positive prompt (marks the subjects' words)", clip=(1, 1),
           subjects=(15, 0), text="the fox and the robot playing chess in a park, sunny day, detailed illustration")
-    g.add(30, "AnyStoryApply", (900, 300), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
+    g.add(30, "AnyStoryApply", (920, 620), model=(1, 0), anystory=(3, 0), subjects=(15, 0), router_mode="auto",
           **APPLY_DEFAULTS)
-    _render(g, 40, 41, 42, 22, 1250, 300, "anystory_public_weights", 7, steps)
-    g.add(50, "AnyStoryRoutingPreview", (1250, 620), routing=(30, 1), latent=(40, 0), layers="auto", steps="auto",
+    _render(g, 40, 41, 42, 22, 1270, 0, "anystory_public_weights", 7, steps)
+    g.add(50, "AnyStoryRoutingPreview", (1270, 360), routing=(30, 1), latent=(40, 0), layers="auto", steps="auto",
           mask_steps="last", image_index=0, cell_size=96)
     return g
 

@@ -4,6 +4,6 @@
 # scripts/demo.py (--help).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PY=$(bash "$here/scripts/setup_env.sh" | tail -n 1)
+PY=$(ANYSTORY_BROWSER=0 bash "$here/scripts/setup_env.sh" | tail -n 1)  # the demo needs no browser
 export ANYSTORY_PYTHON="$PY"
 exec "$PY" "$here/scripts/demo.py" "$@"

@@ -36,4 +36,26 @@ if [ ! -f "$stamp" ]; then
   pipq "${args[@]}"
   touch "$stamp"
 fi
+# Browser tests (tests/web): playwright-core from package-lock.json into ./node_modules (npm ci, ~1 s,
+# only when the lockfile changed), and Debian's chromium when it is missing and we are root with apt
+# (about a minute, once per machine). ANYSTORY_BROWSER=0 skips both; without them the browser tests
+# are skipped with a red banner.
+if [ "${ANYSTORY_BROWSER:-1}" != "0" ]; then
+  if command -v npm >/dev/null 2>&1 && [ -f "$here/package-lock.json" ]; then
+    nstamp="$here/node_modules/.anystory-lock-$(sha1sum "$here/package-lock.json" | cut -c1-12)"
+    if [ ! -f "$nstamp" ] || [ ! -f "$here/node_modules/playwright-core/package.json" ]; then
+      echo "[setup] npm ci (playwright-core for the browser tests)" >&2
+      if (cd "$here" && npm ci --no-audit --no-fund --loglevel=error >&2); then touch "$nstamp"
+      else echo "[setup] WARNING: npm ci failed; the browser tests will be skipped" >&2; fi
+    fi
+  fi
+  chrome=${ANYSTORY_CHROMIUM:-/usr/bin/chromium}
+  if [ ! -x "$chrome" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian chromium + chromium-driver for the browser tests (about a minute, once)" >&2
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+        >"$VENV/apt-chromium.log" 2>&1; then
+      echo "[setup] WARNING: apt-get install chromium failed (see $VENV/apt-chromium.log); browser tests will be skipped" >&2
+    fi
+  fi
+fi
 echo "$PY"

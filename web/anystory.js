@@ -1,0 +1,493 @@
+// AnyStory editor extension (ComfyUI frontend 1.2x extension API).
+//
+// - Live routing preview: the server (nodes/live.py) sends an "anystory.routing" message after each
+//   sampling step with a small map (subjects in palette order, background dark, striped = decided by a
+//   region mask). It is drawn on the AnyStoryApply node that made it and, until their own grid arrives,
+//   on the AnyStoryRoutingPreview nodes fed by that Apply node.
+// - Subject colours: the palette comes from GET /anystory/palette (anystory/preview.py PALETTE_HEX, the
+//   one source of truth); a subject's index is its position in the chain of AnyStorySubjectEncode nodes
+//   (walking the `subjects` inputs), shown as a coloured badge and stripe on each encode node and as a
+//   legend on the Apply node.
+// - AnyStory nodes get a node colour and a badge; the model loader shows its `info` text after a run.
+//
+// Everything here is presentation: workflows, /prompt and the node outputs are the same without it.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const EXTENSION = "anystory.editor";
+const EVENT = "anystory.routing";
+const T = {
+  loader: "AnyStoryModelLoader",
+  encode: "AnyStorySubjectEncode",
+  apply: "AnyStoryApply",
+  preview: "AnyStoryRoutingPreview",
+  text: "AnyStoryTextEncode",
+};
+const ANYSTORY_TYPES = new Set(Object.values(T));
+const NODE_COLOR = "#3a2f63";
+const NODE_BGCOLOR = "#28243a";
+const BADGE_BG = "#4b3f86";
+const UNKNOWN_COLOR = "#8a8a8a";
+const PANEL_PAD = 8;
+
+// Shared state (window.AnyStory once the extension is set up; tests/web read it).
+const AnyStory = {
+  extension: EXTENSION,
+  ready: false,
+  palette: null, // subject colours in order
+  background: "#1c1c22",
+  stats: { events: 0, images: 0, previewUpdates: 0, byNode: {}, lastStep: null, errors: 0 },
+  subjectIndex: null, // exported helpers (set below)
+  subjectColor: null,
+};
+
+// ------------------------------------------------------------------------------------------------
+// helpers
+// ------------------------------------------------------------------------------------------------
+function subjectColor(i, fallback) {
+  const p = AnyStory.palette;
+  if (p && p.length) return p[((i % p.length) + p.length) % p.length];
+  return fallback || UNKNOWN_COLOR;
+}
+
+function textColorOn(hex) {
+  const h = String(hex || "").replace("#", "");
+  if (h.length < 6) return "#fff";
+  const [r, g, b] = [0, 2, 4].map((i) => parseInt(h.slice(i, i + 2), 16) / 255);
+  return 0.299 * r + 0.587 * g + 0.114 * b > 0.6 ? "#111" : "#fff";
+}
+
+function widgetValue(node, name) {
+  return node.widgets?.find((w) => w.name === name)?.value;
+}
+
+/** The node feeding input `name` of `node`, skipping Reroute nodes; null if none. */
+function upstream(node, name) {
+  try {
+    const slot = node.inputs?.findIndex((i) => i.name === name) ?? -1;
+    if (slot < 0 || !node.graph) return null;
+    let n = node.getInputNode(slot);
+    for (let guard = 0; n && n.type === "Reroute" && guard < 64; guard++) n = n.getInputNode(0);
+    return n || null;
+  } catch {
+    return null;
+  }
+}
+
+/** Encode nodes of the chain ending at `node` (or feeding its `subjects` input), first subject first. */
+function subjectChain(node) {
+  const chain = [];
+  const seen = new Set();
+  let n = node.type === T.encode ? node : upstream(node, "subjects");
+  while (n && n.type === T.encode && !seen.has(n)) {
+    seen.add(n);
+    chain.unshift(n);
+    n = upstream(n, "subjects");
+  }
+  return chain;
+}
+
+/** A subject's index = its position in the chain of encode nodes (0 = first subject). */
+function subjectIndex(node) {
+  return Math.max(0, subjectChain(node).length - 1);
+}
+
+function subjectLabel(node, i) {
+  const label = String(widgetValue(node, "label") ?? "").trim();
+  return label || `subject ${i + 1}`;
+}
+
+/** AnyStoryRoutingPreview nodes fed by an Apply node's `routing` output (through Reroutes). */
+function previewTargets(applyNode) {
+  const out = [];
+  const slot = applyNode.outputs?.findIndex((o) => o.name === "routing") ?? -1;
+  if (slot < 0) return out;
+  const walk = (node, s, depth) => {
+    let targets = [];
+    try {
+      targets = node.getOutputNodes(s) || [];
+    } catch {
+      targets = [];
+    }
+    for (const t of targets) {
+      if (t.type === T.preview) out.push(t);
+      else if (t.type === "Reroute" && depth < 64) walk(t, 0, depth + 1);
+    }
+  };
+  walk(applyNode, slot, 0);
+  return out;
+}
+
+/** The node with execution id "12" or "5:12" (node 12 inside subgraph node 5). */
+function nodeByExecutionId(id) {
+  const parts = String(id).split(":");
+  let graph = app.graph;
+  let node = null;
+  for (const part of parts) {
+    if (!graph) return null;
+    node = graph.getNodeById(Number.isNaN(Number(part)) ? part : Number(part));
+    if (!node) return null;
+    graph = node.subgraph;
+  }
+  return node;
+}
+
+function dirty() {
+  app.graph?.setDirtyCanvas(true, true);
+}
+
+function ensureHeight(node, height) {
+  if (node.size && node.size[1] < height) {
+    node.setSize([node.size[0], height]);
+    dirty();
+  }
+}
+
+function wrapText(ctx, text, width) {
+  const lines = [];
+  for (const para of String(text).split("\n")) {
+    let line = "";
+    for (const word of para.split(/\s+/)) {
+      const next = line ? `${line} ${word}` : word;
+      if (ctx.measureText(next).width > width && line) {
+        lines.push(line);
+        line = word;
+      } else {
+        line = next;
+      }
+    }
+    lines.push(line);
+  }
+  return lines;
+}
+
+/** A title-bar badge (duck-typed like litegraph's LGraphBadge: height, visible, getWidth, draw). */
+class Badge {
+  constructor(text, bgColor = BADGE_BG, fgColor = "#fff") {
+    this.text = text;
+    this.bgColor = bgColor;
+    this.fgColor = fgColor;
+    this.fontSize = 12;
+    this.padding = 6;
+    this.height = 20;
+  }
+  get visible() {
+    return !!this.text;
+  }
+  getWidth(ctx) {
+    if (!this.visible) return 0;
+    const font = ctx.font;
+    ctx.font = `${this.fontSize}px sans-serif`;
+    const w = ctx.measureText(this.text).width + 2 * this.padding;
+    ctx.font = font;
+    return w;
+  }
+  draw(ctx, x, y) {
+    if (!this.visible) return;
+    const { font, fillStyle, textBaseline, textAlign } = ctx;
+    const w = this.getWidth(ctx);
+    ctx.font = `${this.fontSize}px sans-serif`;
+    ctx.fillStyle = this.bgColor;
+    ctx.beginPath();
+    if (ctx.roundRect) ctx.roundRect(x, y, w, this.height, 5);
+    else ctx.rect(x, y, w, this.height);
+    ctx.fill();
+    ctx.fillStyle = this.fgColor;
+    ctx.textBaseline = "middle";
+    ctx.textAlign = "left";
+    ctx.fillText(this.text, x + this.padding, y + this.height / 2 + 1);
+    Object.assign(ctx, { font, fillStyle, textBaseline, textAlign });
+  }
+}
+
+/** The node's type name; inside `nodeCreated` (called from the constructor) `node.type` is not set yet. */
+function typeOf(node) {
+  return node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type;
+}
+
+function liveOf(node) {
+  node.__anystory ??= { live: null, info: null, subject: null };
+  return node.__anystory;
+}
+
+// ------------------------------------------------------------------------------------------------
+// drawing
+// ------------------------------------------------------------------------------------------------
+const MAP_MAX = 192;
+
+function applyPanelLayout(node) {
+  const top = node.computeSize()[1] + 2;
+  const width = node.size[0] - 2 * PANEL_PAD;
+  const map = Math.max(64, Math.min(MAP_MAX, width));
+  const legendRows = Math.max(1, Math.ceil((applyLegend(node).length + 1) / 2));
+  const height = 22 + map + 8 + legendRows * 16 + 6;
+  return { top, width, map, height };
+}
+
+function applyLegend(node) {
+  const live = liveOf(node).live;
+  if (live?.labels?.length) return live.labels.map((label, i) => [label, live.colors?.[i] || subjectColor(i)]);
+  return subjectChain(node).map((n, i) => [subjectLabel(n, i), subjectColor(i)]);
+}
+
+function drawApplyPanel(node, ctx) {
+  const { top, width, map, height } = applyPanelLayout(node);
+  if (node.size[1] < top + height + PANEL_PAD) return; // ensured by the size hooks; never resize while drawing
+  const live = liveOf(node).live;
+  const x0 = PANEL_PAD;
+  ctx.save();
+  ctx.fillStyle = "#15131f";
+  ctx.strokeStyle = "#4b3f86";
+  ctx.beginPath();
+  if (ctx.roundRect) ctx.roundRect(x0, top, width, height, 6);
+  else ctx.rect(x0, top, width, height);
+  ctx.fill();
+  ctx.stroke();
+  ctx.font = "12px sans-serif";
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "left";
+  ctx.fillStyle = "#ddd";
+  const status = !live
+    ? "routing: waiting for a render"
+    : `routing · step ${live.step + 1}/${live.steps}${live.final ? " · done" : ""}${live.mode ? ` · ${live.mode}` : ""}`;
+  ctx.fillText(status, x0 + 6, top + 11);
+  // progress bar
+  if (live) {
+    ctx.fillStyle = "#2d2a3d";
+    ctx.fillRect(x0 + 6, top + 19, width - 12, 3);
+    ctx.fillStyle = "#8f7fe0";
+    ctx.fillRect(x0 + 6, top + 19, ((width - 12) * (live.step + 1)) / Math.max(1, live.steps), 3);
+  }
+  // map
+  const my = top + 26;
+  const img = live?.img;
+  if (img && img.naturalWidth) {
+    const s = Math.min(map / img.naturalWidth, map / img.naturalHeight);
+    const w = img.naturalWidth * s;
+    const h = img.naturalHeight * s;
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(img, x0 + (width - w) / 2, my + (map - h) / 2, w, h);
+    ctx.imageSmoothingEnabled = true;
+  } else {
+    ctx.fillStyle = AnyStory.background;
+    ctx.fillRect(x0 + (width - map) / 2, my, map, map);
+    ctx.fillStyle = "#777";
+    ctx.textAlign = "center";
+    ctx.fillText("maps show here while sampling", x0 + width / 2, my + map / 2);
+    ctx.textAlign = "left";
+  }
+  // legend: subjects in order, then the background
+  const items = [...applyLegend(node), ["background", live?.background || AnyStory.background]];
+  const colW = (width - 12) / 2;
+  items.forEach(([label, color], i) => {
+    const lx = x0 + 6 + (i % 2) * colW;
+    const ly = my + map + 8 + Math.floor(i / 2) * 16;
+    ctx.fillStyle = color;
+    ctx.fillRect(lx, ly, 11, 11);
+    ctx.strokeStyle = "#aaa";
+    ctx.strokeRect(lx, ly, 11, 11);
+    ctx.fillStyle = "#ddd";
+    let text = String(label);
+    while (text.length > 3 && ctx.measureText(text).width > colW - 20) text = text.slice(0, -2);
+    ctx.fillText(text === String(label) ? text : `${text}…`, lx + 16, ly + 6);
+  });
+  ctx.restore();
+}
+
+function loaderInfoLayout(node, ctx) {
+  const info = liveOf(node).info;
+  if (!info) return null;
+  const top = node.computeSize()[1] + 2;
+  const width = node.size[0] - 2 * PANEL_PAD;
+  ctx.font = "11px sans-serif";
+  const lines = wrapText(ctx, info.split(/;\s*/).join("\n"), width - 12);
+  return { top, width, lines, height: lines.length * 14 + 10 };
+}
+
+function drawLoaderInfo(node, ctx) {
+  ctx.save();
+  const lay = loaderInfoLayout(node, ctx);
+  if (!lay) {
+    ctx.restore();
+    return;
+  }
+  if (node.size[1] < lay.top + lay.height + PANEL_PAD) {
+    ctx.restore();
+    ensureHeight(node, lay.top + lay.height + PANEL_PAD); // after a run: grow once, next frame draws
+    return;
+  }
+  ctx.fillStyle = "#15131f";
+  ctx.fillRect(PANEL_PAD, lay.top, lay.width, lay.height);
+  ctx.fillStyle = "#cfc8ff";
+  ctx.textBaseline = "top";
+  lay.lines.forEach((line, i) => ctx.fillText(line, PANEL_PAD + 6, lay.top + 5 + i * 14));
+  ctx.restore();
+}
+
+function drawEncodeStripe(node, ctx) {
+  if (node.flags?.collapsed) return;
+  const color = subjectColor(subjectIndex(node), liveOf(node).subject?.color);
+  ctx.save();
+  ctx.fillStyle = color;
+  ctx.fillRect(0, 0, 4, node.size[1]);
+  ctx.restore();
+}
+
+// ------------------------------------------------------------------------------------------------
+// live messages
+// ------------------------------------------------------------------------------------------------
+function upscaled(img, factor) {
+  // a crisp (nearest-neighbour) larger copy for the core image preview, which smooths when it scales
+  const c = document.createElement("canvas");
+  c.width = img.naturalWidth * factor;
+  c.height = img.naturalHeight * factor;
+  const g = c.getContext("2d");
+  g.imageSmoothingEnabled = false;
+  g.drawImage(img, 0, 0, c.width, c.height);
+  const out = new Image();
+  out.src = c.toDataURL("image/png");
+  return out;
+}
+
+function onRouting(detail) {
+  const stats = AnyStory.stats;
+  stats.events += 1;
+  stats.byNode[detail.node] = (stats.byNode[detail.node] || 0) + 1;
+  stats.lastStep = { node: detail.node, step: detail.step, steps: detail.steps, final: !!detail.final };
+  const node = nodeByExecutionId(detail.node);
+  if (!node) return;
+  const seq = stats.events;
+  const img = new Image();
+  img.onload = () => {
+    const st = liveOf(node);
+    if ((st.seq ?? -1) > seq) return; // a later step's map was decoded first
+    st.seq = seq;
+    stats.images += 1;
+    st.live = { ...detail, img };
+    const lay = applyPanelLayout(node);
+    ensureHeight(node, lay.top + lay.height + PANEL_PAD);
+    const factor = Math.max(1, Math.floor(384 / Math.max(img.naturalWidth, img.naturalHeight)));
+    for (const target of previewTargets(node)) {
+      const ts = liveOf(target);
+      if (ts.done) continue; // its own grid of this run is there
+      target.imgs = [factor > 1 ? upscaled(img, factor) : img];
+      target.imageIndex = 0;
+      ts.live = { step: detail.step, steps: detail.steps, final: !!detail.final };
+      stats.previewUpdates += 1;
+    }
+    dirty();
+  };
+  img.onerror = () => {
+    stats.errors += 1;
+  };
+  img.src = detail.image;
+}
+
+// ------------------------------------------------------------------------------------------------
+// the extension
+// ------------------------------------------------------------------------------------------------
+app.registerExtension({
+  name: EXTENSION,
+
+  async setup() {
+    window.AnyStory = AnyStory; // shared state, read by the browser tests and handy in the devtools
+    try {
+      const res = await api.fetchApi("/anystory/palette");
+      if (res.ok) {
+        const p = await res.json();
+        AnyStory.palette = p.subjects;
+        AnyStory.background = p.background || AnyStory.background;
+      }
+    } catch {
+      // older server without the route: colours come with each preview message
+    }
+    api.addEventListener(EVENT, ({ detail }) => {
+      try {
+        onRouting(detail);
+      } catch (e) {
+        AnyStory.stats.errors += 1;
+        console.warn("[AnyStory] live preview:", e);
+      }
+    });
+    api.addEventListener("execution_start", () => {
+      for (const node of app.graph?.nodes ?? []) {
+        if (node.type === T.preview && node.__anystory) Object.assign(node.__anystory, { live: null, done: false });
+      }
+    });
+    AnyStory.ready = true;
+    dirty();
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!ANYSTORY_TYPES.has(nodeData?.name)) return;
+    const type = nodeData.name;
+    const proto = nodeType.prototype;
+
+    const onDrawForeground = proto.onDrawForeground;
+    proto.onDrawForeground = function (ctx, ...rest) {
+      const r = onDrawForeground?.apply(this, [ctx, ...rest]);
+      if (this.flags?.collapsed) return r;
+      try {
+        if (type === T.apply) drawApplyPanel(this, ctx);
+        else if (type === T.encode) drawEncodeStripe(this, ctx);
+        else if (type === T.loader) drawLoaderInfo(this, ctx);
+      } catch (e) {
+        AnyStory.stats.errors += 1;
+        if (AnyStory.stats.errors < 5) console.warn("[AnyStory] draw:", e);
+      }
+      return r;
+    };
+
+    const onExecuted = proto.onExecuted;
+    proto.onExecuted = function (output) {
+      const r = onExecuted?.apply(this, arguments);
+      const st = liveOf(this);
+      if (type === T.loader && output?.text?.length) {
+        st.info = output.text.join("\n");
+        dirty();
+      } else if (type === T.encode && output?.anystory_subject?.length) {
+        st.subject = output.anystory_subject[0];
+      } else if (type === T.preview) {
+        st.live = null;
+        st.done = true; // live maps stop until the next run starts
+      }
+      return r;
+    };
+  },
+
+  nodeCreated(node) {
+    const type = typeOf(node);
+    if (!ANYSTORY_TYPES.has(type)) return;
+    if (!node.color) node.color = NODE_COLOR;
+    if (!node.bgcolor) node.bgcolor = NODE_BGCOLOR;
+    node.badges ??= [];
+    if (type === T.encode) {
+      node.badges.push(() => {
+        const i = subjectIndex(node);
+        const col = subjectColor(i, liveOf(node).subject?.color);
+        const warn = liveOf(node).subject?.warnings?.length ? " ⚠" : "";
+        return new Badge(`● ${i + 1} · ${subjectLabel(node, i)}${warn}`, col, textColorOn(col));
+      });
+    } else if (type === T.apply) {
+      node.badges.push(() => {
+        const live = liveOf(node).live;
+        return new Badge(live ? `AnyStory · ${live.step + 1}/${live.steps}` : "AnyStory");
+      });
+      // a new node gets room for the routing panel; a loaded one keeps its saved size until maps arrive
+      const lay = applyPanelLayout(node);
+      ensureHeight(node, lay.top + lay.height + PANEL_PAD);
+    } else if (type === T.preview) {
+      node.badges.push(() => {
+        const live = liveOf(node).live;
+        return new Badge(live ? `live ${live.step + 1}/${live.steps}` : "AnyStory");
+      });
+    } else {
+      node.badges.push(() => new Badge("AnyStory"));
+    }
+  },
+});
+
+AnyStory.subjectIndex = subjectIndex;
+AnyStory.subjectChain = (node) => subjectChain(node).map((n) => n.id);
+AnyStory.subjectColor = subjectColor;
+AnyStory.previewTargets = (node) => previewTargets(node).map((n) => n.id);
