@@ -242,3 +242,61 @@ def test_native_file_loads_and_drives_the_routing_preview(setup, trained, pack, 
     pred = masks > 0.5
     ious = [float((pred[i] & gt[i]).sum()) / max(1.0, float((pred[i] | gt[i]).sum())) for i in range(len(gt))]
     print(f"[test_train] preview masks vs held-out instances: IoU {[round(v, 3) for v in ious]}")
+
+
+def test_sampling_path_routes_as_the_training_evaluation(setup, trained, pack, comfy, harness):
+    """The file the loader reads drives ComfyUI's sampling exactly as training evaluated it: same held-out
+    image, timestep and noise → AnyStoryApply's router (in a real sampler call) picks the same route as
+    the training-time evaluation at every layer (a few ties may flip between the two attention paths)."""
+    import torch
+
+    A = setup["A"]
+    out = Path(trained["out"])
+    comfy.folder_paths.add_model_folder_path("anystory", str(out.parent))
+    am = F.node(pack, "AnyStoryModelLoader").load(out.name)["result"][0]
+    ds = A.train.InstanceDataset(setup["root"] / "eval", resolution=RES)
+    s = ds[1]
+    clip, vae = ColourClip(), UnitVAE()
+    enc = F.node(pack, "AnyStorySubjectEncode")
+    subjects = None
+    for i in range(s.num_instances):
+        subjects = enc.encode(am, clip, vae, s.image[None], mask=s.masks[i][None], subjects=subjects,
+                              label=f"shape {i}", reference="off")["result"][0]
+    model = setup["model"]
+    patched, routing = F.node(pack, "AnyStoryApply").apply(model, am, subjects, "router", 1.0, 0.0, 0.0, 1.0)
+
+    t = 200
+    ctx, y_raw = fixed_text([""], (RES, RES))
+    cond = {"pooled_output": y_raw[:, :1280], "width": RES, "height": RES}
+    y = model.model.encode_adm(**cond)  # the y ComfyUI's SDXL computes from this conditioning
+    latent = vae.encode(s.image[None])
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
+    sigma = model.get_model_object("model_sampling").sigmas[t].reshape(1).float()
+    C = harness.import_comfy()
+    sampler = C.samplers.sampler_object("euler")
+    pos = [[ctx, cond]]
+    C.sample.sample_custom(patched, noise, 1.0, sampler, torch.cat([sigma, sigma.new_zeros(1)]), pos, pos, latent,
+                           disable_pbar=True, seed=0)
+    run = routing.runs[-1]
+    (step_rec,) = run.steps.values()  # one model call
+
+    # the training evaluation of the same sample, t and noise, with the adapter read from the same file
+    adapter = A.checkpoint.load_adapter(str(out)).float()
+    enc_t = A.train.Encoders(clip=lambda im: clip.encode_image(im)["penultimate_hidden_states"],
+                             vae=lambda im: model.model.process_latent_in(vae.encode(im)), text=fixed_text)
+    batch = A.train.prepare_batch([s], enc_t, augment=False)
+    batch.y = y.float()
+    trainer = A.train.RouterTrainer(model.model.diffusion_model, adapter,
+                                    A.train.TrainConfig(mixed_precision="no"),
+                                    alphas_cumprod=A.train.alphas_cumprod_from_sigmas(
+                                        model.get_model_object("model_sampling").sigmas.float()))
+    with torch.no_grad():
+        ev = trainer(batch, t=torch.tensor([t]), noise=noise, mode="eval")
+    agree, total = 0, 0
+    for key, (hw, pred, _gt, _ks) in ev["state"].pred.items():
+        _hw, idx, _src = step_rec[key]
+        assert tuple(_hw) == tuple(hw)
+        agree += int((idx[0].long() == pred[0].cpu()).sum())
+        total += pred[0].numel()
+    assert total > 0 and len(ev["state"].pred) == len(step_rec)
+    assert agree / total >= 0.98, f"sampling and training routing agree on {agree}/{total} tokens"
