@@ -409,6 +409,52 @@ def profile(b: Bench, group: str, n: int, out_dir: Path):
     (out_dir / f"profile_{group}_{n}.txt").write_text(table + "\n\n" + cpu_table)
 
 
+def encode_breakdown(b: Bench, n: int, out_dir: Path, reference: str = "shared") -> str:
+    """Wall ms (synchronised) of each stage of one subject encode, median over ``n`` encodes after a warm-up:
+    the stage functions of the pack's encode/refnet modules are wrapped for the measurement only."""
+    import contextlib
+    import sys
+    enc_mod = sys.modules[type(b.N["AnyStorySubjectEncode"]()).__module__]
+    ref_mod = importlib.import_module(enc_mod.__name__.rsplit(".", 1)[0] + ".refnet")
+    import comfy.model_management as mm
+    times: dict = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            b.sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                b.sync()
+                times.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+        return wrapper
+
+    am = b.make("ip-adapter-plus-sdxl", refnet=False)
+    targets = [(enc_mod, "prepare_subject"), (enc_mod, "clip_features"), (enc_mod, "preview_images"),
+               (ref_mod, "capture_features"), (ref_mod, "_valid_tokens"), (mm, "load_models_gpu"),
+               (b.vae, "encode"), (am.adapter, "encode")]
+    with contextlib.ExitStack() as stack:
+        for obj, name in targets:
+            orig = getattr(obj, name)
+            label = name if isinstance(obj, type(sys)) else f"{type(obj).__name__}.{name}"
+            setattr(obj, name, timed(label, orig))
+            stack.callback(setattr, obj, name, orig)
+        b.encode(am, 1, reference, True)
+        times.clear()
+        _, total = b.encode(am, n, reference, True)
+    lines = [f"subject encode ({reference} reference), ms per subject, median of {n} (sum of calls per encode):",
+             f"  {'total':24s} {statistics.median(total):8.1f}"]
+    for name, ts in times.items():
+        per = [sum(ts[i::n]) for i in range(n)] if len(ts) % n == 0 else ts
+        lines.append(f"  {name:24s} {statistics.median(per):8.1f}   ({len(ts) // n} call(s) per encode)")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "encode_breakdown.txt").write_text(text + "\n")
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -419,7 +465,7 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="1,2,4")
     ap.add_argument("--configs", default="public,native,regional,ipadapter_plus")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, for checking the script on a CPU")
-    ap.add_argument("--profile", default="", help="GROUP:N[,GROUP:N] (plain|public|native|encode) — profiles "
+    ap.add_argument("--profile", default="", help="GROUP:N[,GROUP:N] (plain|public|native|encode|encode_parts) — profiles "
                                                   "(after the table unless --no-table)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -435,7 +481,10 @@ def main(argv=None) -> int:
             b.run()
         for spec in filter(None, args.profile.split(",")):
             g, n = spec.split(":")
-            profile(b, g, int(n), out)
+            if g == "encode_parts":
+                encode_breakdown(b, int(n), out)
+            else:
+                profile(b, g, int(n), out)
     if args.no_table:
         return 0
     dev = torch.cuda.get_device_name(0) if b.cuda else "cpu"

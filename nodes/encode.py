@@ -185,7 +185,7 @@ class AnyStorySubjectEncode:
             out = subjects.extended(subject)
         idx = len(out) - 1
         crop = prep.ref_image[..., :3].float().cpu()
-        ui = preview_images(crop[:1], prefix=f"anystory_subject_{idx}")
+        ui = preview_images(crop[:1], prefix=f"anystory_subject_{idx}", max_side=256)
         ui["anystory_subject"] = [{"index": idx, "color": PALETTE_HEX[idx % MAX_SUBJECTS],
                                    "label": subject.label or f"subject {idx + 1}",
                                    "warnings": subject.warnings,

@@ -40,10 +40,17 @@ def _zero_attn2_output(n, extra_options):
     return torch.zeros_like(n)
 
 
+class _AllCaptured(Exception):
+    """Raised by the capture hook at the last self-attention layer: the rest of the UNet (the full-
+    resolution output blocks, the out conv) would compute nothing that is kept."""
+
+
 def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, store_device,
                      shared: bool) -> tuple[dict, dict]:
-    """Run ``unet`` once on x (timestep 0) and return ({key: norm1 output [B, L, C]}, {key: (h, w)})."""
+    """Run ``unet`` once on x (timestep 0) up to its last self-attention layer and return
+    ({key: norm1 output [B, L, C]}, {key: (h, w)})."""
     feats, grids = {}, {}
+    expected = sum(1 for mod in unet.modules() if getattr(mod, "attn1", None) is not None)
 
     def grab(n, context, value, extra_options):
         key = _block_key(extra_options)
@@ -51,6 +58,8 @@ def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
         shape = extra_options.get("activations_shape")
         if shape is not None:
             grids[key] = (int(shape[-2]), int(shape[-1]))
+        if len(feats) == expected:
+            raise _AllCaptured
         return n, context, value
 
     to = {"patches": {"attn1_patch": [grab], "attn2_output_patch": [_zero_attn2_output]},
@@ -70,7 +79,10 @@ def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
         kwargs["y"] = torch.zeros(b, unet.label_emb[0][0].in_features, device=x.device, dtype=dtype)
     t = torch.zeros(b, device=x.device, dtype=torch.float32)
     with torch.no_grad():
-        unet(x.to(dtype), timesteps=t, context=context, transformer_options=to, **kwargs)
+        try:
+            unet(x.to(dtype), timesteps=t, context=context, transformer_options=to, **kwargs)
+        except _AllCaptured:
+            pass
     if shape_missing := [k for k in feats if k not in grids]:
         raise AnyStoryError(f"ComfyUI gave no activations_shape for layers {shape_missing[:3]}; "
                             "AnyStory needs ComfyUI 0.3.30 or newer")

@@ -230,3 +230,39 @@ def test_reference_auto_mode(env):
     import folder_paths
     img = with_model["ui"]["images"][0]
     assert img["type"] == "temp" and (Path(folder_paths.get_temp_directory()) / img["filename"]).is_file()
+
+
+def test_reference_capture_stops_after_the_last_self_attention(env):
+    """The shared ReferenceNet pass keeps every layer's norm1 output exactly as a full UNet pass gives
+    it, and does not run what follows the last self-attention layer (the output conv)."""
+    import torch
+    refnet = F.pack_mod("nodes.refnet")
+    unet = env.model.model.diffusion_model
+    x = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    calls = []
+    hook = unet.out.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        feats, grids = refnet.capture_features(unet, x, torch.float32, "cpu", shared=True)
+    finally:
+        hook.remove()
+    assert calls == []
+
+    full = {}
+
+    def grab(n, context, value, extra_options):
+        b = extra_options["block"]
+        full[(b[0], b[1], extra_options.get("block_index", 0))] = n.detach().clone()
+        return n, context, value
+
+    zero = {k: (lambda q, k_, v, eo: torch.zeros_like(q)) for k in [s.key for s in env.layout]}
+    to = {"patches": {"attn1_patch": [grab], "attn2_output_patch": [lambda n, eo: torch.zeros_like(n)]},
+          "patches_replace": {"attn2": zero}}
+    ctx_dim = next(m.attn2.to_k.weight.shape[1] for m in unet.modules() if getattr(m, "attn2", None) is not None)
+    kw = {"y": torch.zeros(1, unet.label_emb[0][0].in_features)} if getattr(unet, "num_classes", None) else {}
+    with torch.no_grad():
+        out = unet(x, timesteps=torch.zeros(1), context=torch.zeros(1, 1, ctx_dim), transformer_options=to, **kw)
+    assert out.shape == x.shape
+    assert set(feats) == set(full) and len(feats) == len(env.layout)
+    for k in full:
+        assert torch.equal(feats[k], full[k]), k
+        assert grids[k][0] * grids[k][1] == full[k].shape[1]
