@@ -131,6 +131,7 @@ class RoutedPatch:
         self.attention_router = attention_router
         self._run: dict = {}
         self._buffers = GroupedBuffers()
+        self._static_route_kv: Optional[dict] = None  # layer key → (K, V), from precompute_routes()
 
     # --- run level (one sampling) ------------------------------------------------------------------
     def begin_run(self, **meta) -> None:
@@ -170,23 +171,22 @@ class RoutedPatch:
         adapter's weights are not needed while sampling (unless the learned router runs)."""
         out = {}
         for spec in self.layout:
-            ip = self.adapter.ip_adapter[str(spec.ckpt_index)]
-            k, v = project_routes(ip, self.inputs.E.to(ip.to_k_ip.weight.device))
+            k, v = self._project_routes(spec)
             out[spec.key] = (k.to(device) if device is not None else k, v.to(device) if device is not None else v)
         self._static_route_kv = out
+
+    @torch.no_grad()
+    def _project_routes(self, spec):
+        ip = self.adapter.ip_adapter[str(spec.ckpt_index)]
+        return project_routes(ip, self.inputs.E.to(ip.to_k_ip.weight.device))
 
     def route_kv(self, spec, like: torch.Tensor):
         """(E_i Ŵ_k^l, E_i Ŵ_v^l) for all routes of layer l (precomputed, or projected once per run)."""
         cache = self._run.setdefault("route_kv", {})
         hit = cache.get(spec.key)
         if hit is None or hit[0].device != like.device or hit[0].dtype != like.dtype:
-            static = getattr(self, "_static_route_kv", None)
-            if static is not None and spec.key in static:
-                k, v = static[spec.key]
-            else:
-                ip = self.adapter.ip_adapter[str(spec.ckpt_index)]
-                with torch.no_grad():
-                    k, v = project_routes(ip, self.inputs.E.to(ip.to_k_ip.weight.device))
+            static = self._static_route_kv
+            k, v = static[spec.key] if static is not None and spec.key in static else self._project_routes(spec)
             hit = (k.to(like.device, like.dtype), v.to(like.device, like.dtype))
             cache[spec.key] = hit
         return hit

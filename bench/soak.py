@@ -173,10 +173,9 @@ def control_graph(files: dict, p: dict, prefix: str = "soak_control") -> dict:
 
 
 def plain_graph(files: dict) -> dict:
-    g = anchors(files)
-    render(g, ["1", 0], ["t", 0], dict(w=64, h=64, batch=1, seed=11, steps=2, cfg=5.0, sampler="euler",
-                                       scheduler="normal"), "soak_plain")
-    return g
+    """The fixed plain image rendered before and after the soak (must not change)."""
+    return control_graph(files, dict(w=64, h=64, batch=1, seed=11, steps=2, cfg=5.0, sampler="euler",
+                                     scheduler="normal"), "soak_plain")
 
 
 REFERENCE = dict(chain="fox+robot", mode="auto", eta=1.0, gamma=1.0, start=0.0, end=1.0, record=True, feather=0,

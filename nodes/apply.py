@@ -8,6 +8,7 @@ import uuid
 import torch
 
 import comfy.model_base
+import comfy.model_management as mm
 
 from ..anystory.layers import discover_layout
 from ..anystory.attention_router import AttentionRouter, observed_layers
@@ -262,7 +263,6 @@ class AnyStoryApply:
             ref_keys = [s.key for s in layout if s.key in refs.features][1:]  # layer 1 has no M^0: dropped
         # Ŵ_k/Ŵ_v projections of E, once; the adapter then stays out of sampling's VRAM unless the
         # learned router needs its weights every step
-        import comfy.model_management as mm
         mm.load_models_gpu([anystory.patcher])
         runtime.precompute_routes(mm.get_torch_device())
         install(patched, owner, ref_keys, [anystory.patcher] if runtime.uses_learned_router else [])

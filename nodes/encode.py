@@ -150,8 +150,7 @@ class AnyStorySubjectEncode:
         pbar.update(1)
 
         ad = anystory.adapter
-        mm.load_models_gpu([clip_vision.patcher])
-        feats = clip_features(clip_vision, prep.clip_image)
+        feats = clip_features(clip_vision, prep.clip_image)  # encode_image loads the model to the GPU
         check_clip_width(anystory, feats)
         zero = background_features(clip_vision)
         pbar.update(1)

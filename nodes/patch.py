@@ -53,6 +53,7 @@ class ComfyRoutedPatch:
         self.state_key = f"anystory_state_{uid}"
         self.step_key = f"anystory_step_{uid}"
         self._run_hw = None
+        self._sigma_seen = None  # (sigmas tensor of the current model call, its value on the host)
         runtime.project_reference = self.project_reference
 
     def __deepcopy__(self, memo):
@@ -84,6 +85,7 @@ class ComfyRoutedPatch:
         finally:
             self.runtime.end_run(output=out)
             self._run_hw = None
+            self._sigma_seen = None
 
     def predict_noise(self, executor, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.reshape(-1)[0])  # the one host sync of a step
@@ -253,13 +255,22 @@ class Attn2Replace(_Replace):
         return out
 
     def _added(self, out, q, k, v, extra_options):
-        sigmas = extra_options.get("sigmas")
-        sigma = float(sigmas.detach().reshape(-1)[0].cpu()) if sigmas is not None else 999999999.9
+        sigma = self._sigma(extra_options.get("sigmas"))
         dtype = out.dtype
         for callback, kw in self.callbacks:
             if kw.get("sigma_end", 0.0) <= sigma <= kw.get("sigma_start", 999999999.9):
                 out = out + callback(out, q, k, v, extra_options, **kw)
         return out.to(dtype)
+
+    def _sigma(self, sigmas) -> float:
+        """σ of this model call on the host: read once per call (one device sync), not once per layer."""
+        if sigmas is None:
+            return 999999999.9
+        seen = self.owner._sigma_seen
+        if seen is None or seen[0] is not sigmas:
+            seen = (sigmas, float(sigmas.detach().reshape(-1)[0].cpu()))
+            self.owner._sigma_seen = seen
+        return seen[1]
 
 
 class Attn1Replace(_Replace):

@@ -50,7 +50,14 @@ def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
     """Run ``unet`` once on x (timestep 0) up to its last self-attention layer and return
     ({key: norm1 output [B, L, C]}, {key: (h, w)})."""
     feats, grids = {}, {}
-    expected = sum(1 for mod in unet.modules() if getattr(mod, "attn1", None) is not None)
+    expected = 0  # self-attention layers: the capture is complete after this many
+    ctx_dim = None  # irrelevant when attn2 is removed or zeroed, but the shape must fit
+    for mod in unet.modules():
+        if getattr(mod, "attn1", None) is not None:
+            expected += 1
+        if ctx_dim is None and getattr(mod, "attn2", None) is not None:
+            ctx_dim = mod.attn2.to_k.weight.shape[1]
+    ctx_dim = ctx_dim or 2048
 
     def grab(n, context, value, extra_options):
         key = _block_key(extra_options)
@@ -68,11 +75,6 @@ def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
         keys = [s.key for s in discover_layout(unet)]
         to["patches_replace"]["attn2"] = {k: _zero_attn2_replace for k in keys}
     b = x.shape[0]
-    ctx_dim = 2048  # irrelevant when attn2 is removed or zeroed, but the shape must fit
-    for mod in unet.modules():
-        if getattr(mod, "attn2", None) is not None:
-            ctx_dim = mod.attn2.to_k.weight.shape[1]
-            break
     context = torch.zeros(b, 1, ctx_dim, device=x.device, dtype=dtype)
     kwargs = {}
     if getattr(unet, "num_classes", None) is not None:

@@ -56,11 +56,16 @@ _SKIP_REASON = (f"{_WHY}: set COMFYUI_PATH (see ../shared/docs/TESTING.md) — C
 _SKIPPED_HERE = []
 
 
-def _in_this_dir(item) -> bool:
+def in_dir(item, folder: Path) -> bool:
+    """Whether a collected test item lives below ``folder`` (conftest hooks see every item of the run)."""
     try:
-        return Path(str(item.path)).resolve().is_relative_to(HERE)
+        return Path(str(item.path)).resolve().is_relative_to(folder)
     except (AttributeError, ValueError):
         return False
+
+
+def _in_this_dir(item) -> bool:
+    return in_dir(item, HERE)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -206,25 +206,29 @@ def test_resume_continues_to_identical_weights(setup, tmp_path):
     assert torch.equal(wa["ip_adapter.1.to_k_ip.weight"], ipa["ip_adapter.1.to_k_ip.weight"])
 
 
-def test_native_file_loads_and_drives_the_routing_preview(setup, trained, pack, comfy, harness, temp_dir):
-    import torch
-
+def _trained_in_the_pack(setup, trained, pack, comfy, image: int):
+    """The trained file through AnyStoryModelLoader, and the instances of held-out image ``image`` encoded
+    by AnyStorySubjectEncode with the training's stand-ins → (ANYSTORY, sample, clip, vae, subjects)."""
     out = Path(trained["out"])
-    fp = comfy.folder_paths
-    fp.add_model_folder_path("anystory", str(out.parent))
+    comfy.folder_paths.add_model_folder_path("anystory", str(out.parent))
     am = F.node(pack, "AnyStoryModelLoader").load(out.name)["result"][0]
-    assert am.adapter.has_router and am.adapter.kind == "anystory-sdxl"
-    assert set(am.adapter.layer_dims) == {s.ckpt_index for s in setup["layout"]}
-
-    # two subjects of a held-out image, encoded by the pack's node with the same stand-ins
-    ds = setup["A"].train.InstanceDataset(setup["root"] / "eval", resolution=RES)
-    s = ds[0]
+    s = setup["A"].train.InstanceDataset(setup["root"] / "eval", resolution=RES)[image]
     clip, vae = ColourClip(), UnitVAE()
     enc = F.node(pack, "AnyStorySubjectEncode")
     subjects = None
     for i in range(s.num_instances):
         subjects = enc.encode(am, clip, vae, s.image[None], mask=s.masks[i][None], subjects=subjects,
                               label=f"shape {i}", reference="off")["result"][0]
+    return am, s, clip, vae, subjects
+
+
+def test_native_file_loads_and_drives_the_routing_preview(setup, trained, pack, comfy, harness, temp_dir):
+    import torch
+
+    # two subjects of a held-out image, encoded by the pack's node with the same stand-ins
+    am, s, clip, vae, subjects = _trained_in_the_pack(setup, trained, pack, comfy, 0)
+    assert am.adapter.has_router and am.adapter.kind == "anystory-sdxl"
+    assert set(am.adapter.layer_dims) == {spec.ckpt_index for spec in setup["layout"]}
     patched, routing = F.node(pack, "AnyStoryApply").apply(setup["model"], am, subjects, "router", 1.0, 0.0, 0.0, 1.0)
     ctx, y = fixed_text([""], (RES, RES))
     pos = [[ctx, {"pooled_output": y[:, :1280], "width": RES, "height": RES}]]
@@ -252,16 +256,7 @@ def test_sampling_path_routes_as_the_training_evaluation(setup, trained, pack, c
 
     A = setup["A"]
     out = Path(trained["out"])
-    comfy.folder_paths.add_model_folder_path("anystory", str(out.parent))
-    am = F.node(pack, "AnyStoryModelLoader").load(out.name)["result"][0]
-    ds = A.train.InstanceDataset(setup["root"] / "eval", resolution=RES)
-    s = ds[1]
-    clip, vae = ColourClip(), UnitVAE()
-    enc = F.node(pack, "AnyStorySubjectEncode")
-    subjects = None
-    for i in range(s.num_instances):
-        subjects = enc.encode(am, clip, vae, s.image[None], mask=s.masks[i][None], subjects=subjects,
-                              label=f"shape {i}", reference="off")["result"][0]
+    am, s, clip, vae, subjects = _trained_in_the_pack(setup, trained, pack, comfy, 1)
     model = setup["model"]
     patched, routing = F.node(pack, "AnyStoryApply").apply(model, am, subjects, "router", 1.0, 0.0, 0.0, 1.0)
 

@@ -79,10 +79,7 @@ def pytest_configure(config):
 
 
 def _in_this_dir(item) -> bool:
-    try:
-        return Path(str(item.path)).resolve().is_relative_to(HERE)
-    except (AttributeError, ValueError):
-        return False
+    return _N.in_dir(item, HERE)
 
 
 def pytest_collection_modifyitems(config, items):
