@@ -111,14 +111,17 @@ def key_extra(k_group: torch.Tensor, num_groups: int, dim_head: int, dtype,
 
 
 def with_extra(x: torch.Tensor, heads: int, extra: Optional[torch.Tensor], E: int) -> torch.Tensor:
-    """[B, L, H·D] (+ extra [B or 1, L, E] or None = zeros) → [B, H, L, D+E]."""
-    xh = split_heads(x, heads)
-    b, h, n, _ = xh.shape
+    """[B, L, H·D] (+ extra [B or 1, L, E] or None = zeros) → [B, H, L, D+E], stored as [B, L, H, D+E]
+    (the layout ComfyUI's q/k/v already have per head: staging is one copy, no transpose)."""
+    b, n, c = x.shape
+    D = c // heads
+    out = x.new_empty(b, n, heads, D + E)
+    out[..., :D] = x.view(b, n, heads, D)
     if extra is None:
-        pad = xh.new_zeros(b, h, n, E)
+        out[..., D:] = 0
     else:
-        pad = extra.to(xh.dtype)[:, None].expand(b, h, n, E)
-    return torch.cat([xh, pad], dim=-1)
+        out[..., D:] = extra.to(x.dtype)[:, :, None].expand(b, n, heads, E)
+    return out.transpose(1, 2)
 
 
 def grouped_sdpa(q_ext: torch.Tensor, k_ext: torch.Tensor, v_ext: torch.Tensor, dim_head: int) -> torch.Tensor:
@@ -127,11 +130,21 @@ def grouped_sdpa(q_ext: torch.Tensor, k_ext: torch.Tensor, v_ext: torch.Tensor, 
     return merge_heads(out[..., :dim_head])
 
 
+def query_extra_table(num_groups: int, rows: int, dtype, device) -> torch.Tensor:
+    """[rows, E]: row g is :func:`query_extra` of group g (rows ≥ num_groups: no group), so the query
+    extras of a route index are one embedding lookup (one kernel) instead of a scatter."""
+    g = torch.arange(rows)
+    return query_extra(g, num_groups, dtype).to(device)
+
+
 class GroupedBuffers:
-    """Reusable [B, H, L, D+E] staging buffers of the grouped attention, one set per shape, so that a
-    call costs one copy per operand (no cat/pad allocations). ComfyUI runs one UNet call at a time on
-    one stream, so reuse across layers is ordered. The extra dims of the self-key rows stay zero; the
-    query's extra dims are rewritten only when the routing (``q_extra``) changes."""
+    """Reusable staging buffers of the grouped attention, one set per shape, so that a call costs one
+    copy per operand (no cat/pad allocations) and as few host-side ops as possible: a buffer is stored as
+    [B, L, H, D+E] (ComfyUI's q/k/v viewed per head, so staging copies need no transpose) and handed to
+    SDPA as its [B, H, L, D+E] view; the slices that are written every call are views made once.
+    ComfyUI runs one UNet call at a time on one stream, so reuse across layers is ordered. The extra dims
+    of the self-key rows stay zero; the query's extra dims are rewritten only when the routing
+    (``q_extra``) changes."""
 
     def __init__(self):
         self._bufs: dict = {}
@@ -139,32 +152,44 @@ class GroupedBuffers:
     def clear(self) -> None:
         self._bufs.clear()
 
+    @staticmethod
+    def _tracked(x: torch.Tensor) -> bool:
+        """Autograd records this call (e.g. a sampler run outside inference mode on a model that requires
+        grad): in-place writes through views made earlier would break the graph, so stage afresh."""
+        return x.requires_grad and torch.is_grad_enabled()
+
     def query(self, q: torch.Tensor, heads: int, q_extra: torch.Tensor, E: int) -> torch.Tensor:
+        if self._tracked(q):
+            return with_extra(q, heads, q_extra, E)
         b, n, c = q.shape
         D = c // heads
-        key = ("q", b, heads, n, D + E, q.dtype, q.device)
+        key = ("q", b, heads, n, D, E, q.dtype, q.device)
         ent = self._bufs.get(key)
         if ent is None:
-            ent = [q.new_empty(b, heads, n, D + E), None]
+            buf = q.new_empty(b, n, heads, D + E)
+            ent = [buf[..., :D], None, buf[..., D:], buf.transpose(1, 2)]
             self._bufs[key] = ent
-        buf = ent[0]
-        buf[..., :D].copy_(split_heads(q, heads))
+        ent[0].copy_(q.view(b, n, heads, D))
         if ent[1] is not q_extra:
-            buf[..., D:].copy_(q_extra.to(q.dtype)[:, None].expand(b, heads, n, E))
+            ent[2].copy_(q_extra.to(q.dtype)[:, :, None].expand(b, n, heads, E))
             ent[1] = q_extra  # kept alive, so the identity test is sound
-        return buf
+        return ent[3]
 
     def keys(self, x: torch.Tensor, heads: int, tail: torch.Tensor, E: int, which: str) -> torch.Tensor:
         """[x (own tokens, extra dims 0); tail ([1, H, T, D+E], all rows)] as one [B, H, L+T, D+E]."""
+        if self._tracked(x) or self._tracked(tail):
+            b = x.shape[0]
+            return torch.cat([with_extra(x, heads, None, E), tail.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
         b, n, c = x.shape
         D = c // heads
         T = tail.shape[2]
-        key = (which, b, heads, n, T, D + E, x.dtype, x.device)
-        buf = self._bufs.get(key)
-        if buf is None:
-            buf = x.new_empty(b, heads, n + T, D + E)
-            buf[:, :, :n, D:] = 0
-            self._bufs[key] = buf
-        buf[:, :, :n, :D].copy_(split_heads(x, heads))
-        buf[:, :, n:].copy_(tail.expand(b, -1, -1, -1))
-        return buf
+        key = (which, b, heads, n, T, D, E, x.dtype, x.device)
+        ent = self._bufs.get(key)
+        if ent is None:
+            buf = x.new_empty(b, n + T, heads, D + E)
+            buf[:, :n, :, D:] = 0
+            ent = [buf[:, :n, :, :D], buf[:, n:], buf.transpose(1, 2)]
+            self._bufs[key] = ent
+        ent[0].copy_(x.view(b, n, heads, D))
+        ent[1].copy_(tail.transpose(1, 2).expand(b, -1, -1, -1))
+        return ent[2]

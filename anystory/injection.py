@@ -17,13 +17,14 @@ Two evaluations of the same sum:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .attention import NEG, AttnFn, extra_dims, grouped_sdpa, key_extra, query_extra, sdpa, with_extra
+from .attention import NEG, AttnFn, extra_dims, key_extra, query_extra, sdpa, with_extra
 
 
 class DecoupledKV(nn.Module):
@@ -119,6 +120,14 @@ class PreparedRoutes:
     v: torch.Tensor
     num_routes: int
     dim_head: int
+    expanded: dict = field(default_factory=dict)  # batch → (k, v) expanded views, made once
+
+    def kv(self, b: int):
+        hit = self.expanded.get(b)
+        if hit is None:
+            hit = (self.k.expand(b, -1, -1, -1), self.v.expand(b, -1, -1, -1))
+            self.expanded[b] = hit
+        return hit
 
 
 def prepare_routes(k_routes: torch.Tensor, v_routes: torch.Tensor, heads: int,
@@ -134,23 +143,41 @@ def prepare_routes(k_routes: torch.Tensor, v_routes: torch.Tensor, heads: int,
     ke = key_extra(groups, K, D, k_routes.dtype)
     k = with_extra(k_routes.reshape(1, K * m, C), heads, ke[None], E)
     v = with_extra(v_routes.reshape(1, K * m, C), heads, None, E)
-    return PreparedRoutes(k.contiguous(), v.contiguous(), K, D)
+    return PreparedRoutes(k, v, K, D)
 
 
 def routed_cross_attention_fast(q: torch.Tensor, routes: PreparedRoutes, index: torch.Tensor, heads: int,
                                 eta: Eta = 1.0, weight: Optional[torch.Tensor] = None,
-                                q_extra: Optional[torch.Tensor] = None, buffers=None) -> torch.Tensor:
+                                q_extra: Optional[torch.Tensor] = None, buffers=None,
+                                add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The routed term of eq. 5 for one-hot maps, as :func:`routed_cross_attention`, but with the route
     mask carried in extra head dimensions (no bias tensor; fused attention kernels stay available).
     ``q_extra`` may pass a cached :func:`query_extra` of ``index``; ``buffers`` a GroupedBuffers;
-    ``eta`` is applied here unless it was folded into ``routes`` (pass 1.0 then)."""
-    b = q.shape[0]
-    E = routes.k.shape[-1] - routes.dim_head
+    ``eta`` is applied here unless it was folded into ``routes`` (pass 1.0 then). ``add_to`` (the text
+    attention [B, L, C], contiguous): the routed term is added into it in place and it is returned —
+    the head merge and the sum of eq. 5 in one kernel; ``add_to`` may also be the text attention still
+    split in heads, as a [B, L, H, D] view (then the sum is written to a new [B, L, C] tensor)."""
+    b, n, c = q.shape
+    D = routes.dim_head
+    E = routes.k.shape[-1] - D
     qe = q_extra if q_extra is not None else query_extra(index, routes.num_routes, q.dtype)
     q_ext = buffers.query(q, heads, qe, E) if buffers is not None else with_extra(q, heads, qe, E)
-    out = grouped_sdpa(q_ext, routes.k.expand(b, -1, -1, -1), routes.v.expand(b, -1, -1, -1), routes.dim_head)
-    if not (isinstance(eta, float) and eta == 1.0):
+    k, v = routes.kv(b)
+    out = F.scaled_dot_product_attention(q_ext, k, v, scale=D ** -0.5)[..., :D].transpose(1, 2)  # [B, L, H, D]
+    plain_eta = isinstance(eta, float) and eta == 1.0
+    if add_to is not None and plain_eta and weight is None:
+        if add_to.dim() == 4:  # [B, L, H, D] view of a text attention still in heads: merge + sum, one kernel
+            res = add_to.new_empty(b, n, c)
+            torch.add(add_to, out, out=res.view(b, n, heads, D))
+            return res
+        if add_to.is_contiguous():
+            add_to.view(b, n, heads, D).add_(out)
+            return add_to
+    if add_to is not None and add_to.dim() == 4:
+        add_to = add_to.reshape(b, n, c)
+    out = out.reshape(b, n, c)
+    if not plain_eta:
         out = out * _eta_per_token(eta, index, out.dtype)
     if weight is not None:
         out = out * weight.unsqueeze(-1).to(out.dtype)
-    return out
+    return out if add_to is None else add_to + out.to(add_to.dtype)

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .adapter import AnyStoryAdapter
-from .attention import GroupedBuffers, query_extra
+from .attention import GroupedBuffers, query_extra_table
 from .injection import prepare_routes, project_routes, routed_cross_attention_fast
 from .layers import LayerLayout
 from .reference import ReferenceFeatures, prepare_references, routed_reference_attention_fast
@@ -132,11 +132,19 @@ class RoutedPatch:
         self._run: dict = {}
         self._buffers = GroupedBuffers()
         self._static_route_kv: Optional[dict] = None  # layer key → (K, V), from precompute_routes()
+        self._routes_prep: dict = {}  # layer key → PreparedRoutes (kept across runs)
+        self._routes_src: Optional[tuple] = None  # (E, η) the prepared routes were made from
+        self._ref_rows_cache: dict = {}  # layer key → (valid reference rows, lengths), see _ref_rows
 
     # --- run level (one sampling) ------------------------------------------------------------------
     def begin_run(self, **meta) -> None:
         """Drop every per-run cache (reference K/V are projected with the UNet weights of this run,
         which LoRAs or other patches may have changed)."""
+        src = self._routes_src
+        if src is None or any(a is not b for a, b in zip(src, (self.inputs.E, self.inputs.eta, self.inputs.refs))):
+            self._routes_prep = {}  # E, η or the references were replaced: prepare them again
+            self._ref_rows_cache = {}
+            self._routes_src = (self.inputs.E, self.inputs.eta, self.inputs.refs)
         self._run = {"route_kv": {}, "ref_kv": {}, "mask_index": {}, "dev": {},
                      "eta_zero": bool((self.inputs.eta == 0).all()),
                      "gamma_zero": bool((self.inputs.gamma == 0).all())}
@@ -191,30 +199,48 @@ class RoutedPatch:
             cache[spec.key] = hit
         return hit
 
-    def prepared_routes(self, spec, like: torch.Tensor):
-        """route_kv in the grouped layout of the fused routed attention (once per run and layer)."""
-        cache = self._run.setdefault("routes_prep", {})
-        hit = cache.get(spec.key)
-        if hit is None or hit.k.device != like.device or hit.k.dtype != like.dtype:
+    def prepared_routes(self, key, like: torch.Tensor):
+        """route_kv in the grouped layout of the fused routed attention. It depends on E, Ŵ and η only,
+        all fixed by AnyStoryApply, so it is made once per layer, device and dtype and kept across runs."""
+        hit = self._routes_prep.get(key)
+        if hit is None or hit.k.dtype != like.dtype or hit.k.device != like.device:
+            spec = self.layout.by_key(key)
             k, v = self.route_kv(spec, like)
             hit = prepare_routes(k, v, spec.heads, eta=self.inputs.eta.to(like.device))
-            cache[spec.key] = hit
+            self._routes_prep[key] = hit
+        return hit
+
+    def _ref_rows(self, key, device):
+        """(row index [T] into G^l flattened over subjects, tokens per subject): the subjects' valid
+        reference tokens, found once per layer and kept across runs (no boolean indexing, so no device
+        sync, while sampling)."""
+        hit = self._ref_rows_cache.get(key)
+        if hit is None or hit[0].device != device:
+            refs = self.inputs.refs
+            f = refs.features[key]
+            n, L = f.shape[0], f.shape[1]
+            valid = refs.valid.get(key)
+            rows, lengths = [], []
+            for i in range(n):
+                r = torch.arange(L) if valid is None else valid[i].cpu().nonzero().squeeze(-1)
+                rows.append(r + i * L)
+                lengths.append(int(r.numel()))
+            hit = (torch.cat(rows).to(device), lengths)
+            self._ref_rows_cache[key] = hit
         return hit
 
     def ref_kv(self, key, like: torch.Tensor):
-        """(K̃_i^l, Ṽ_i^l) per subject for layer l, from G_i^l through the UNet's attn1, once per run."""
+        """(K̃_i^l, Ṽ_i^l) per subject for layer l, from G_i^l through the UNet's attn1, once per run (one
+        projection for all subjects)."""
         cache = self._run.setdefault("ref_kv", {})
         hit = cache.get(key)
         if hit is None:
-            refs = self.inputs.refs
-            ks, vs = [], []
+            f = self.inputs.refs.features[key]
+            rows, lengths = self._ref_rows(key, f.device)
             with torch.no_grad():
-                for i in range(refs.num_subjects):
-                    g = refs.subject_tokens(key, i).to(like.device, like.dtype)
-                    k, v = self.project_reference(key, g)
-                    ks.append(k.to(like.dtype))
-                    vs.append(v.to(like.dtype))
-            hit = (ks, vs)
+                g = f.flatten(0, 1).index_select(0, rows).to(like.device, like.dtype, non_blocking=True)
+                k, v = self.project_reference(key, g)
+            hit = (list(k.to(like.dtype).split(lengths)), list(v.to(like.dtype).split(lengths)))
             cache[key] = hit
         return hit
 
@@ -223,7 +249,8 @@ class RoutedPatch:
         cache = self._run.setdefault("refs_prep", {})
         if key not in cache:
             ks, vs = self.ref_kv(key, like)
-            cache[key] = prepare_references(ks, vs, heads, self.inputs.gamma.to(like.device))
+            # γ stays on the host: prepare_references decides on it there (no device sync per layer)
+            cache[key] = prepare_references(ks, vs, heads, self.inputs.gamma)
         return cache[key]
 
     # --- routing -------------------------------------------------------------------------------
@@ -282,16 +309,17 @@ class RoutedPatch:
         bg = self.inputs.num_subjects
         parts, weights = [], []
         rec = None
+        record = self.recorder is not None and getattr(self.recorder, "enabled", True)
         for sl, is_cond in state.chunks:
             rows = sl.stop - sl.start
             if not is_cond:
-                parts.append(torch.full((rows, L), bg, dtype=torch.long, device=n.device))
+                parts.append(self._constant(("bg", rows, L, n.device), bg, torch.long, (rows, L), n.device))
                 weights.append(None)
                 continue
             idx, src, w = self._route_rows(spec, n[sl], hw, state)
             parts.append(idx)
             weights.append(w)
-            if rec is None:
+            if rec is None and record:
                 rec = (idx.to(torch.uint8), src)
         index = torch.cat(parts) if len(parts) > 1 else parts[0]
         weight = None
@@ -299,6 +327,15 @@ class RoutedPatch:
             weight = torch.cat([w if w is not None else torch.ones(p.shape, device=n.device)
                                 for w, p in zip(weights, parts)])
         return index, (rec[0] if rec else None), (rec[1] if rec else None), weight
+
+    def _constant(self, key, value, dtype, shape, device) -> torch.Tensor:
+        """A constant tensor made once per run (background routes of uncond rows, router sources)."""
+        cache = self._run.setdefault("const", {})
+        hit = cache.get(key)
+        if hit is None:
+            hit = torch.full(shape, value, dtype=dtype, device=device)
+            cache[key] = hit
+        return hit
 
     def _route_rows(self, spec, z: torch.Tensor, hw, state: CallState):
         mode = self.inputs.mode
@@ -314,7 +351,7 @@ class RoutedPatch:
                 prep = router.prepare(r.to(router.proj_z.weight.dtype))
                 cache[spec.key] = prep
             base = router.route(z.to(router.proj_z.weight.dtype), prep)
-            src = torch.full_like(base, SOURCE_ROUTER, dtype=torch.uint8)
+            src = self._constant(("src", SOURCE_ROUTER, rows, L, dev), SOURCE_ROUTER, torch.uint8, (rows, L), dev)
         elif mode in (MODE_ATTENTION, MODE_MIXED) and self.attention_router is not None:
             base = self.attention_router.route(spec, hw, rows, dev, state)
             if base is not None:
@@ -332,33 +369,54 @@ class RoutedPatch:
         if base is None:  # nothing can decide (e.g. attention router before its warm-up): background
             base = torch.full((rows, L), self.inputs.num_subjects, dtype=torch.long, device=dev)
             src = torch.full((rows, L), SOURCE_ROUTER, dtype=torch.uint8, device=dev)
-        if weight is None:
+        if weight is None and self.inputs.feather:
             weight = torch.ones(rows, L, device=dev)
         return base, src, weight
 
     # --- injection -----------------------------------------------------------------------------
     def _query_extra(self, state: CallState, index: torch.Tensor, groups: int, dtype) -> torch.Tensor:
+        """query_extra(index) as one embedding lookup in a per-run table (route index values 0…N)."""
         key = ("qe", id(index), groups, dtype)
         hit = state.cache.get(key)
         if hit is None or hit[0] is not index:
-            hit = (index, query_extra(index, groups, dtype))
+            tables = self._run.setdefault("qe_table", {})
+            tk = (groups, dtype, index.device)
+            table = tables.get(tk)
+            if table is None:
+                table = query_extra_table(groups, self.inputs.num_routes, dtype, index.device)
+                tables[tk] = table
+            hit = (index, torch.nn.functional.embedding(index, table))
             state.cache[key] = hit
         return hit[1]
 
-    def cross_attention(self, state: CallState, key, q, k, v, heads: int, base: Callable) -> torch.Tensor:
-        """attn2 of layer l: text attention (``base``) + eq. 5 routed term (one fused attention)."""
-        out = base(q, k, v)
+    def cross_attention(self, state: CallState, key, q, k, v, heads: int, base: Callable,
+                        direct_text: bool = False) -> torch.Tensor:
+        """attn2 of layer l: text attention (``base``) + eq. 5 routed term (one fused attention).
+
+        ``direct_text``: the host's attention is torch's SDPA anyway (ComfyUI's attention_pytorch, no
+        override), so where the routed term is added the text attention is called here directly, still in
+        heads, and its head merge is fused with the sum of eq. 5 (fewer host-side ops per layer)."""
         if self.attention_router is not None and state.active:
             self.attention_router.observe(state, key, q, k, heads)
         index = state.index.get(key)
         if not state.active or index is None or self._run.get("eta_zero", False):
-            return out
-        spec = self.layout.by_key(key)
-        routes = self.prepared_routes(spec, q)
+            return base(q, k, v)
+        routes = self.prepared_routes(key, q)
         qe = self._query_extra(state, index, routes.num_routes, q.dtype)
-        # η is folded into the prepared values (prepare_routes)
-        return out + routed_cross_attention_fast(q, routes, index, heads, 1.0, weight=state.weight.get(key),
-                                                 q_extra=qe, buffers=self._buffers).to(out.dtype)
+        weight = state.weight.get(key)
+        if direct_text and weight is None and k.shape[0] == q.shape[0]:
+            b, n, c = q.shape
+            d = c // heads
+            text = torch.nn.functional.scaled_dot_product_attention(
+                q.view(b, n, heads, d).transpose(1, 2), k.view(b, -1, heads, d).transpose(1, 2),
+                v.view(b, -1, heads, d).transpose(1, 2))
+            return routed_cross_attention_fast(q, routes, index, heads, 1.0, q_extra=qe, buffers=self._buffers,
+                                               add_to=text.transpose(1, 2))
+        out = base(q, k, v)
+        # η is folded into the prepared values (prepare_routes); the routed term is added into ``out`` (a
+        # fresh tensor of the text attention) in place where possible
+        return routed_cross_attention_fast(q, routes, index, heads, 1.0, weight=weight,
+                                           q_extra=qe, buffers=self._buffers, add_to=out)
 
     def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable) -> torch.Tensor:
         """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else."""

@@ -52,6 +52,28 @@ class RunRecord:
         return 0
 
 
+def _to_host(run: "RunRecord") -> None:
+    """Move every recorded map of a run to the CPU in ONE device→host transfer. Layers of one grid often
+    share one tensor (masks and the attention router decide per grid), so each tensor is moved once."""
+    distinct: dict = {}
+    for rec in run.steps.values():
+        for hw, idx, src in rec.values():
+            for t in (idx, src):
+                if t.device.type != "cpu":
+                    distinct.setdefault(id(t), t)
+    if not distinct:
+        return
+    tensors = list(distinct.values())
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    host, at = {}, 0
+    for key, t in distinct.items():
+        host[key] = flat[at:at + t.numel()].view(t.shape)
+        at += t.numel()
+    for rec in run.steps.values():
+        for key, (hw, idx, src) in rec.items():
+            rec[key] = (hw, host.get(id(idx), idx), host.get(id(src), src))
+
+
 class RoutingRecorder:
     """ANYSTORY_ROUTING: filled by the patch during sampling, read by AnyStoryRoutingPreview."""
 
@@ -89,9 +111,7 @@ class RoutingRecorder:
         self._current = None
         if run is None:
             return
-        for rec in run.steps.values():  # one transfer at the end of the run, none per step
-            for key, (hw, idx, src) in rec.items():
-                rec[key] = (hw, idx.cpu(), src.cpu())
+        _to_host(run)  # one transfer at the end of the run, none per step
         if output is not None:
             run.output = output.detach().float().cpu()
         run.meta.update(meta)

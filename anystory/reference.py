@@ -28,7 +28,8 @@ from typing import Optional, Union
 
 import torch
 
-from .attention import NEG, AttnFn, extra_dims, grouped_sdpa, key_extra, query_extra, sdpa, with_extra
+from .attention import (NEG, AttnFn, GroupedBuffers, extra_dims, grouped_sdpa, key_extra, query_extra, sdpa,
+                        with_extra)
 
 Gamma = Union[float, torch.Tensor]
 
@@ -140,9 +141,9 @@ def prepare_references(k_ref: RefList, v_ref: RefList, heads: int, gamma: Gamma)
     groups = torch.cat([torch.full((k_ref[i].shape[0],), i) for i in keep])
     ks = torch.cat([k_ref[i] for i in keep])[None]
     vs = torch.cat([v_ref[i] for i in keep])[None]
-    ke = key_extra(groups, n, D, ks.dtype, offsets=lg).to(ks.device)
-    return PreparedReferences(with_extra(ks, heads, ke[None], E).contiguous(),
-                              with_extra(vs, heads, None, E).contiguous(), n, D)
+    # built on the host, sent without waiting for the device (the source is a fresh host tensor)
+    ke = key_extra(groups, n, D, ks.dtype, offsets=lg).to(ks.device, non_blocking=True)
+    return PreparedReferences(with_extra(ks, heads, ke[None], E), with_extra(vs, heads, None, E), n, D)
 
 
 def routed_reference_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -153,16 +154,11 @@ def routed_reference_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.T
     ``buffers`` (a GroupedBuffers) stages the operands with one copy each."""
     if refs is None:
         return sdpa(q, k, v, heads)
-    b = q.shape[0]
     E = refs.k.shape[-1] - refs.dim_head
     qe = q_extra if q_extra is not None else query_extra(index, refs.num_subjects, q.dtype)
-    if buffers is not None:
-        return grouped_sdpa(buffers.query(q, heads, qe, E), buffers.keys(k, heads, refs.k, E, "k"),
-                            buffers.keys(v, heads, refs.v, E, "v"), refs.dim_head)
-    q_ext = with_extra(q, heads, qe, E)
-    k_ext = torch.cat([with_extra(k, heads, None, E), refs.k.to(k.dtype).expand(b, -1, -1, -1)], dim=2)
-    v_ext = torch.cat([with_extra(v, heads, None, E), refs.v.to(v.dtype).expand(b, -1, -1, -1)], dim=2)
-    return grouped_sdpa(q_ext, k_ext, v_ext, refs.dim_head)
+    buffers = buffers if buffers is not None else GroupedBuffers()
+    return grouped_sdpa(buffers.query(q, heads, qe, E), buffers.keys(k, heads, refs.k, E, "k"),
+                        buffers.keys(v, heads, refs.v, E, "v"), refs.dim_head)
 
 
 @dataclass

@@ -185,17 +185,19 @@ class Bench:
         self.size = args.size
         self.latent = torch.zeros(1, 4, self.size // 8, self.size // 8)
         self.results = []
+        self.plain_runs = []  # ms/step of every plain sampling measured beside a configuration
+        self.last_plain = []  # those of the last configuration
 
     def sync(self):
         import torch
         if self.cuda:
             torch.cuda.synchronize()
 
-    def sample(self, model, pos, neg, steps: int, seed: int = 1):
+    def sample(self, model, pos, neg, steps: int, seed: int = 1, callback=None):
         import comfy.sample
         noise = comfy.sample.prepare_noise(self.latent, seed)
         return comfy.sample.sample(model, noise, steps, self.args.cfg, "euler", "normal", pos, neg, self.latent,
-                                   disable_pbar=True, seed=seed)
+                                   disable_pbar=True, seed=seed, callback=callback)
 
     def unload_aux(self):
         """Unload what encoding left loaded (CLIP vision, VAE, a native ReferenceNet): sampling does not
@@ -211,25 +213,44 @@ class Bench:
         mm.current_loaded_models[:] = keep
         mm.soft_empty_cache()
 
-    def time_sampling(self, model, pos, neg):
-        """ms per step = (t(long) − t(short)) / (long − short); peak VRAM of the long run."""
+    def _timed_sampling(self, model, pos, neg):
+        """(ms per step, total s) of one sampling: ms per step is the median of its step-to-step intervals
+        (sampler callback, host clock) without the first two steps — robust against the VM's hiccups,
+        which a difference of two totals is not."""
+        stamps = []
+        self.sync()
+        t0 = time.perf_counter()
+        self.sample(model, pos, neg, self.args.steps, callback=lambda *a: stamps.append(time.perf_counter()))
+        self.sync()
+        total = time.perf_counter() - t0
+        diffs = [b - a for a, b in zip(stamps[2:], stamps[3:])]
+        return (statistics.median(diffs) * 1000 if diffs else total / self.args.steps * 1000), total
+
+    def time_sampling(self, model, pos, neg, against_plain: bool = True):
+        """(ms per step, ratio to plain, total s, peak VRAM GB). The host-bound speed of the VM drifts by
+        tens of percent within minutes, so each of the ``repeats`` samplings of this configuration follows
+        a plain sampling, and the ratio is the median of the ratios of these adjacent pairs."""
         import torch
         self.unload_aux()
-        long, short = self.args.steps, max(1, self.args.steps // 5)
         self.sample(model, pos, neg, 2)  # warm-up (loads, allocator, caches)
-        ts, tl = [], []
+        pos0, neg0 = conds(0, self.size)
+        ms_runs, ratios, totals = [], [], []
         peak = 0.0
         for _ in range(self.args.repeats):
-            self.sync(); t0 = time.perf_counter(); self.sample(model, pos, neg, short); self.sync()
-            ts.append(time.perf_counter() - t0)
+            plain = self._timed_sampling(self.model, pos0, neg0)[0] if against_plain else None
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()
-            self.sync(); t0 = time.perf_counter(); self.sample(model, pos, neg, long); self.sync()
-            tl.append(time.perf_counter() - t0)
+            ms, total = self._timed_sampling(model, pos, neg)
             if self.cuda:
                 peak = max(peak, torch.cuda.max_memory_allocated() / 2 ** 30)
-        per_step = (statistics.median(tl) - statistics.median(ts)) / (long - short) * 1000
-        return per_step, statistics.median(tl), peak
+            ms_runs.append(ms)
+            totals.append(total)
+            if plain:
+                ratios.append(ms / plain)
+                self.plain_runs.append(plain)
+        ratio = statistics.median(ratios) if ratios else 1.0
+        self.last_plain = [ms / r for ms, r in zip(ms_runs, ratios)]
+        return statistics.median(ms_runs), ratio, statistics.median(totals), peak
 
     def encode(self, am, n: int, reference: str, labels: bool):
         enc = self.N["AnyStorySubjectEncode"]()
@@ -265,12 +286,12 @@ class Bench:
                       for m in mm.current_loaded_models]
             print(f"[bench] after {what}: {alloc:.2f} GB allocated; loaded {loaded}", flush=True)
 
-    def record(self, name, n, ms, total, peak, enc_ms=None, note=""):
-        plain = self.results[0]["ms_per_step"] if self.results else ms
-        row = {"name": name, "subjects": n, "ms_per_step": round(ms, 2), "ratio_to_plain": round(ms / plain, 3),
+    def record(self, name, n, ms, ratio, total, peak, enc_ms=None, note=""):
+        row = {"name": name, "subjects": n, "ms_per_step": round(ms, 2), "ratio_to_plain": round(ratio, 3),
                "encode_ms_per_subject": None if enc_ms is None else round(enc_ms, 1),
                "peak_vram_gb": round(peak, 3), "total_s": round(total, 2), "note": note}
         if self.results:
+            row["plain_ms_per_step_beside"] = round(statistics.median(self.last_plain), 2) if self.last_plain else None
             row["vram_overhead_gb"] = round(peak - self.results[0]["peak_vram_gb"], 3)
         self.results.append(row)
         print(f"[bench] {name:34s} {ms:8.2f} ms/step  x{row['ratio_to_plain']:.3f}  "
@@ -281,8 +302,8 @@ class Bench:
         args = self.args
         H = W = self.size
         pos0, neg0 = conds(0, self.size)
-        ms, total, peak = self.time_sampling(self.model, pos0, neg0)
-        self.record("plain SDXL", 0, ms, total, peak)
+        ms, _, total, peak = self.time_sampling(self.model, pos0, neg0, against_plain=False)
+        self.record("plain SDXL", 0, ms, 1.0, total, peak)
         self.settle("plain")
         apply = self.N["AnyStoryApply"]()
         counts = [int(c) for c in args.subjects.split(",")]
@@ -374,20 +395,7 @@ def profile(b: Bench, group: str, n: int, out_dir: Path):
     """torch.profiler over a few steps of one configuration: top CUDA and CPU ops."""
     import torch
     from torch.profiler import ProfilerActivity, profile as tprofile
-    apply = b.N["AnyStoryApply"]()
-    pos0, neg0 = conds(0, b.size)
-    if group in ("plain", "encode"):
-        m, pos, neg = b.model, pos0, neg0
-    elif group == "public":
-        am = b.make("ip-adapter-plus-sdxl", refnet=False)
-        subjects, _ = b.encode(am, n, "shared", True)
-        pos, neg = conds(n, b.size)
-        m, _ = apply.apply(b.model, am, subjects, "attention", 1.0, 1.0, 0.0, 1.0)
-    else:
-        am = b.make("anystory-sdxl", refnet=True)
-        subjects, _ = b.encode(am, n, "native", False)
-        m, _ = apply.apply(b.model, am, subjects, "router", 1.0, 1.0, 0.0, 1.0)
-        pos, neg = pos0, neg0
+    m, pos, neg = _patched(b, "plain" if group == "encode" else group, n)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
     if group == "encode":
         am = b.make("ip-adapter-plus-sdxl", refnet=False)
@@ -407,6 +415,90 @@ def profile(b: Bench, group: str, n: int, out_dir: Path):
     print(cpu_table)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"profile_{group}_{n}.txt").write_text(table + "\n\n" + cpu_table)
+
+
+def _patched(b: Bench, group: str, n: int, **kw):
+    """(model, pos, neg) of one configuration; ``kw`` overrides AnyStoryApply's inputs."""
+    apply = b.N["AnyStoryApply"]()
+    if group == "plain":
+        pos, neg = conds(0, b.size)
+        return b.model, pos, neg
+    if group == "public":
+        am = b.make("ip-adapter-plus-sdxl", refnet=False)
+        subjects, _ = b.encode(am, n, "shared", True)
+        pos, neg = conds(n, b.size)
+        args = dict(router_mode="attention")
+    elif group == "regional":
+        am = b.make("ip-adapter-plus-sdxl", refnet=False)
+        subjects, _ = b.encode(am, n, "off", False)
+        pos, neg = conds(0, b.size)
+        args = dict(router_mode="masks", gamma=0.0, region_masks=region_masks(n, b.size, b.size))
+    else:
+        am = b.make("anystory-sdxl", refnet=True)
+        subjects, _ = b.encode(am, n, "native", False)
+        pos, neg = conds(0, b.size)
+        args = dict(router_mode="router")
+    args.update(kw)
+    m, _ = apply.apply(b.model, am, subjects, **args)
+    return m, pos, neg
+
+
+ABLATIONS = [  # (label, AnyStoryApply overrides): the same patch with parts switched off
+    ("full", {}),
+    ("hooks installed, never active (start=end=100 %)", dict(start_percent=1.0, end_percent=1.0)),
+    ("no routing record", dict(record_routing=False)),
+    ("routing + eq. 5 only (γ = 0)", dict(gamma=0.0)),
+    ("routing + eq. 6-8 only (η = 0)", dict(eta=0.0)),
+    ("routing only (η = γ = 0)", dict(eta=0.0, gamma=0.0)),
+]
+
+
+def ablate(b: Bench, group: str, n: int, out_dir: Path) -> str:
+    """ms/step of one configuration with its parts switched off one by one, against plain, in one run."""
+    lines = [f"ablation of {group} with {n} subject(s): ms/step, × plain (median ratio to the plain sampling run "
+             "just before each measured sampling)"]
+    for label, kw in ABLATIONS:
+        m, pos, neg = _patched(b, group, n, **kw)
+        ms, ratio, _, peak = b.time_sampling(m, pos, neg)
+        lines.append(f"  {label:52s} {ms:8.2f}  x{ratio:.3f}  peak {peak:.2f} GB")
+        print(lines[-1], flush=True)
+        del m
+        b.settle(label)
+    pl = b.plain_runs[-len(ABLATIONS) * b.args.repeats:]
+    lines.append(f"  plain SDXL during the ablation: median {statistics.median(pl):.2f} ms/step, "
+                 f"min {min(pl):.2f}, max {max(pl):.2f}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"ablation_{group}_{n}.txt").write_text(text + "\n")
+    return text
+
+
+def host_profile(b: Bench, group: str, n: int, out_dir: Path, steps: int = 3) -> str:
+    """cProfile (host time per Python function) of a few sampling steps: where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+    m, pos, neg = _patched(b, group, n)
+    b.sample(m, pos, neg, 2)
+    b.sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    b.sample(m, pos, neg, steps)
+    b.sync()
+    prof.disable()
+    wall = (time.perf_counter() - t0) * 1000
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    buf.write(f"{group} {n}: {steps} steps in {wall:.1f} ms under cProfile\n")
+    st.sort_stats("tottime").print_stats(40)
+    st.sort_stats("cumulative").print_stats(60)
+    text = buf.getvalue()
+    print(text, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"host_{group}_{n}.txt").write_text(text)
+    return text
 
 
 def encode_breakdown(b: Bench, n: int, out_dir: Path, reference: str = "shared") -> str:
@@ -465,7 +557,8 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="1,2,4")
     ap.add_argument("--configs", default="public,native,regional,ipadapter_plus")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, for checking the script on a CPU")
-    ap.add_argument("--profile", default="", help="GROUP:N[,GROUP:N] (plain|public|native|encode|encode_parts) — profiles "
+    ap.add_argument("--profile", default="", help="GROUP:N[,GROUP:N] (plain|public|native|encode|encode_parts|ablate_public|ablate_native|"
+                                                  "host_plain|host_public|host_native) — profiles "
                                                   "(after the table unless --no-table)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -483,6 +576,10 @@ def main(argv=None) -> int:
             g, n = spec.split(":")
             if g == "encode_parts":
                 encode_breakdown(b, int(n), out)
+            elif g.startswith("ablate_"):
+                ablate(b, g[len("ablate_"):], int(n), out)
+            elif g.startswith("host_"):
+                host_profile(b, g[len("host_"):], int(n), out)
             else:
                 profile(b, g, int(n), out)
     if args.no_table:
@@ -496,11 +593,15 @@ def main(argv=None) -> int:
     (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     lines = [f"# AnyStory benchmark — {dev}, {data['date']}", "",
              f"SDXL {args.size}², {args.steps} steps, euler, cfg {args.cfg}, fp16, random weights, ComfyUI samplers; "
-             "ratios measured in the same run.", "",
-             "| configuration | subjects | ms/step | × plain | encode ms/subject | peak VRAM GB | overhead GB |",
-             "|---|---|---|---|---|---|---|"]
+             f"{args.repeats} samplings per configuration, each right after a plain one. ms/step: median step-to-step "
+             "interval; × plain: median ratio of each sampling to the plain sampling just before it (the plain "
+             "ms/step of those is in the next column).", "",
+             "| configuration | subjects | ms/step | × plain | plain ms/step beside it | encode ms/subject | "
+             "peak VRAM GB | overhead GB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in b.results:
         lines.append(f"| {r['name']} | {r['subjects']} | {r['ms_per_step']} | {r['ratio_to_plain']} | "
+                     f"{r.get('plain_ms_per_step_beside') or '–'} | "
                      f"{r['encode_ms_per_subject'] if r['encode_ms_per_subject'] is not None else '–'} | "
                      f"{r['peak_vram_gb']} | {r.get('vram_overhead_gb', 0)} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

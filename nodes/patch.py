@@ -54,6 +54,7 @@ class ComfyRoutedPatch:
         self.step_key = f"anystory_step_{uid}"
         self._run_hw = None
         self._sigma_seen = None  # (sigmas tensor of the current model call, its value on the host)
+        self._sigmas_seen = None  # (sample_sigmas of the run, as host floats)
         runtime.project_reference = self.project_reference
 
     def __deepcopy__(self, memo):
@@ -86,6 +87,7 @@ class ComfyRoutedPatch:
             self.runtime.end_run(output=out)
             self._run_hw = None
             self._sigma_seen = None
+            self._sigmas_seen = None
 
     def predict_noise(self, executor, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.reshape(-1)[0])  # the one host sync of a step
@@ -94,12 +96,16 @@ class ComfyRoutedPatch:
         step = 0
         ss = to.get("sample_sigmas")
         if ss is not None:
-            ss = ss.detach().float().cpu()
-            hits = torch.isclose(ss, torch.tensor(sigma), rtol=1e-4, atol=1e-6).nonzero()
-            if hits.numel():
-                step = int(hits[0])
+            seen = self._sigmas_seen  # the run's sigmas on the host, read once per run (not per step)
+            if seen is None or seen[0] is not ss:
+                seen = (ss, [float(x) for x in ss.detach().float().cpu()])
+                self._sigmas_seen = seen
+            host = seen[1]
+            hits = [i for i, x in enumerate(host) if abs(x - sigma) <= 1e-6 + 1e-4 * abs(sigma)]
+            if hits:
+                step = hits[0]
             else:  # an intermediate evaluation (dpmpp_sde, …) between sigmas[i] and sigmas[i+1]: step i
-                step = max(0, int((ss > sigma).sum()) - 1)
+                step = max(0, sum(1 for x in host if x > sigma) - 1)
         cond_uuids, labels = None, None
         guider = getattr(executor, "class_obj", None)
         conds = getattr(guider, "conds", None)
@@ -249,10 +255,18 @@ class Attn2Replace(_Replace):
             out = base(q, k, v)
         else:
             out = self.owner.runtime.cross_attention(state, _key(extra_options), q, k, v, extra_options["n_heads"],
-                                                     base)
+                                                     base, direct_text=self._direct_text(extra_options))
         if self.callbacks:
             out = self._added(out, q, k, v, extra_options)
         return out
+
+    def _direct_text(self, extra_options) -> bool:
+        """The text attention may be torch's SDPA called by the patch itself: it is exactly what ComfyUI
+        would run (its pytorch attention, no other replace before this one, no attention override, no
+        upcast), minus ComfyUI's per-call wrappers."""
+        return (self.previous is None and extra_options.get("attn_precision") is None
+                and "optimized_attention_override" not in extra_options
+                and comfy_attention.optimized_attention is getattr(comfy_attention, "attention_pytorch", None))
 
     def _added(self, out, q, k, v, extra_options):
         sigma = self._sigma(extra_options.get("sigmas"))

@@ -136,12 +136,26 @@ def native_unet(model: AnyStoryModel):
     return model._refnet_module
 
 
+def _to_device(feats: dict, device) -> dict:
+    """All captured layers to ``device`` in ONE transfer (a copy per layer would wait for the GPU each time)."""
+    items = [(k, f) for k, f in feats.items()]
+    if not items or all(f.device == torch.device(device) for _, f in items):
+        return feats
+    flat = torch.cat([f.reshape(-1) for _, f in items]).to(device)
+    out, at = {}, 0
+    for k, f in items:
+        out[k] = flat[at:at + f.numel()].view(f.shape)
+        at += f.numel()
+    return out
+
+
 def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_mask: torch.Tensor,
                        unet_model=None) -> ReferenceFeatures:
     """G^l of ONE subject (``ref_image`` [V, S, S, 3] are views of it; their tokens are concatenated)."""
-    # G_i^l stays where the UNet runs (≈50 MB per 512² subject for SDXL): no host round trip, and
-    # the sampling run that projects it needs it there anyway
-    store = mm.get_torch_device()
+    # G_i^l (≈50 MB per 512² subject for SDXL) is kept on ComfyUI's intermediate device (the CPU), not in
+    # VRAM while ComfyUI caches this node's output: a sampling run moves each layer's subject tokens to
+    # the GPU once, when it projects them (AnyStory Apply's reference attention)
+    store = mm.intermediate_device()
     if model.refnet is not None:
         patcher, dtype = native_unet(model)
         mm.load_models_gpu([patcher])
@@ -170,7 +184,8 @@ def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_m
     elif in_ch != x.shape[1]:
         raise AnyStoryError(f"the ReferenceNet takes {in_ch} input channels but the VAE gives {x.shape[1]}: "
                             "use the SDXL VAE")
-    feats, grids = capture_features(unet, x, dtype, store, shared=(source == "shared"))
+    feats, grids = capture_features(unet, x, dtype, device, shared=(source == "shared"))
+    feats = _to_device(feats, store)
     features, valid, by_grid = {}, {}, {}
     mask = ref_mask.to(store)
     for key, f in feats.items():

@@ -220,3 +220,35 @@ def test_mode_requirements():
         RoutedPatch(ad, LAYOUT, RoutingInputs(emb.E, None, torch.ones(2), torch.ones(1)))
     with pytest.raises(ValueError, match="region mask"):
         make(mode=MODE_MASKS, masks=False)
+
+
+def test_direct_text_attention_equals_the_host_base():
+    """attn2 with the text attention called directly (heads kept, merge fused with eq. 5's sum) gives what
+    the host's attention + the routed term give; where no routed term is added, the host's base runs."""
+    rp, _ = make(mode=MODE_MASKS, gamma=0.0)
+    rp.begin_run()
+    g = torch.Generator().manual_seed(5)
+    state = CallState(chunks_from_roles([True, False], 1))
+    calls = []
+
+    def base(q, k, v):
+        calls.append(1)
+        return sdpa(q, k, v, HEADS)
+
+    for spec in LAYOUT:
+        hw = GRIDS[spec.key]
+        L = hw[0] * hw[1]
+        q, n = torch.randn(2, L, C, generator=g), torch.randn(2, L, C, generator=g)
+        kt, vt = torch.randn(2, 9, C, generator=g), torch.randn(2, 9, C, generator=g)
+        rp.route(state, spec.key, n, hw)
+        calls.clear()
+        direct = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, base, direct_text=True)
+        assert not calls  # the host's attention was not needed
+        hosted = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, base)
+        assert calls
+        assert direct.shape == hosted.shape and direct.is_contiguous()
+        torch.testing.assert_close(direct, hosted, atol=1e-5, rtol=1e-5)
+    rp._run["eta_zero"] = True  # no routed term: the host's attention, untouched
+    calls.clear()
+    out = rp.cross_attention(state, ("input", 1, 0), q, kt, vt, HEADS, base, direct_text=True)
+    assert calls and torch.equal(out, sdpa(q, kt, vt, HEADS))

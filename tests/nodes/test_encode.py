@@ -266,3 +266,24 @@ def test_reference_capture_stops_after_the_last_self_attention(env):
     for k in full:
         assert torch.equal(feats[k], full[k]), k
         assert grids[k][0] * grids[k][1] == full[k].shape[1]
+
+
+def test_reference_features_leave_the_gpu_in_one_transfer(env):
+    """G_i^l is stored on ComfyUI's intermediate device; all layers move in one transfer, each layer a
+    view of it with its own shape and values."""
+    import torch
+    refnet = F.pack_mod("nodes.refnet")
+    g = torch.Generator().manual_seed(3)
+    feats = {("input", 4, 0): torch.randn(1, 6, 8, generator=g), ("middle", 0, 0): torch.randn(1, 2, 16, generator=g)}
+    assert refnet._to_device(feats, "cpu") is feats  # already there: nothing copied
+    moved = refnet._to_device(feats, "meta")
+    assert {k: (t.device.type, t.shape) for k, t in moved.items()} == {k: ("meta", t.shape) for k, t in feats.items()}
+    bases = [t._base for t in moved.values()]
+    assert all(b is not None and b is bases[0] for b in bases)  # views of one tensor: one allocation, one copy
+    back = refnet._to_device({k: t.double() for k, t in feats.items()}, torch.device("cpu"))
+    for k in feats:
+        assert torch.equal(back[k], feats[k].double())
+    import comfy.model_management as mm
+    subjects = env.encode(F.subject_image())["result"][0]
+    refs = subjects.subjects[0].refs
+    assert all(f.device == mm.intermediate_device() for f in refs.features.values())
