@@ -457,14 +457,14 @@ def ablate(b: Bench, group: str, n: int, out_dir: Path) -> str:
     """ms/step of one configuration with its parts switched off one by one, against plain, in one run."""
     lines = [f"ablation of {group} with {n} subject(s): ms/step, × plain (median ratio to the plain sampling run "
              "just before each measured sampling)"]
-    for label, kw in ABLATIONS:
-        m, pos, neg = _patched(b, group, n, **kw)
+    for label, kw in [("plain SDXL itself (the noise floor of the ratio)", None)] + ABLATIONS:
+        m, pos, neg = _patched(b, "plain", 0) if kw is None else _patched(b, group, n, **kw)
         ms, ratio, _, peak = b.time_sampling(m, pos, neg)
         lines.append(f"  {label:52s} {ms:8.2f}  x{ratio:.3f}  peak {peak:.2f} GB")
         print(lines[-1], flush=True)
         del m
         b.settle(label)
-    pl = b.plain_runs[-len(ABLATIONS) * b.args.repeats:]
+    pl = b.plain_runs[-(len(ABLATIONS) + 1) * b.args.repeats:]
     lines.append(f"  plain SDXL during the ablation: median {statistics.median(pl):.2f} ms/step, "
                  f"min {min(pl):.2f}, max {max(pl):.2f}")
     text = "\n".join(lines)
