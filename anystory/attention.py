@@ -158,12 +158,14 @@ class GroupedBuffers:
         grad): in-place writes through views made earlier would break the graph, so stage afresh."""
         return x.requires_grad and torch.is_grad_enabled()
 
-    def query(self, q: torch.Tensor, heads: int, q_extra: torch.Tensor, E: int) -> torch.Tensor:
+    def query(self, q: torch.Tensor, heads: int, q_extra: torch.Tensor, E: int, role: str = "q") -> torch.Tensor:
+        """``role`` keeps one buffer per caller (attn1 / attn2 of the same shape alternate layer by layer;
+        with their own buffers neither rewrites the other's extra dims at every layer)."""
         if self._tracked(q):
             return with_extra(q, heads, q_extra, E)
         b, n, c = q.shape
         D = c // heads
-        key = ("q", b, heads, n, D, E, q.dtype, q.device)
+        key = (role, b, heads, n, D, E, q.dtype, q.device)
         ent = self._bufs.get(key)
         if ent is None:
             buf = q.new_empty(b, n, heads, D + E)
@@ -188,8 +190,12 @@ class GroupedBuffers:
         if ent is None:
             buf = x.new_empty(b, n + T, heads, D + E)
             buf[:, :n, :, D:] = 0
-            ent = [buf[:, :n, :, :D], buf[:, n:], buf.transpose(1, 2)]
+            ent = [buf[:, :n, :, :D], buf[:, n:], buf.transpose(1, 2), {}]
             self._bufs[key] = ent
         ent[0].copy_(x.view(b, n, heads, D))
-        ent[1].copy_(tail.transpose(1, 2).expand(b, -1, -1, -1))
+        src = ent[3].get(id(tail))  # the tail as [B, T, H, D+E], made once per tail (kept alive with it)
+        if src is None or src[0] is not tail:
+            src = (tail, tail.transpose(1, 2).expand(b, -1, -1, -1))
+            ent[3][id(tail)] = src
+        ent[1].copy_(src[1])
         return ent[2]

@@ -126,7 +126,9 @@ class AttentionRouter:
             return
         qs = torch.cat([q[sl] for sl in rows]) if len(rows) > 1 else q[rows[0]]
         ks = torch.cat([k[sl] for sl in rows]) if len(rows) > 1 else k[rows[0]]
-        akey = (id(labels), ks.shape[1], str(ks.device))
+        # by content: state.labels is a new list every UNet call, and a new assignment costs two
+        # host→device copies (each a device sync)
+        akey = (tuple(tuple(p) for p in pos), ks.shape[1], str(ks.device))
         if getattr(self, "_assign_key", None) != akey:
             self._assign = _assignment(pos, ks.shape[1], ks.device)
             self._assign_key = akey

@@ -364,7 +364,7 @@ class RoutedPatch:
                     base = torch.full((rows, L), self.inputs.num_subjects, dtype=torch.long, device=dev)
                     src = torch.full((rows, L), SOURCE_MASK, dtype=torch.uint8, device=dev)
                 base = torch.where(covered, midx, base)
-                src = torch.where(covered, torch.tensor(SOURCE_MASK, dtype=torch.uint8, device=dev), src)
+                src = torch.where(covered, SOURCE_MASK, src)  # a host scalar: no host→device copy (sync)
                 weight = mw.expand(rows, -1)
         if base is None:  # nothing can decide (e.g. attention router before its warm-up): background
             base = torch.full((rows, L), self.inputs.num_subjects, dtype=torch.long, device=dev)

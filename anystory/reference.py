@@ -157,7 +157,7 @@ def routed_reference_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.T
     E = refs.k.shape[-1] - refs.dim_head
     qe = q_extra if q_extra is not None else query_extra(index, refs.num_subjects, q.dtype)
     buffers = buffers if buffers is not None else GroupedBuffers()
-    return grouped_sdpa(buffers.query(q, heads, qe, E), buffers.keys(k, heads, refs.k, E, "k"),
+    return grouped_sdpa(buffers.query(q, heads, qe, E, role="q1"), buffers.keys(k, heads, refs.k, E, "k"),
                         buffers.keys(v, heads, refs.v, E, "v"), refs.dim_head)
 
 

@@ -501,6 +501,53 @@ def host_profile(b: Bench, group: str, n: int, out_dir: Path, steps: int = 3) ->
     return text
 
 
+def sync_report(b: Bench, group: str, n: int, out_dir: Path, steps: int = 4) -> str:
+    """Every host↔device synchronisation during a sampling (torch.cuda sync debug mode), by step and by the
+    innermost frames of this pack / ComfyUI that caused it: a sync inside a step stalls the host-bound
+    pipeline, one in the run's set-up costs once."""
+    import collections
+    import traceback
+    import warnings
+    import torch
+    if not b.cuda:
+        print("[bench] sync report needs CUDA: skipped", flush=True)
+        return ""
+    m, pos, neg = _patched(b, group, n)
+    b.sample(m, pos, neg, 2)
+    b.sync()
+    step = {"i": -1}
+    hits = collections.Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if ("comfyui_anystory" in f.filename or "/anystory/" in f.filename or "/nodes/" in f.filename
+                      or "/comfy/" in f.filename)]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in frames[-3:][::-1]) or filename
+        hits[("step 0" if step["i"] < 0 else "steps 1+", where)] += 1
+
+    old_show = warnings.showwarning
+    warnings.showwarning = show
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            b.sample(m, pos, neg, steps, callback=lambda i, *a: step.__setitem__("i", i))
+            b.sync()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = old_show
+    lines = [f"host-device syncs of {group} with {n} subject(s), one sampling of {steps} steps (step 0 includes the "
+             "run's set-up):"]
+    for (phase, where), c in sorted(hits.items(), key=lambda x: (x[0][0], -x[1])):
+        lines.append(f"  {phase:9s} {c:5d}  {where}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"syncs_{group}_{n}.txt").write_text(text + "\n")
+    return text
+
+
 def encode_breakdown(b: Bench, n: int, out_dir: Path, reference: str = "shared") -> str:
     """Wall ms (synchronised) of each stage of one subject encode, median over ``n`` encodes after a warm-up:
     the stage functions of the pack's encode/refnet modules are wrapped for the measurement only."""
@@ -558,7 +605,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="public,native,regional,ipadapter_plus")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, for checking the script on a CPU")
     ap.add_argument("--profile", default="", help="GROUP:N[,GROUP:N] (plain|public|native|encode|encode_parts|ablate_public|ablate_native|"
-                                                  "host_plain|host_public|host_native) — profiles "
+                                                  "host_plain|host_public|host_native|syncs_public|syncs_native|syncs_regional) — profiles "
                                                   "(after the table unless --no-table)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -580,6 +627,8 @@ def main(argv=None) -> int:
                 ablate(b, g[len("ablate_"):], int(n), out)
             elif g.startswith("host_"):
                 host_profile(b, g[len("host_"):], int(n), out)
+            elif g.startswith("syncs_"):
+                sync_report(b, g[len("syncs_"):], int(n), out)
             else:
                 profile(b, g, int(n), out)
     if args.no_table:
