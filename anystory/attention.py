@@ -154,8 +154,10 @@ class GroupedBuffers:
 
     @staticmethod
     def _tracked(x: torch.Tensor) -> bool:
-        """Autograd records this call (e.g. a sampler run outside inference mode on a model that requires
-        grad): in-place writes through views made earlier would break the graph, so stage afresh."""
+        """Autograd records this operand (e.g. a sampler run outside inference mode on a model that
+        requires grad): in-place writes through views made earlier would break the graph, so stage afresh.
+        Callers that reuse one GroupedBuffers across layers pass a fresh one instead while autograd
+        records any operand (see anystory.patch), as a reused buffer may hold a saved tensor."""
         return x.requires_grad and torch.is_grad_enabled()
 
     def query(self, q: torch.Tensor, heads: int, q_extra: torch.Tensor, E: int, role: str = "q") -> torch.Tensor:

@@ -97,6 +97,11 @@ class CallState:
         return any(c for _, c in self.chunks)
 
 
+def _tracked(*tensors) -> bool:
+    """Autograd records this call: no reused buffers, no in-place or out= forms."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def chunks_from_roles(roles: list, rows_per_chunk: int) -> list:
     """[True, False] + 2 rows per chunk → [(slice(0,2), True), (slice(2,4), False)]."""
     return [(slice(i * rows_per_chunk, (i + 1) * rows_per_chunk), bool(c)) for i, c in enumerate(roles)]
@@ -203,7 +208,8 @@ class RoutedPatch:
         """route_kv in the grouped layout of the fused routed attention. It depends on E, Ŵ and η only,
         all fixed by AnyStoryApply, so it is made once per layer, device and dtype and kept across runs."""
         hit = self._routes_prep.get(key)
-        if hit is None or hit.k.dtype != like.dtype or hit.k.device != like.device:
+        if (hit is None or hit.k.dtype != like.dtype or hit.k.device != like.device
+                or (hit.k.is_inference() and not torch.is_inference_mode_enabled())):  # made in inference mode
             spec = self.layout.by_key(key)
             k, v = self.route_kv(spec, like)
             hit = prepare_routes(k, v, spec.heads, eta=self.inputs.eta.to(like.device))
@@ -390,33 +396,37 @@ class RoutedPatch:
         return hit[1]
 
     def cross_attention(self, state: CallState, key, q, k, v, heads: int, base: Callable,
-                        direct_text: bool = False) -> torch.Tensor:
+                        text_sdpa: Optional[Callable] = None, base_owned: bool = False) -> torch.Tensor:
         """attn2 of layer l: text attention (``base``) + eq. 5 routed term (one fused attention).
 
-        ``direct_text``: the host's attention is torch's SDPA anyway (ComfyUI's attention_pytorch, no
-        override), so where the routed term is added the text attention is called here directly, still in
-        heads, and its head merge is fused with the sum of eq. 5 (fewer host-side ops per layer)."""
+        ``text_sdpa``: the host's attention is this SDPA function on [B, H, L, D] tensors anyway (ComfyUI's
+        attention_pytorch, no override, no other replace): where the routed term is added, the text
+        attention is called here directly, still in heads, and its head merge is fused with the sum of
+        eq. 5 (fewer host-side ops per layer, the same kernels). ``base_owned``: ``base`` returns a fresh
+        tensor nobody else holds, so the routed term may be added into it in place. Neither is used while
+        autograd records (a sampler run with grad enabled): the fused and in-place forms have no backward."""
         if self.attention_router is not None and state.active:
             self.attention_router.observe(state, key, q, k, heads)
         index = state.index.get(key)
         if not state.active or index is None or self._run.get("eta_zero", False):
             return base(q, k, v)
+        tracked = _tracked(q, k, v)
+        buffers = GroupedBuffers() if tracked else self._buffers
         routes = self.prepared_routes(key, q)
         qe = self._query_extra(state, index, routes.num_routes, q.dtype)
         weight = state.weight.get(key)
-        if direct_text and weight is None and k.shape[0] == q.shape[0]:
+        if text_sdpa is not None and not tracked and weight is None and k.shape[0] == q.shape[0]:
             b, n, c = q.shape
             d = c // heads
-            text = torch.nn.functional.scaled_dot_product_attention(
-                q.view(b, n, heads, d).transpose(1, 2), k.view(b, -1, heads, d).transpose(1, 2),
-                v.view(b, -1, heads, d).transpose(1, 2))
-            return routed_cross_attention_fast(q, routes, index, heads, 1.0, q_extra=qe, buffers=self._buffers,
+            text = text_sdpa(q.view(b, n, heads, d).transpose(1, 2), k.view(b, -1, heads, d).transpose(1, 2),
+                             v.view(b, -1, heads, d).transpose(1, 2))
+            return routed_cross_attention_fast(q, routes, index, heads, 1.0, q_extra=qe, buffers=buffers,
                                                add_to=text.transpose(1, 2))
         out = base(q, k, v)
-        # η is folded into the prepared values (prepare_routes); the routed term is added into ``out`` (a
-        # fresh tensor of the text attention) in place where possible
-        return routed_cross_attention_fast(q, routes, index, heads, 1.0, weight=weight,
-                                           q_extra=qe, buffers=self._buffers, add_to=out)
+        # η is folded into the prepared values (prepare_routes)
+        routed = routed_cross_attention_fast(q, routes, index, heads, 1.0, weight=weight, q_extra=qe,
+                                             buffers=buffers, add_to=out if base_owned and not tracked else None)
+        return routed if base_owned and not tracked else out + routed.to(out.dtype)
 
     def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable) -> torch.Tensor:
         """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else."""
@@ -439,4 +449,6 @@ class RoutedPatch:
         # match no reference group, so they get exactly their plain attention (cheaper on the host than
         # splitting the batch into two attention calls)
         qe = self._query_extra(state, index, prep.num_subjects, q.dtype)
-        return routed_reference_attention_fast(q, k, v, prep, index, heads, q_extra=qe, buffers=self._buffers)
+        # while autograd records, staging buffers reused by later layers would overwrite saved tensors
+        buffers = GroupedBuffers() if _tracked(q, k, v) else self._buffers
+        return routed_reference_attention_fast(q, k, v, prep, index, heads, q_extra=qe, buffers=buffers)

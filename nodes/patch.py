@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.ops as comfy_ops
 import comfy.patcher_extension as pe
 
 from ..anystory.patch import CallState, RoutedPatch, chunks_from_roles
@@ -163,6 +164,11 @@ class ComfyRoutedPatch:
             state.last_index = None
 
 
+def _comfy_sdpa():
+    """ComfyUI's SDPA (torch's, under ComfyUI's backend priority): the same kernel as its attention."""
+    return comfy_ops.scaled_dot_product_attention
+
+
 def _key(extra_options) -> tuple:
     b = extra_options["block"]
     return (b[0], b[1], extra_options.get("block_index", 0))
@@ -254,16 +260,17 @@ class Attn2Replace(_Replace):
         if state is None or not state.active:
             out = base(q, k, v)
         else:
+            own = self._own_attention(extra_options)
             out = self.owner.runtime.cross_attention(state, _key(extra_options), q, k, v, extra_options["n_heads"],
-                                                     base, direct_text=self._direct_text(extra_options))
+                                                     base, text_sdpa=_comfy_sdpa() if own else None, base_owned=own)
         if self.callbacks:
             out = self._added(out, q, k, v, extra_options)
         return out
 
-    def _direct_text(self, extra_options) -> bool:
-        """The text attention may be torch's SDPA called by the patch itself: it is exactly what ComfyUI
-        would run (its pytorch attention, no other replace before this one, no attention override, no
-        upcast), minus ComfyUI's per-call wrappers."""
+    def _own_attention(self, extra_options) -> bool:
+        """The text attention is ComfyUI's torch-SDPA attention and nothing else (no other replace before
+        this one, no attention override, no upcast): the patch may call ComfyUI's SDPA itself, keep the
+        heads, and add into the fresh result in place."""
         return (self.previous is None and extra_options.get("attn_precision") is None
                 and "optimized_attention_override" not in extra_options
                 and comfy_attention.optimized_attention is getattr(comfy_attention, "attention_pytorch", None))

@@ -230,6 +230,7 @@ def test_direct_text_attention_equals_the_host_base():
     g = torch.Generator().manual_seed(5)
     state = CallState(chunks_from_roles([True, False], 1))
     calls = []
+    text_sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def base(q, k, v):
         calls.append(1)
@@ -242,7 +243,7 @@ def test_direct_text_attention_equals_the_host_base():
         kt, vt = torch.randn(2, 9, C, generator=g), torch.randn(2, 9, C, generator=g)
         rp.route(state, spec.key, n, hw)
         calls.clear()
-        direct = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, base, direct_text=True)
+        direct = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, base, text_sdpa=text_sdpa, base_owned=True)
         assert not calls  # the host's attention was not needed
         hosted = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, base)
         assert calls
@@ -250,5 +251,49 @@ def test_direct_text_attention_equals_the_host_base():
         torch.testing.assert_close(direct, hosted, atol=1e-5, rtol=1e-5)
     rp._run["eta_zero"] = True  # no routed term: the host's attention, untouched
     calls.clear()
-    out = rp.cross_attention(state, ("input", 1, 0), q, kt, vt, HEADS, base, direct_text=True)
+    out = rp.cross_attention(state, ("input", 1, 0), q, kt, vt, HEADS, base, text_sdpa=text_sdpa)
     assert calls and torch.equal(out, sdpa(q, kt, vt, HEADS))
+
+
+def test_base_output_is_changed_in_place_only_when_owned():
+    """The routed term goes into the host's attention output in place only when the host says it owns it
+    (a chained patch may hand out a tensor it keeps)."""
+    rp, _ = make(mode=MODE_MASKS, gamma=0.0)
+    rp.begin_run()
+    g = torch.Generator().manual_seed(6)
+    state = CallState(chunks_from_roles([True, False], 1))
+    key, hw = ("input", 1, 0), GRIDS[("input", 1, 0)]
+    q, n = torch.randn(2, 24, C, generator=g), torch.randn(2, 24, C, generator=g)
+    kt, vt = torch.randn(2, 9, C, generator=g), torch.randn(2, 9, C, generator=g)
+    rp.route(state, key, n, hw)
+    kept = sdpa(q, kt, vt, HEADS)
+    before = kept.clone()
+    shared = rp.cross_attention(state, key, q, kt, vt, HEADS, lambda q, k, v: kept)
+    assert torch.equal(kept, before) and shared is not kept
+    owned = rp.cross_attention(state, key, q, kt, vt, HEADS, lambda q, k, v: kept, base_owned=True)
+    assert owned is kept and not torch.equal(kept, before)
+    torch.testing.assert_close(owned, shared)
+
+
+def test_grad_enabled_sampling_backpropagates_through_reused_layers():
+    """With autograd recording (a sampler run with grad enabled), neither the staging buffers reused across
+    layers nor the fused/in-place sums may break the backward pass."""
+    rp, _ = make(mode=MODE_MASKS)
+    rp.begin_run()
+    g = torch.Generator().manual_seed(7)
+    state = CallState(chunks_from_roles([True, False], 1))
+    loss = 0
+    leaves = []
+    for spec in LAYOUT:
+        hw = GRIDS[spec.key]
+        L = hw[0] * hw[1]
+        q, k, v = (torch.randn(2, L, C, generator=g, requires_grad=True) for _ in range(3))
+        kt, vt = torch.randn(2, 9, C, generator=g), torch.randn(2, 9, C, generator=g)
+        leaves.append(q)
+        a1 = rp.self_attention(state, spec.key, q, k, v, HEADS, hw, lambda q, k, v: sdpa(q, k, v, HEADS))
+        rp.route(state, spec.key, torch.randn(2, L, C, generator=g), hw)
+        a2 = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, lambda q, k, v: sdpa(q, k, v, HEADS),
+                                text_sdpa=torch.nn.functional.scaled_dot_product_attention, base_owned=True)
+        loss = loss + a1.square().sum() + a2.square().sum()
+    loss.backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
