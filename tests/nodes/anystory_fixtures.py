@@ -42,6 +42,21 @@ def node(pack, name: str):
     return pack.NODE_CLASS_MAPPINGS[name]()
 
 
+def pack_error():
+    """The pack's AnyStoryError class (as loaded by the harness)."""
+    return pack_mod("nodes.types").AnyStoryError
+
+
+def raises_pack_error(fn, *needles) -> str:
+    """fn() raises AnyStoryError whose message contains every needle (case-insensitive); the message."""
+    with pytest.raises(pack_error()) as ei:
+        fn()
+    msg = str(ei.value)
+    for n in needles:
+        assert n.lower() in msg.lower(), f"{n!r} not in message: {msg}"
+    return msg
+
+
 def ceil_half(n: int, times: int) -> int:
     for _ in range(times):
         n = -(-n // 2)

@@ -195,9 +195,5 @@ def server_models_dir(_model_cache, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def comfy_server(server_models_dir):
-    srv = H.ComfyServer(base_dir=server_models_dir)
-    srv.start()
-    try:
+    with H.ComfyServer(base_dir=server_models_dir) as srv:
         yield srv
-    finally:
-        srv.stop()

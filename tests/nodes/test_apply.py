@@ -263,7 +263,7 @@ def test_two_positive_entries_both_routed_recorded_once_per_image(env, harness):
         assert torch.equal(rec["index"][1], want) and torch.equal(rec["index"][2], want)
     run = routing.runs[-1]
     assert run.batch == 1, f"1 image recorded as {run.batch}"
-    with pytest.raises(pack_error(env.pack), match="image_index 1 does not exist"):
+    with pytest.raises(F.pack_error(), match="image_index 1 does not exist"):
         F.node(env.pack, "AnyStoryRoutingPreview").preview(routing, {"samples": out}, image_index=1)
 
 
@@ -316,23 +316,9 @@ def test_half_precision_models(harness, pack, temp_dir, dtype_name):
 # ------------------------------------------------------------------------------------------------
 # 7. refusals, each with a message that says what is wrong
 # ------------------------------------------------------------------------------------------------
-def _raises(pack, fn, *needles):
-    err = pack_error(pack)
-    with pytest.raises(err) as ei:
-        fn()
-    msg = str(ei.value)
-    for n in needles:
-        assert n.lower() in msg.lower(), f"{n!r} not in message: {msg}"
-    return msg
-
-
-def pack_error(pack):
-    return F.pack_mod("nodes.types").AnyStoryError
-
-
 def test_refuses_non_sdxl_model(env, harness, pack):
     sd15 = harness.tiny_sd15()
-    msg = _raises(pack, lambda: env.apply(model=sd15), "SDXL")
+    msg = F.raises_pack_error(lambda: env.apply(model=sd15), "SDXL")
     assert "BaseModel" in msg and "context 64" in msg  # it says what it found
 
 
@@ -341,29 +327,30 @@ def test_refuses_adapter_with_other_layer_layout(env, pack):
     big = F.make_anystory(layers.sdxl_layout(), meta_device=True, name="sdxl-70")
     subs = F.pack_mod("nodes.types").SubjectList(big.uid, big.name, env.subjects.subjects, env.subjects.E_bg,
                                                  env.subjects.R_bg)
-    msg = _raises(pack, lambda: env.apply(am=big, subjects=subs), "70 cross-attention layers", "7 cross-attention layers")
+    msg = F.raises_pack_error(lambda: env.apply(am=big, subjects=subs), "70 cross-attention layers",
+                              "7 cross-attention layers")
     assert "640" in msg and "1280" in msg
 
 
 def test_refuses_subjects_from_another_loader(env, pack):
     other = F.make_anystory(env.layout, seed=1, name="other-file")
-    _raises(pack, lambda: env.apply(am=other), "another AnyStory model", "other-file")
+    F.raises_pack_error(lambda: env.apply(am=other), "another AnyStory model", "other-file")
 
 
 def test_refuses_start_after_end(env, pack):
-    _raises(pack, lambda: env.apply(start_percent=0.8, end_percent=0.2), "start_percent", "end_percent")
+    F.raises_pack_error(lambda: env.apply(start_percent=0.8, end_percent=0.2), "start_percent", "end_percent")
 
 
 def test_refuses_router_mode_without_router(env, pack):
     ip = F.make_anystory(env.layout, kind="ip-adapter-plus-sdxl", name="ip-plus")
     assert not ip.adapter.has_router
     subs = env.encode(F.subject_image(), am=ip, reference="off")["result"][0]
-    _raises(pack, lambda: env.apply(am=ip, subjects=subs, router_mode="router", region_masks=None),
+    F.raises_pack_error(lambda: env.apply(am=ip, subjects=subs, router_mode="router", region_masks=None),
             "router_mode 'router'", "router", "masks")
     # mixed without a learned router falls back to the attention router, which needs labels
-    _raises(pack, lambda: env.apply(am=ip, subjects=subs, router_mode="mixed", region_masks=env.masks[:1]),
+    F.raises_pack_error(lambda: env.apply(am=ip, subjects=subs, router_mode="mixed", region_masks=env.masks[:1]),
             "router_mode 'mixed' uses the attention router", "no label")
-    _raises(pack, lambda: env.apply(am=ip, subjects=subs, router_mode="auto", region_masks=None),
+    F.raises_pack_error(lambda: env.apply(am=ip, subjects=subs, router_mode="auto", region_masks=None),
             "no learned router", "region_masks")
     # with a mask it works and says so through the recorder
     patched, routing = env.apply(am=ip, subjects=subs, router_mode="auto", region_masks=env.masks[:1])
@@ -371,10 +358,10 @@ def test_refuses_router_mode_without_router(env, pack):
 
 
 def test_refuses_masks_mode_without_or_with_wrong_masks(env, pack):
-    _raises(pack, lambda: env.apply(router_mode="masks", region_masks=None), "'masks' needs region_masks")
-    _raises(pack, lambda: env.apply(region_masks=env.masks[:1]), "1 mask", "2 subjects")
+    F.raises_pack_error(lambda: env.apply(router_mode="masks", region_masks=None), "'masks' needs region_masks")
+    F.raises_pack_error(lambda: env.apply(region_masks=env.masks[:1]), "1 mask", "2 subjects")
     import torch
-    _raises(pack, lambda: env.apply(region_masks=torch.zeros(3, 32, 32)), "3 masks for 2 subjects")
+    F.raises_pack_error(lambda: env.apply(region_masks=torch.zeros(3, 32, 32)), "3 masks for 2 subjects")
 
 
 def test_attention_router_needs_label_positions_in_the_prompt(env, pack):
@@ -384,7 +371,7 @@ def test_attention_router_needs_label_positions_in_the_prompt(env, pack):
     subs = env.encode(F.subject_image(), am=ip, reference="off", label="the cat")["result"][0]
     patched, routing = env.apply(am=ip, subjects=subs, router_mode="auto", region_masks=None)
     assert routing.mode == "attention"
-    _raises(pack, lambda: env.sample(patched, _lat(), steps=1), "AnyStory Text Encode", "region_masks")
+    F.raises_pack_error(lambda: env.sample(patched, _lat(), steps=1), "AnyStory Text Encode", "region_masks")
 
 
 def test_learned_router_and_mixed_modes(env):

@@ -736,31 +736,21 @@ def test_interrupt_midway_leaves_nothing_behind(rig):
 # ------------------------------------------------------------------------------------------------
 # F. in-process: what no stock node produces
 # ------------------------------------------------------------------------------------------------
-def _raises(pack, fn, *words):
-    err = F.pack_mod("nodes.types").AnyStoryError
-    with pytest.raises(err) as e:
-        fn()
-    msg = str(e.value)
-    for w in words:
-        assert w.lower() in msg.lower(), f"{w!r} not in {msg!r}"
-    return msg
-
-
 def test_nan_and_inf_inputs_are_refused(env, pack):
     import torch
     img = F.subject_image()
     bad = img.clone()
     bad[0, 3, 3, 1] = float("nan")
-    _raises(pack, lambda: env.encode(bad), "subject image", "NaN")
+    F.raises_pack_error(lambda: env.encode(bad), "subject image", "NaN")
     bad = img.clone()
     bad[0, 5, 5, 0] = float("inf")
-    _raises(pack, lambda: env.encode(bad), "subject image", "infinite")
+    F.raises_pack_error(lambda: env.encode(bad), "subject image", "infinite")
     mask = torch.ones(1, 96, 64)
     mask[0, 10, 10] = float("nan")
-    _raises(pack, lambda: env.encode(img, mask=mask), "subject mask", "NaN", "disconnect the mask")
+    F.raises_pack_error(lambda: env.encode(img, mask=mask), "subject mask", "NaN", "disconnect the mask")
     masks = env.masks.clone()
     masks[0, 0, 0] = float("inf")
-    _raises(pack, lambda: env.apply(region_masks=masks), "region_masks", "NaN or infinite")
+    F.raises_pack_error(lambda: env.apply(region_masks=masks), "region_masks", "NaN or infinite")
     # and afterwards everything still works, bit for bit
     lat = torch.zeros(1, 4, 16, 16)
     a = env.sample(env.apply()[0], lat, steps=2, seed=5)
@@ -774,9 +764,9 @@ def test_nine_subjects_are_refused(env, pack):
         subs = env.encode(F.subject_image((0.1 * i, 0.5, 1 - 0.1 * i), seed=i), subjects=subs, label=f"s{i}",
                           reference="off")["result"][0]
     assert len(subs) == 8
-    _raises(pack, lambda: env.encode(F.subject_image(seed=9), subjects=subs, reference="off"),
+    F.raises_pack_error(lambda: env.encode(F.subject_image(seed=9), subjects=subs, reference="off"),
             "at most 8 subjects", "8")
-    _raises(pack, lambda: subs.extended(subs.subjects[0]), "at most 8 subjects", "Split the scene")
+    F.raises_pack_error(lambda: subs.extended(subs.subjects[0]), "at most 8 subjects", "Split the scene")
     # 8 is fine: it samples
     import torch
     m = torch.zeros(8, 64, 64)
@@ -832,7 +822,7 @@ def test_flux_class_model_is_refused_in_process(env, comfy, pack):
     flux = comfy.model_patcher.ModelPatcher(mc.get_model({}, device=torch.device("cpu")), torch.device("cpu"),
                                             torch.device("cpu"))
     assert type(flux.model).__name__ == "Flux"
-    _raises(pack, lambda: env.apply(model=flux), "Flux", "no UNet")
+    F.raises_pack_error(lambda: env.apply(model=flux), "Flux", "no UNet")
 
 
 def test_interrupted_sampling_leaves_no_state(env, comfy):

@@ -146,9 +146,5 @@ def browser_setup():
 
 @pytest.fixture(scope="session")
 def web_server(web_base):
-    srv = H.ComfyServer(base_dir=web_base)
-    srv.start()
-    try:
+    with H.ComfyServer(base_dir=web_base) as srv:
         yield srv
-    finally:
-        srv.stop()
