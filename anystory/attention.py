@@ -137,6 +137,13 @@ def query_extra_table(num_groups: int, rows: int, dtype, device) -> torch.Tensor
     return query_extra(g, num_groups, dtype).to(device)
 
 
+def autograd_records(*tensors) -> bool:
+    """Autograd records an op on these (e.g. a sampler run outside inference mode on a model that requires
+    grad): then no buffer reused across layers (it may hold a tensor saved for backward), no in-place or
+    ``out=`` forms."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class GroupedBuffers:
     """Reusable staging buffers of the grouped attention, one set per shape, so that a call costs one
     copy per operand (no cat/pad allocations) and as few host-side ops as possible: a buffer is stored as
@@ -152,18 +159,10 @@ class GroupedBuffers:
     def clear(self) -> None:
         self._bufs.clear()
 
-    @staticmethod
-    def _tracked(x: torch.Tensor) -> bool:
-        """Autograd records this operand (e.g. a sampler run outside inference mode on a model that
-        requires grad): in-place writes through views made earlier would break the graph, so stage afresh.
-        Callers that reuse one GroupedBuffers across layers pass a fresh one instead while autograd
-        records any operand (see anystory.patch), as a reused buffer may hold a saved tensor."""
-        return x.requires_grad and torch.is_grad_enabled()
-
     def query(self, q: torch.Tensor, heads: int, q_extra: torch.Tensor, E: int, role: str = "q") -> torch.Tensor:
         """``role`` keeps one buffer per caller (attn1 / attn2 of the same shape alternate layer by layer;
         with their own buffers neither rewrites the other's extra dims at every layer)."""
-        if self._tracked(q):
+        if autograd_records(q):  # in-place writes through views made earlier would break the graph
             return with_extra(q, heads, q_extra, E)
         b, n, c = q.shape
         D = c // heads
@@ -181,7 +180,7 @@ class GroupedBuffers:
 
     def keys(self, x: torch.Tensor, heads: int, tail: torch.Tensor, E: int, which: str) -> torch.Tensor:
         """[x (own tokens, extra dims 0); tail ([1, H, T, D+E], all rows)] as one [B, H, L+T, D+E]."""
-        if self._tracked(x) or self._tracked(tail):
+        if autograd_records(x, tail):
             b = x.shape[0]
             return torch.cat([with_extra(x, heads, None, E), tail.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
         b, n, c = x.shape

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .adapter import AnyStoryAdapter
-from .attention import GroupedBuffers, query_extra_table
+from .attention import GroupedBuffers, autograd_records, query_extra_table
 from .injection import prepare_routes, project_routes, routed_cross_attention_fast
 from .layers import LayerLayout
 from .reference import ReferenceFeatures, prepare_references, routed_reference_attention_fast
@@ -95,11 +95,6 @@ class CallState:
     @property
     def any_cond(self) -> bool:
         return any(c for _, c in self.chunks)
-
-
-def _tracked(*tensors) -> bool:
-    """Autograd records this call: no reused buffers, no in-place or out= forms."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def chunks_from_roles(roles: list, rows_per_chunk: int) -> list:
@@ -222,16 +217,8 @@ class RoutedPatch:
         sync, while sampling)."""
         hit = self._ref_rows_cache.get(key)
         if hit is None or hit[0].device != device:
-            refs = self.inputs.refs
-            f = refs.features[key]
-            n, L = f.shape[0], f.shape[1]
-            valid = refs.valid.get(key)
-            rows, lengths = [], []
-            for i in range(n):
-                r = torch.arange(L) if valid is None else valid[i].cpu().nonzero().squeeze(-1)
-                rows.append(r + i * L)
-                lengths.append(int(r.numel()))
-            hit = (torch.cat(rows).to(device), lengths)
+            rows, lengths = self.inputs.refs.valid_rows(key)
+            hit = (rows.to(device), lengths)
             self._ref_rows_cache[key] = hit
         return hit
 
@@ -410,7 +397,7 @@ class RoutedPatch:
         index = state.index.get(key)
         if not state.active or index is None or self._run.get("eta_zero", False):
             return base(q, k, v)
-        tracked = _tracked(q, k, v)
+        tracked = autograd_records(q, k, v)
         buffers = GroupedBuffers() if tracked else self._buffers
         routes = self.prepared_routes(key, q)
         qe = self._query_extra(state, index, routes.num_routes, q.dtype)
@@ -423,10 +410,11 @@ class RoutedPatch:
             return routed_cross_attention_fast(q, routes, index, heads, 1.0, q_extra=qe, buffers=buffers,
                                                add_to=text.transpose(1, 2))
         out = base(q, k, v)
+        in_place = base_owned and not tracked
         # η is folded into the prepared values (prepare_routes)
         routed = routed_cross_attention_fast(q, routes, index, heads, 1.0, weight=weight, q_extra=qe,
-                                             buffers=buffers, add_to=out if base_owned and not tracked else None)
-        return routed if base_owned and not tracked else out + routed.to(out.dtype)
+                                             buffers=buffers, add_to=out if in_place else None)
+        return routed if in_place else out + routed.to(out.dtype)
 
     def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable) -> torch.Tensor:
         """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else."""
@@ -450,5 +438,5 @@ class RoutedPatch:
         # splitting the batch into two attention calls)
         qe = self._query_extra(state, index, prep.num_subjects, q.dtype)
         # while autograd records, staging buffers reused by later layers would overwrite saved tensors
-        buffers = GroupedBuffers() if _tracked(q, k, v) else self._buffers
+        buffers = GroupedBuffers() if autograd_records(q, k, v) else self._buffers
         return routed_reference_attention_fast(q, k, v, prep, index, heads, q_extra=qe, buffers=buffers)

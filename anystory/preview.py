@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .reference import move_together
+
 PALETTE_HEX = ["#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#42d4f4", "#f032e6"]
 BACKGROUND_HEX = "#1c1c22"
 MAX_SUBJECTS = len(PALETTE_HEX)
@@ -63,12 +65,7 @@ def _to_host(run: "RunRecord") -> None:
                     distinct.setdefault(id(t), t)
     if not distinct:
         return
-    tensors = list(distinct.values())
-    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
-    host, at = {}, 0
-    for key, t in distinct.items():
-        host[key] = flat[at:at + t.numel()].view(t.shape)
-        at += t.numel()
+    host = dict(zip(distinct, move_together(list(distinct.values()), "cpu")))
     for rec in run.steps.values():
         for key, (hw, idx, src) in rec.items():
             rec[key] = (hw, host.get(id(idx), idx), host.get(id(src), src))

@@ -184,6 +184,19 @@ class ReferenceFeatures:
             g = g[self.valid[key][i].to(g.device)]
         return g
 
+    def valid_rows(self, key) -> tuple[torch.Tensor, list]:
+        """The subjects' own tokens of layer l as (row index [T] into G^l flattened over subjects, on the
+        CPU; tokens per subject): G^l.flatten(0, 1)[rows] is every subject's G_i^l, subject after subject."""
+        f = self.features[key]
+        n, L = f.shape[0], f.shape[1]
+        valid = self.valid.get(key)
+        rows, lengths = [], []
+        for i in range(n):
+            r = torch.arange(L) if valid is None else valid[i].cpu().nonzero().squeeze(-1)
+            rows.append(r + i * L)
+            lengths.append(int(r.numel()))
+        return torch.cat(rows), lengths
+
     @property
     def num_subjects(self) -> int:
         return next(iter(self.features.values())).shape[0] if self.features else 0
@@ -219,6 +232,20 @@ class ReferenceFeatures:
 
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.features.values())
+
+
+def move_together(tensors: list, device) -> list:
+    """``tensors`` (one dtype) on ``device`` after ONE transfer, each a view of it: a copy per tensor would
+    wait for the device each time. Returned as they are when all are already there."""
+    device = torch.device(device)
+    if all(t.device == device for t in tensors):
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].view(t.shape))
+        at += t.numel()
+    return out
 
 
 def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import comfy.ops
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..anystory.layers import discover_layout
-from ..anystory.reference import ReferenceFeatures
+from ..anystory.reference import ReferenceFeatures, move_together
 from .types import AnyStoryError, AnyStoryModel
 
 log = logging.getLogger("anystory")
@@ -138,15 +138,8 @@ def native_unet(model: AnyStoryModel):
 
 def _to_device(feats: dict, device) -> dict:
     """All captured layers to ``device`` in ONE transfer (a copy per layer would wait for the GPU each time)."""
-    items = [(k, f) for k, f in feats.items()]
-    if not items or all(f.device == torch.device(device) for _, f in items):
-        return feats
-    flat = torch.cat([f.reshape(-1) for _, f in items]).to(device)
-    out, at = {}, 0
-    for k, f in items:
-        out[k] = flat[at:at + f.numel()].view(f.shape)
-        at += f.numel()
-    return out
+    moved = move_together(list(feats.values()), device)
+    return feats if all(a is b for a, b in zip(moved, feats.values())) else dict(zip(feats, moved))
 
 
 def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_mask: torch.Tensor,

@@ -80,6 +80,9 @@ def test_reference_features_valid_tokens():
     rf = ReferenceFeatures({key: f}, {key: (2, 3)}, valid={key: valid})
     assert torch.equal(rf.subject_tokens(key, 0), f[0, [0, 1, 4]])
     assert rf.subject_tokens(key, 1).shape == (6, 8)
+    rows, lengths = rf.valid_rows(key)  # the same tokens as row indices, for one gather of all subjects
+    assert lengths == [3, 6]
+    assert torch.equal(f.flatten(0, 1)[rows], torch.cat([rf.subject_tokens(key, 0), rf.subject_tokens(key, 1)]))
     both = rf.concat(ReferenceFeatures({key: torch.randn(1, 6, 8)}, {key: (2, 3)}))
     assert both.valid[key].shape == (3, 6) and both.valid[key][2].all()
 
