@@ -234,7 +234,7 @@ class Bench:
         self.unload_aux()
         self.sample(model, pos, neg, 2)  # warm-up (loads, allocator, caches)
         pos0, neg0 = conds(0, self.size)
-        ms_runs, ratios, totals = [], [], []
+        ms_runs, ratios, totals, plains = [], [], [], []
         peak = 0.0
         for _ in range(self.args.repeats):
             plain = self._timed_sampling(self.model, pos0, neg0)[0] if against_plain else None
@@ -247,9 +247,10 @@ class Bench:
             totals.append(total)
             if plain:
                 ratios.append(ms / plain)
-                self.plain_runs.append(plain)
+                plains.append(plain)
         ratio = statistics.median(ratios) if ratios else 1.0
-        self.last_plain = [ms / r for ms, r in zip(ms_runs, ratios)]
+        self.plain_runs += plains
+        self.last_plain = plains
         return statistics.median(ms_runs), ratio, statistics.median(totals), peak
 
     def encode(self, am, n: int, reference: str, labels: bool):
@@ -300,46 +301,25 @@ class Bench:
     def run(self):
         import torch
         args = self.args
-        H = W = self.size
         pos0, neg0 = conds(0, self.size)
         ms, _, total, peak = self.time_sampling(self.model, pos0, neg0, against_plain=False)
         self.record("plain SDXL", 0, ms, 1.0, total, peak)
         self.settle("plain")
-        apply = self.N["AnyStoryApply"]()
         counts = [int(c) for c in args.subjects.split(",")]
         groups = [g for g in args.configs.split(",")]
         for group in groups:
-            if group == "public":
-                am = self.make("ip-adapter-plus-sdxl", refnet=False)
-                enc_ms = self.encode_timing(am, "shared")
+            if group in CONFIGS:
+                cfg = CONFIGS[group]
+                am = self.make(cfg["kind"], refnet=cfg["refnet"])
+                enc_ms = self.encode_timing(am, cfg["reference"])
                 for n in counts:
-                    subjects, _ = self.encode(am, n, "shared", True)
-                    pos, neg = conds(n, self.size)
-                    m, _ = apply.apply(self.model, am, subjects, "attention", 1.0, 1.0, 0.0, 1.0)
-                    self.record("anystory public (shared, attention)", n, *self.time_sampling(m, pos, neg), enc_ms)
-                    del m, subjects
-                    self.settle(f"public {n}")
-            elif group == "native":
-                am = self.make("anystory-sdxl", refnet=True)
-                enc_ms = self.encode_timing(am, "native")
-                for n in counts:
-                    subjects, _ = self.encode(am, n, "native", False)
-                    m, _ = apply.apply(self.model, am, subjects, "router", 1.0, 1.0, 0.0, 1.0)
-                    self.record("anystory native (refnet, router)", n, *self.time_sampling(m, pos0, neg0), enc_ms)
-                    del m, subjects
-                    self.settle(f"native {n}")
-                am.refnet = None
-                am._refnet_module = None
-            elif group == "regional":
-                am = self.make("ip-adapter-plus-sdxl", refnet=False)
-                enc_ms = self.encode_timing(am, "off")
-                for n in counts:
-                    subjects, _ = self.encode(am, n, "off", False)
-                    m, _ = apply.apply(self.model, am, subjects, "masks", 1.0, 0.0, 0.0, 1.0,
-                                       region_masks=region_masks(n, H, W))
-                    self.record("regional IP-Adapter Plus (this pack)", n, *self.time_sampling(m, pos0, neg0), enc_ms)
-                    del m, subjects
-                    self.settle(f"regional {n}")
+                    m, pos, neg = _patched(self, group, n, am=am)
+                    self.record(cfg["name"], n, *self.time_sampling(m, pos, neg), enc_ms)
+                    del m
+                    self.settle(f"{group} {n}")
+                if cfg["refnet"]:
+                    am.refnet = None
+                    am._refnet_module = None
             elif group == "ipadapter_plus":
                 try:
                     self.run_ipadapter_plus(counts, pos0, neg0)
@@ -417,29 +397,32 @@ def profile(b: Bench, group: str, n: int, out_dir: Path):
     (out_dir / f"profile_{group}_{n}.txt").write_text(table + "\n\n" + cpu_table)
 
 
-def _patched(b: Bench, group: str, n: int, **kw):
-    """(model, pos, neg) of one configuration; ``kw`` overrides AnyStoryApply's inputs."""
-    apply = b.N["AnyStoryApply"]()
+CONFIGS = {  # group → adapter, reference mode, whether subjects carry labels, AnyStoryApply inputs
+    "public": dict(name="anystory public (shared, attention)", kind="ip-adapter-plus-sdxl", refnet=False,
+                   reference="shared", labels=True, apply=dict(router_mode="attention")),
+    "native": dict(name="anystory native (refnet, router)", kind="anystory-sdxl", refnet=True,
+                   reference="native", labels=False, apply=dict(router_mode="router")),
+    "regional": dict(name="regional IP-Adapter Plus (this pack)", kind="ip-adapter-plus-sdxl", refnet=False,
+                     reference="off", labels=False, apply=dict(router_mode="masks", gamma=0.0), masks=True),
+}
+
+
+def _patched(b: Bench, group: str, n: int, am=None, **kw):
+    """(model, pos, neg) of one configuration (``am``: its AnyStory model, made here when None); ``kw``
+    overrides AnyStoryApply's inputs."""
     if group == "plain":
         pos, neg = conds(0, b.size)
         return b.model, pos, neg
-    if group == "public":
-        am = b.make("ip-adapter-plus-sdxl", refnet=False)
-        subjects, _ = b.encode(am, n, "shared", True)
-        pos, neg = conds(n, b.size)
-        args = dict(router_mode="attention")
-    elif group == "regional":
-        am = b.make("ip-adapter-plus-sdxl", refnet=False)
-        subjects, _ = b.encode(am, n, "off", False)
-        pos, neg = conds(0, b.size)
-        args = dict(router_mode="masks", gamma=0.0, region_masks=region_masks(n, b.size, b.size))
-    else:
-        am = b.make("anystory-sdxl", refnet=True)
-        subjects, _ = b.encode(am, n, "native", False)
-        pos, neg = conds(0, b.size)
-        args = dict(router_mode="router")
+    cfg = CONFIGS[group]
+    if am is None:
+        am = b.make(cfg["kind"], refnet=cfg["refnet"])
+    subjects, _ = b.encode(am, n, cfg["reference"], cfg["labels"])
+    pos, neg = conds(n if cfg["labels"] else 0, b.size)
+    args = dict(cfg["apply"])
+    if cfg.get("masks"):
+        args["region_masks"] = region_masks(n, b.size, b.size)
     args.update(kw)
-    m, _ = apply.apply(b.model, am, subjects, **args)
+    m, _ = b.N["AnyStoryApply"]().apply(b.model, am, subjects, **args)
     return m, pos, neg
 
 
@@ -525,18 +508,15 @@ def sync_report(b: Bench, group: str, n: int, out_dir: Path, steps: int = 4) -> 
         where = " < ".join(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in frames[-3:][::-1]) or filename
         hits[("step 0" if step["i"] < 0 else "steps 1+", where)] += 1
 
-    old_show = warnings.showwarning
-    warnings.showwarning = show
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning and the filters on exit
             warnings.simplefilter("always")
             warnings.showwarning = show
             b.sample(m, pos, neg, steps, callback=lambda i, *a: step.__setitem__("i", i))
             b.sync()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = old_show
     lines = [f"host-device syncs of {group} with {n} subject(s), one sampling of {steps} steps (step 0 includes the "
              "run's set-up):"]
     for (phase, where), c in sorted(hits.items(), key=lambda x: (x[0][0], -x[1])):
