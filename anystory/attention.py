@@ -124,12 +124,6 @@ def with_extra(x: torch.Tensor, heads: int, extra: Optional[torch.Tensor], E: in
     return out.transpose(1, 2)
 
 
-def grouped_sdpa(q_ext: torch.Tensor, k_ext: torch.Tensor, v_ext: torch.Tensor, dim_head: int) -> torch.Tensor:
-    """Attention over [B, H, L, D+E] tensors with the original 1/√D scale → [B, L, H·D]."""
-    out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=dim_head ** -0.5)
-    return merge_heads(out[..., :dim_head])
-
-
 def query_extra_table(num_groups: int, rows: int, dtype, device) -> torch.Tensor:
     """[rows, E]: row g is :func:`query_extra` of group g (rows ≥ num_groups: no group), so the query
     extras of a route index are one embedding lookup (one kernel) instead of a scatter."""
@@ -160,10 +154,20 @@ class GroupedBuffers:
         self._bufs.clear()
 
     def query(self, q: torch.Tensor, heads: int, q_extra: torch.Tensor, E: int, role: str = "q") -> torch.Tensor:
-        """``role`` keeps one buffer per caller (attn1 / attn2 of the same shape alternate layer by layer;
-        with their own buffers neither rewrites the other's extra dims at every layer)."""
+        """q staged with its extra dims: the [B, H, L, D+E] operand of SDPA. ``role`` keeps one buffer per
+        caller (attn1 / attn2 of the same shape alternate layer by layer; with their own buffers neither
+        rewrites the other's extra dims at every layer)."""
         if autograd_records(q):  # in-place writes through views made earlier would break the graph
             return with_extra(q, heads, q_extra, E)
+        dst, operand = self.query_slot(q, heads, q_extra, E, role)
+        b, n, c = q.shape
+        dst.copy_(q.view(b, n, heads, c // heads))
+        return operand
+
+    def query_slot(self, q: torch.Tensor, heads: int, q_extra: torch.Tensor, E: int, role: str = "q"):
+        """(the [B, L, H, D] view q is copied into, the [B, H, L, D+E] SDPA operand): the buffer for q's
+        shape, its extra dims rewritten here when the routing (``q_extra``) changed — so a body replayed
+        from a CUDA graph only copies q."""
         b, n, c = q.shape
         D = c // heads
         key = (role, b, heads, n, D, E, q.dtype, q.device)
@@ -172,17 +176,25 @@ class GroupedBuffers:
             buf = q.new_empty(b, n, heads, D + E)
             ent = [buf[..., :D], None, buf[..., D:], buf.transpose(1, 2)]
             self._bufs[key] = ent
-        ent[0].copy_(q.view(b, n, heads, D))
         if ent[1] is not q_extra:
             ent[2].copy_(q_extra.to(q.dtype)[:, :, None].expand(b, n, heads, E))
             ent[1] = q_extra  # kept alive, so the identity test is sound
-        return ent[3]
+        return ent[0], ent[3]
 
     def keys(self, x: torch.Tensor, heads: int, tail: torch.Tensor, E: int, which: str) -> torch.Tensor:
         """[x (own tokens, extra dims 0); tail ([1, H, T, D+E], all rows)] as one [B, H, L+T, D+E]."""
         if autograd_records(x, tail):
             b = x.shape[0]
             return torch.cat([with_extra(x, heads, None, E), tail.to(x.dtype).expand(b, -1, -1, -1)], dim=2)
+        own, tail_dst, tail_src, operand = self.key_slot(x, heads, tail, E, which)
+        b, n, c = x.shape
+        own.copy_(x.view(b, n, heads, c // heads))
+        tail_dst.copy_(tail_src)
+        return operand
+
+    def key_slot(self, x: torch.Tensor, heads: int, tail: torch.Tensor, E: int, which: str):
+        """(view x is copied into, view the tail is copied into, the tail as [B, T, H, D+E], the
+        [B, H, L+T, D+E] SDPA operand) of the buffer for this shape (layers of one shape share it)."""
         b, n, c = x.shape
         D = c // heads
         T = tail.shape[2]
@@ -193,10 +205,17 @@ class GroupedBuffers:
             buf[:, :n, :, D:] = 0
             ent = [buf[:, :n, :, :D], buf[:, n:], buf.transpose(1, 2), {}]
             self._bufs[key] = ent
-        ent[0].copy_(x.view(b, n, heads, D))
         src = ent[3].get(id(tail))  # the tail as [B, T, H, D+E], made once per tail (kept alive with it)
         if src is None or src[0] is not tail:
             src = (tail, tail.transpose(1, 2).expand(b, -1, -1, -1))
             ent[3][id(tail)] = src
-        ent[1].copy_(src[1])
-        return ent[2]
+        return ent[0], ent[1], src[1], ent[2]
+
+    def output(self, like: torch.Tensor, role: str) -> torch.Tensor:
+        """A [B, L, C] output buffer of ``like``'s shape, one per role and shape (the static output of a
+        body replayed from a CUDA graph; its caller consumes it before the next layer runs)."""
+        key = ("out", role, tuple(like.shape), like.dtype, like.device)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf

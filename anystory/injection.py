@@ -18,7 +18,7 @@ Two evaluations of the same sum:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -181,3 +181,31 @@ def routed_cross_attention_fast(q: torch.Tensor, routes: PreparedRoutes, index: 
     if weight is not None:
         out = out * weight.unsqueeze(-1).to(out.dtype)
     return out if add_to is None else add_to + out.to(add_to.dtype)
+
+
+def cross_attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routes: PreparedRoutes, heads: int,
+                         q_extra: torch.Tensor, buffers, text_sdpa: Callable,
+                         out: Optional[torch.Tensor] = None) -> Callable[[], torch.Tensor]:
+    """Eq. 5 for one call (one-hot maps, η folded into ``routes``) as ``body(q, k, v)`` (anystory.graphs
+    replays it from a CUDA graph; q, k, v here give the shapes): text attention ``text_sdpa`` on [B, H, L, D] (the
+    host's SDPA, so the same kernels as its own attention) + the routed term, summed by the head merge;
+    reads its arguments, the staging buffers and ``routes`` only; returns [B, L, C] (``out`` if given)."""
+    b, n, c = q.shape
+    D = routes.dim_head
+    E = routes.k.shape[-1] - D
+    q_dst, q_op = buffers.query_slot(q, heads, q_extra, E, role="q")
+    rk, rv = routes.kv(b)
+    scale = D ** -0.5
+
+    def body(q, k, v) -> torch.Tensor:
+        qh = q.view(b, n, heads, D)
+        q_dst.copy_(qh)
+        text = text_sdpa(qh.transpose(1, 2), k.view(b, -1, heads, D).transpose(1, 2),
+                         v.view(b, -1, heads, D).transpose(1, 2))
+        routed = F.scaled_dot_product_attention(q_op, rk, rv, scale=scale)[..., :D]
+        res = out if out is not None else q.new_empty(b, n, c)
+        torch.add(text.transpose(1, 2), routed.transpose(1, 2), out=res.view(b, n, heads, D))
+        return res
+
+    body.statics = (q_op, rk, rv, out)
+    return body

@@ -23,9 +23,10 @@ import torch
 
 from .adapter import AnyStoryAdapter
 from .attention import GroupedBuffers, autograd_records, query_extra_table
-from .injection import prepare_routes, project_routes, routed_cross_attention_fast
+from .graphs import HookGraphs
+from .injection import cross_attention_body, prepare_routes, project_routes, routed_cross_attention_fast
 from .layers import LayerLayout
-from .reference import ReferenceFeatures, prepare_references, routed_reference_attention_fast
+from .reference import ReferenceFeatures, prepare_references, reference_attention_body
 from .router import resize_index
 
 log = logging.getLogger("anystory")
@@ -114,7 +115,9 @@ class RoutedPatch:
 
     def __init__(self, adapter: AnyStoryAdapter, layout: LayerLayout, inputs: RoutingInputs,
                  project_reference: Optional[Callable] = None, recorder=None,
-                 attention_router=None):
+                 attention_router=None, cuda_graphs: Optional[bool] = None):
+        """cuda_graphs: replay the hook bodies from CUDA graphs on CUDA (anystory.graphs; None: unless
+        ANYSTORY_CUDA_GRAPHS=0)."""
         if inputs.mode not in MODES:
             raise ValueError(f"unknown router mode {inputs.mode!r}; choose one of {', '.join(MODES)}")
         if inputs.mode == MODE_ROUTER and not adapter.has_router:
@@ -131,6 +134,7 @@ class RoutedPatch:
         self.attention_router = attention_router
         self._run: dict = {}
         self._buffers = GroupedBuffers()
+        self.graphs = HookGraphs(cuda_graphs)
         self._static_route_kv: Optional[dict] = None  # layer key → (K, V), from precompute_routes()
         self._routes_prep: dict = {}  # layer key → PreparedRoutes (kept across runs)
         self._routes_src: Optional[tuple] = None  # (E, η) the prepared routes were made from
@@ -145,6 +149,7 @@ class RoutedPatch:
             self._routes_prep = {}  # E, η or the references were replaced: prepare them again
             self._ref_rows_cache = {}
             self._routes_src = (self.inputs.E, self.inputs.eta, self.inputs.refs)
+        self.graphs.clear()
         self._run = {"route_kv": {}, "ref_kv": {}, "mask_index": {}, "dev": {},
                      "eta_zero": bool((self.inputs.eta == 0).all()),
                      "gamma_zero": bool((self.inputs.gamma == 0).all())}
@@ -155,6 +160,7 @@ class RoutedPatch:
 
     def end_run(self, **meta) -> None:
         self._run = {}
+        self.graphs.clear()  # before the buffers: the graphs write into them
         self._buffers.clear()
         if self.recorder is not None:
             self.recorder.end_run(**meta)
@@ -343,7 +349,12 @@ class RoutedPatch:
                 r = self._on("R", self.inputs.R, dev).transpose(0, 1)  # [1, K, 2048]
                 prep = router.prepare(r.to(router.proj_z.weight.dtype))
                 cache[spec.key] = prep
-            base = router.route(z.to(router.proj_z.weight.dtype), prep)
+            if self.graphs.usable(z):
+                base = self.graphs.run((spec.key, "router"), (z,), (prep["r"], prep["rp"], prep["q"], prep["w_kv"]),
+                                       lambda z: router.route(z.to(router.proj_z.weight.dtype), prep),
+                                       watch=tuple(router.parameters()))
+            else:
+                base = router.route(z.to(router.proj_z.weight.dtype), prep)
             src = self._constant(("src", SOURCE_ROUTER, rows, L, dev), SOURCE_ROUTER, torch.uint8, (rows, L), dev)
         elif mode in (MODE_ATTENTION, MODE_MIXED) and self.attention_router is not None:
             base = self.attention_router.route(spec, hw, rows, dev, state)
@@ -403,12 +414,10 @@ class RoutedPatch:
         qe = self._query_extra(state, index, routes.num_routes, q.dtype)
         weight = state.weight.get(key)
         if text_sdpa is not None and not tracked and weight is None and k.shape[0] == q.shape[0]:
-            b, n, c = q.shape
-            d = c // heads
-            text = text_sdpa(q.view(b, n, heads, d).transpose(1, 2), k.view(b, -1, heads, d).transpose(1, 2),
-                             v.view(b, -1, heads, d).transpose(1, 2))
-            return routed_cross_attention_fast(q, routes, index, heads, 1.0, q_extra=qe, buffers=buffers,
-                                               add_to=text.transpose(1, 2))
+            graphs = self.graphs.usable(q, k, v)
+            body = cross_attention_body(q, k, v, routes, heads, qe, buffers, text_sdpa,
+                                        out=buffers.output(q, "attn2") if graphs else None)
+            return self.graphs.run((key, "attn2"), (q, k, v), body.statics, body) if graphs else body(q, k, v)
         out = base(q, k, v)
         in_place = base_owned and not tracked
         # η is folded into the prepared values (prepare_routes)
@@ -416,8 +425,10 @@ class RoutedPatch:
                                              buffers=buffers, add_to=out if in_place else None)
         return routed if in_place else out + routed.to(out.dtype)
 
-    def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable) -> torch.Tensor:
-        """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else."""
+    def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable,
+                       plain_sdpa: Optional[Callable] = None) -> torch.Tensor:
+        """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else.
+        ``plain_sdpa``: the host's SDPA on [B, H, L, D], for the uncond rows (torch's when None)."""
         refs = self.inputs.refs
         if (not state.active or refs is None or state.last_index is None or key not in refs.features
                 or self.project_reference is None or self._run.get("gamma_zero", False)):
@@ -433,10 +444,35 @@ class RoutedPatch:
         prep = self.prepared_references(key, q, heads)
         if prep is None:
             return base(q, k, v)
-        # one fused call for the whole batch: uncond rows are routed to the background, whose queries
-        # match no reference group, so they get exactly their plain attention (cheaper on the host than
-        # splitting the batch into two attention calls)
+        # with CUDA graphs: the cond rows in one fused call over [own; references], uncond rows (routed to
+        # the background: they would meet no reference) in a plain attention over their own tokens — half
+        # the GPU work; eagerly: one fused call for all rows (fewer host-side ops)
         qe = self._query_extra(state, index, prep.num_subjects, q.dtype)
+        graphs = self.graphs.usable(q, k, v)
+        # replayed from a graph, the split costs no host time; eagerly, one fused call is cheaper on the host
+        rows = self._cond_rows(state) if graphs else None
+        if rows is not None:
+            rk2 = ("qe_rows", id(qe), rows.start, rows.stop)
+            hit = state.cache.get(rk2)
+            if hit is None or hit[0] is not qe:
+                hit = (qe, qe[rows])
+                state.cache[rk2] = hit
+            qe = hit[1]
         # while autograd records, staging buffers reused by later layers would overwrite saved tensors
         buffers = GroupedBuffers() if autograd_records(q, k, v) else self._buffers
-        return routed_reference_attention_fast(q, k, v, prep, index, heads, q_extra=qe, buffers=buffers)
+        body = reference_attention_body(q, k, v, prep, heads, qe, buffers, rows=rows, plain=plain_sdpa,
+                                        out=buffers.output(q, "attn1") if graphs else None)
+        return self.graphs.run((key, "attn1"), (q, k, v), body.statics, body) if graphs else body(q, k, v)
+
+    @staticmethod
+    def _cond_rows(state: CallState) -> Optional[slice]:
+        """The cond rows as one slice when they are contiguous and uncond rows exist (those then get the
+        plain attention, see reference_attention_body); None: every row through the fused call."""
+        hit = state.cache.get("cond_rows", False)
+        if hit is False:
+            cond = [sl for sl, c in state.chunks if c]
+            hit = None
+            if cond and len(cond) < len(state.chunks) and all(a.stop == b.start for a, b in zip(cond, cond[1:])):
+                hit = slice(cond[0].start, cond[-1].stop)
+            state.cache["cond_rows"] = hit
+        return hit

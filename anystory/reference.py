@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-from .attention import (NEG, AttnFn, GroupedBuffers, extra_dims, grouped_sdpa, key_extra, query_extra, sdpa,
+from .attention import (NEG, AttnFn, GroupedBuffers, autograd_records, extra_dims, key_extra, query_extra, sdpa,
                         with_extra)
 
 Gamma = Union[float, torch.Tensor]
@@ -148,17 +148,81 @@ def prepare_references(k_ref: RefList, v_ref: RefList, heads: int, gamma: Gamma)
 
 def routed_reference_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     refs: Optional[PreparedReferences], index: torch.Tensor, heads: int,
-                                    q_extra: Optional[torch.Tensor] = None, buffers=None) -> torch.Tensor:
+                                    q_extra: Optional[torch.Tensor] = None, buffers=None,
+                                    rows: Optional[slice] = None) -> torch.Tensor:
     """Eq. 6-8 as :func:`routed_reference_attention`, with the routing bias carried in extra head
     dimensions: one fused attention over [own keys; all subjects' reference keys], no bias tensor.
-    ``buffers`` (a GroupedBuffers) stages the operands with one copy each."""
+    ``buffers`` (a GroupedBuffers) stages the operands with one copy each; ``rows``: see
+    :func:`reference_attention_body`."""
     if refs is None:
         return sdpa(q, k, v, heads)
-    E = refs.k.shape[-1] - refs.dim_head
     qe = q_extra if q_extra is not None else query_extra(index, refs.num_subjects, q.dtype)
-    buffers = buffers if buffers is not None else GroupedBuffers()
-    return grouped_sdpa(buffers.query(q, heads, qe, E, role="q1"), buffers.keys(k, heads, refs.k, E, "k"),
-                        buffers.keys(v, heads, refs.v, E, "v"), refs.dim_head)
+    if rows is not None:
+        qe = qe[rows]
+    return reference_attention_body(q, k, v, refs, heads, qe, buffers if buffers is not None else GroupedBuffers(),
+                                    rows=rows)(q, k, v)
+
+
+def reference_attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refs: PreparedReferences,
+                             heads: int, q_extra: torch.Tensor, buffers: GroupedBuffers,
+                             rows: Optional[slice] = None, plain: Optional[Callable] = None,
+                             out: Optional[torch.Tensor] = None) -> Callable[[], torch.Tensor]:
+    """Eq. 6-8 for one call as ``body(q, k, v)`` (anystory.graphs replays it from a CUDA graph; q, k, v
+    here give the shapes): it reads its arguments, the staging buffers and ``refs`` only, and returns
+    [B, L, C].
+
+    ``rows``: the rows whose queries may be routed to a subject (the cond rows, one contiguous slice);
+    ``q_extra`` [len(rows), L, E] are their query extras. The other rows (uncond: routed to the
+    background, so they meet no reference) get the plain attention over their own tokens, through
+    ``plain`` (an SDPA on [B, H, L, D]; torch's by default) — half the attention work of the fused call
+    for the usual cond/uncond batch. ``out``: a [B, L, C] buffer to write into (else a new tensor)."""
+    b, n, c = q.shape
+    D = refs.dim_head
+    E = refs.k.shape[-1] - D
+    sl = rows if rows is not None else slice(0, b)
+    others = [s for s in (slice(0, sl.start), slice(sl.stop, b)) if s.stop > s.start]
+    g = sl.stop - sl.start
+    attend = plain if plain is not None else torch.nn.functional.scaled_dot_product_attention
+    scale = D ** -0.5
+
+    def plain_rows(q, k, v, s: slice) -> torch.Tensor:  # [rows, L, H, D]
+        qs, ks, vs = (t[s].view(s.stop - s.start, -1, heads, D).transpose(1, 2) for t in (q, k, v))
+        return attend(qs, ks, vs).transpose(1, 2)
+
+    if autograd_records(q, k, v, refs.k, refs.v):  # no staging buffers, no in-place writes
+        def tracked(q, k, v) -> torch.Tensor:
+            qg, kg, vg = (t[sl] if others else t for t in (q, k, v))
+            q_op = with_extra(qg, heads, q_extra, E)
+            k_op = torch.cat([with_extra(kg, heads, None, E), refs.k.to(q.dtype).expand(g, -1, -1, -1)], dim=2)
+            v_op = torch.cat([with_extra(vg, heads, None, E), refs.v.to(q.dtype).expand(g, -1, -1, -1)], dim=2)
+            grouped = torch.nn.functional.scaled_dot_product_attention(q_op, k_op, v_op, scale=scale)
+            parts = {sl.start: grouped[..., :D].transpose(1, 2)} | {s.start: plain_rows(q, k, v, s) for s in others}
+            return torch.cat([parts[i] for i in sorted(parts)]).reshape(b, n, c)
+        tracked.statics = ()
+        return tracked
+
+    qg, kg, vg = (t[sl] if others else t for t in (q, k, v))
+    q_dst, q_op = buffers.query_slot(qg, heads, q_extra, E, role="q1")
+    k_dst, kt_dst, kt_src, k_op = buffers.key_slot(kg, heads, refs.k, E, "k")
+    v_dst, vt_dst, vt_src, v_op = buffers.key_slot(vg, heads, refs.v, E, "v")
+
+    def body(q, k, v) -> torch.Tensor:
+        qg, kg, vg = (t[sl] if others else t for t in (q, k, v))
+        q_dst.copy_(qg.view(g, n, heads, D))
+        k_dst.copy_(kg.view(g, -1, heads, D))
+        kt_dst.copy_(kt_src)
+        v_dst.copy_(vg.view(g, -1, heads, D))
+        vt_dst.copy_(vt_src)
+        grouped = torch.nn.functional.scaled_dot_product_attention(q_op, k_op, v_op, scale=scale)
+        res = out if out is not None else q.new_empty(b, n, c)
+        heads_view = res.view(b, n, heads, D)
+        heads_view[sl].copy_(grouped[..., :D].transpose(1, 2))
+        for s in others:
+            heads_view[s].copy_(plain_rows(q, k, v, s))
+        return res
+
+    body.statics = (q_op, k_op, v_op, refs.k, refs.v, out)
+    return body
 
 
 @dataclass

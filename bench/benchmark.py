@@ -314,7 +314,7 @@ class Bench:
                 enc_ms = self.encode_timing(am, cfg["reference"])
                 for n in counts:
                     m, pos, neg = _patched(self, group, n, am=am)
-                    self.record(cfg["name"], n, *self.time_sampling(m, pos, neg), enc_ms)
+                    self.record(cfg["name"], n, *self.time_sampling(m, pos, neg), enc_ms, note=graph_stats(m))
                     del m
                     self.settle(f"{group} {n}")
                 if cfg["refnet"]:
@@ -421,18 +421,40 @@ def _patched(b: Bench, group: str, n: int, am=None, **kw):
     args = dict(cfg["apply"])
     if cfg.get("masks"):
         args["region_masks"] = region_masks(n, b.size, b.size)
+    graphs = kw.pop("cuda_graphs", True)
     args.update(kw)
-    m, _ = b.N["AnyStoryApply"]().apply(b.model, am, subjects, **args)
+    old = os.environ.get("ANYSTORY_CUDA_GRAPHS")
+    os.environ["ANYSTORY_CUDA_GRAPHS"] = "1" if graphs else "0"  # read when the patch is made
+    try:
+        m, _ = b.N["AnyStoryApply"]().apply(b.model, am, subjects, **args)
+    finally:
+        if old is None:
+            os.environ.pop("ANYSTORY_CUDA_GRAPHS")
+        else:
+            os.environ["ANYSTORY_CUDA_GRAPHS"] = old
     return m, pos, neg
 
 
-ABLATIONS = [  # (label, AnyStoryApply overrides): the same patch with parts switched off
-    ("full", {}),
-    ("hooks installed, never active (start=end=100 %)", dict(start_percent=1.0, end_percent=1.0)),
-    ("no routing record", dict(record_routing=False)),
-    ("routing + eq. 5 only (γ = 0)", dict(gamma=0.0)),
-    ("routing + eq. 6-8 only (η = 0)", dict(eta=0.0)),
-    ("routing only (η = γ = 0)", dict(eta=0.0, gamma=0.0)),
+def graph_stats(model) -> str:
+    """How the patch's hook bodies ran in the last sampling: replayed from CUDA graphs, captured, eager."""
+    reps = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for r in reps.values():
+        g = getattr(getattr(getattr(r, "owner", None), "runtime", None), "graphs", None)
+        if g is not None:
+            return "graphs " + ("on" if g.enabled and not g._failed else "off") + " " + \
+                ", ".join(f"{k} {v}" for k, v in g.stats.items())
+    return ""
+
+
+ABLATIONS = [  # (label, AnyStoryApply overrides, environment while sampling): the patch with parts switched off
+    ("full", {}, {}),
+    ("full, without CUDA graphs (eager hook bodies)", dict(cuda_graphs=False), {}),
+    ("full, σ read back from the device every step", {}, {"ANYSTORY_STEP_SYNC": "1"}),
+    ("hooks installed, never active (start=end=100 %)", dict(start_percent=1.0, end_percent=1.0), {}),
+    ("no routing record", dict(record_routing=False), {}),
+    ("routing + eq. 5 only (γ = 0)", dict(gamma=0.0), {}),
+    ("routing + eq. 6-8 only (η = 0)", dict(eta=0.0), {}),
+    ("routing only (η = γ = 0)", dict(eta=0.0, gamma=0.0), {}),
 ]
 
 
@@ -440,10 +462,19 @@ def ablate(b: Bench, group: str, n: int, out_dir: Path) -> str:
     """ms/step of one configuration with its parts switched off one by one, against plain, in one run."""
     lines = [f"ablation of {group} with {n} subject(s): ms/step, × plain (median ratio to the plain sampling run "
              "just before each measured sampling)"]
-    for label, kw in [("plain SDXL itself (the noise floor of the ratio)", None)] + ABLATIONS:
+    for label, kw, env in [("plain SDXL itself (the noise floor of the ratio)", None, {})] + ABLATIONS:
         m, pos, neg = _patched(b, "plain", 0) if kw is None else _patched(b, group, n, **kw)
-        ms, ratio, _, peak = b.time_sampling(m, pos, neg)
-        lines.append(f"  {label:52s} {ms:8.2f}  x{ratio:.3f}  peak {peak:.2f} GB")
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            ms, ratio, _, peak = b.time_sampling(m, pos, neg)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        lines.append(f"  {label:52s} {ms:8.2f}  x{ratio:.3f}  peak {peak:.2f} GB  {graph_stats(m)}")
         print(lines[-1], flush=True)
         del m
         b.settle(label)

@@ -3,8 +3,9 @@
 
 Installed on a ``model.clone()`` only:
 - OUTER_SAMPLE wrapper: one sampling run → begin/end of the per-run caches and of the recorder;
-- PREDICT_NOISE wrapper: once per step → sigma (one host sync), step index, start/end window, and
-  which conditioning uuids are positive (cond) or negative (uncond);
+- PREDICT_NOISE wrapper: once per step → sigma (from the run's schedule and the call count for samplers
+  that call the model once per step, else read from the device: one host sync), step index, start/end
+  window, and which conditioning uuids are positive (cond) or negative (uncond);
 - DIFFUSION_MODEL wrapper: once per UNet call → a fresh CallState (the maps of this call only);
 - attn2_patch: the router at every cross-attention layer;
 - attn2 replace at every layer: text attention (or the replace that was there before, e.g. IPAdapter)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +30,14 @@ from .text import LABELS_KEY
 from .types import AnyStoryError
 
 log = logging.getLogger("anystory")
+
+# samplers that evaluate the model once per step, at sigmas[i] (ComfyUI's k-diffusion functions): for these
+# the step of a model call is its position in the run, so σ need not be read back from the device
+ONE_CALL_PER_STEP = {
+    "sample_euler", "sample_euler_ancestral", "sample_lms", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_3m_sde", "sample_dpmpp_3m_sde_gpu", "sample_ddpm", "sample_lcm",
+    "sample_ipndm", "sample_deis",
+}
 
 
 @dataclass
@@ -56,6 +66,9 @@ class ComfyRoutedPatch:
         self._run_hw = None
         self._sigma_seen = None  # (sigmas tensor of the current model call, its value on the host)
         self._sigmas_seen = None  # (sample_sigmas of the run, as host floats)
+        self._by_count = False  # this run's σ comes from the call count (see _step_sigma)
+        self._calls = 0
+        self._check = None  # (event, pinned host copy of a call's σ, the σ the count gave it)
         runtime.project_reference = self.project_reference
 
     def __deepcopy__(self, memo):
@@ -73,6 +86,10 @@ class ComfyRoutedPatch:
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
                      disable_pbar=False, seed=None):
         self._run_hw = tuple(noise.shape[-2:])
+        fn = getattr(getattr(sampler, "sampler_function", None), "__name__", None)
+        self._by_count = fn in ONE_CALL_PER_STEP and os.environ.get("ANYSTORY_STEP_SYNC", "0") != "1"
+        self._calls = 0
+        self._check = None
         self.runtime.begin_run(sigmas=sigmas, latent_hw=self._run_hw, batch=int(noise.shape[0]))
         out = None
         try:
@@ -89,19 +106,49 @@ class ComfyRoutedPatch:
             self._run_hw = None
             self._sigma_seen = None
             self._sigmas_seen = None
+            self._check = None
+
+    def _step_sigma(self, timestep, host) -> float:
+        """σ of this model call on the host. For a sampler that evaluates the model once per step
+        (ONE_CALL_PER_STEP) it is the run's sigma at this call's position — no device sync, which costs
+        a host-bound sampling the GPU's whole queue every step. A non-blocking copy of the real σ is
+        compared when it has arrived (a call or two later); on a mismatch (a sampler that is not what its
+        name says, a model called outside the loop) the run reads σ from the device from then on."""
+        chk = self._check
+        if chk is not None and chk[0].query():
+            self._check = None
+            if abs(float(chk[1][0]) - chk[2]) > 1e-4 * max(1.0, abs(chk[2])):
+                self._by_count = False
+                log.info("AnyStory: this sampler's model calls are not one per step; reading σ per call")
+        c = self._calls
+        self._calls += 1
+        if self._by_count and host is not None and c >= len(host) - 1:
+            self._by_count = False  # more calls than steps: not one call per step after all
+        if not self._by_count or host is None or not timestep.is_cuda:
+            return float(timestep.reshape(-1)[0])  # a host sync (none for a timestep on the CPU)
+        sigma = host[c]
+        if self._check is None:
+            buf = torch.empty(1, dtype=torch.float32, pin_memory=True)
+            buf.copy_(timestep.reshape(-1)[:1], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._check = (ev, buf, sigma)
+        return sigma
 
     def predict_noise(self, executor, x, timestep, model_options={}, seed=None):
-        sigma = float(timestep.reshape(-1)[0])  # the one host sync of a step
-        active = self.sigma_end <= sigma <= self.sigma_start
         to = model_options.get("transformer_options", {})
         step = 0
         ss = to.get("sample_sigmas")
+        host = None
         if ss is not None:
             seen = self._sigmas_seen  # the run's sigmas on the host, read once per run (not per step)
             if seen is None or seen[0] is not ss:
                 seen = (ss, [float(x) for x in ss.detach().float().cpu()])
                 self._sigmas_seen = seen
             host = seen[1]
+        sigma = self._step_sigma(timestep, host)
+        active = self.sigma_end <= sigma <= self.sigma_start
+        if host is not None:
             hits = [i for i, x in enumerate(host) if abs(x - sigma) <= 1e-6 + 1e-4 * abs(sigma)]
             if hits:
                 step = hits[0]
@@ -233,6 +280,14 @@ class _Replace:
         return lambda q, k, v: comfy_attention.optimized_attention(q, k, v, heads, attn_precision=prec,
                                                                     transformer_options=extra_options)
 
+    def _own_attention(self, extra_options) -> bool:
+        """This layer's attention is ComfyUI's torch-SDPA attention and nothing else (no other replace before
+        this one, no attention override, no upcast): the patch may call ComfyUI's SDPA itself (the same
+        kernels under the same backend priority), keep the heads, and add into the fresh result in place."""
+        return (self.previous is None and extra_options.get("attn_precision") is None
+                and "optimized_attention_override" not in extra_options
+                and comfy_attention.optimized_attention is getattr(comfy_attention, "attention_pytorch", None))
+
 
 class Attn2Replace(_Replace):
     """attn2 of layer l: text attention + η Σ_i σ(M_i^l) ⊙ Attn(Q, E_i Ŵ_k^l, E_i Ŵ_v^l).
@@ -267,14 +322,6 @@ class Attn2Replace(_Replace):
             out = self._added(out, q, k, v, extra_options)
         return out
 
-    def _own_attention(self, extra_options) -> bool:
-        """The text attention is ComfyUI's torch-SDPA attention and nothing else (no other replace before
-        this one, no attention override, no upcast): the patch may call ComfyUI's SDPA itself, keep the
-        heads, and add into the fresh result in place."""
-        return (self.previous is None and extra_options.get("attn_precision") is None
-                and "optimized_attention_override" not in extra_options
-                and comfy_attention.optimized_attention is getattr(comfy_attention, "attention_pytorch", None))
-
     def _added(self, out, q, k, v, extra_options):
         sigma = self._sigma(extra_options.get("sigmas"))
         dtype = out.dtype
@@ -302,8 +349,9 @@ class Attn1Replace(_Replace):
         state = extra_options.get(self.owner.state_key)
         if state is None or not state.active:
             return base(q, k, v)
+        own = self._own_attention(extra_options)
         return self.owner.runtime.self_attention(state, _key(extra_options), q, k, v, extra_options["n_heads"],
-                                                 _hw(extra_options), base)
+                                                 _hw(extra_options), base, plain_sdpa=_comfy_sdpa() if own else None)
 
 
 def install(model, owner: ComfyRoutedPatch, reference_keys: list, additional_models: list) -> None:

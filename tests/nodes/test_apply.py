@@ -615,6 +615,37 @@ def test_intermediate_evaluations_are_recorded_under_their_step(env):
     assert len(seen) == 5  # 3 schedule sigmas + 2 midpoints (the last step has none)
 
 
+@pytest.mark.parametrize("sampler,by_count", [("euler", True), ("dpmpp_2m", True), ("heun", False),
+                                              ("dpmpp_sde", False)])
+def test_step_sigma_from_the_call_count_only_for_one_call_per_step_samplers(env, sampler, by_count):
+    """For samplers that call the model once per step, σ of a call is the run's sigma at the call's position
+    (no device sync per step); for the others it is read from the device — the recorded steps agree."""
+    patched, routing = env.apply(eta=1.0, gamma=1.0)
+    owner = F.owner_of(patched)
+    env.sample(patched, _lat(), steps=3, sampler=sampler, scheduler="karras", seed=1)
+    assert owner._by_count is by_count
+    assert routing.runs[-1].step_ids == [0, 1, 2]
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()",
+                    reason="NO CUDA DEVICE: the sync-free σ lookup reads σ from the count only for CUDA "
+                           "timesteps (run this test on a GPU machine)")
+def test_step_sigma_from_the_count_falls_back_when_the_device_disagrees(env):
+    import torch
+    patched, _ = env.apply(eta=1.0, gamma=1.0)
+    owner = F.owner_of(patched)
+    owner._by_count, owner._calls, owner._check = True, 0, None
+    host = [3.0, 2.0, 1.0, 0.5, 0.0]
+    ts = lambda v: torch.full((2,), v, device="cuda")  # noqa: E731
+    assert owner._step_sigma(ts(3.0), host) == 3.0 and owner._by_count
+    torch.cuda.synchronize()
+    assert owner._step_sigma(ts(2.0), host) == 2.0 and owner._by_count  # the check of call 0 agreed
+    torch.cuda.synchronize()
+    assert owner._step_sigma(ts(1.5), host) == 1.0  # a call the count gets wrong: found one call later
+    torch.cuda.synchronize()
+    assert owner._step_sigma(ts(1.25), host) == 1.25 and not owner._by_count
+
+
 # ------------------------------------------------------------------------------------------------
 # 14. the adapter is loaded/offloaded with the UNet
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,185 @@
+"""CUDA graphs of the hook bodies (anystory.graphs): the slot logic on the CPU (a stand-in capture), the
+row split of eq. 6-8 they enable, and — on a CUDA machine — that graph replays give the eager outputs."""
+import functools
+
+import pytest
+import torch
+
+from anystory.attention import GroupedBuffers, query_extra, sdpa
+from anystory.graphs import HookGraphs
+from anystory.patch import MODE_MASKS, MODE_ROUTER, CallState, chunks_from_roles
+from anystory.reference import prepare_references, reference_attention_body, routed_reference_attention
+
+from .test_patch import GRIDS, HEADS, LAYOUT, C, make
+
+
+class FakeGraph:
+    def __init__(self, body):
+        self.body, self.replays = body, 0
+
+    def replay(self):
+        self.replays += 1
+        self.body()  # a real graph re-runs the captured kernels on the captured addresses
+
+
+def fake_graphs(monkeypatch, **kw):
+    hg = HookGraphs(enabled=True, **kw)
+    captured = []
+
+    def capture(body, inputs, device):
+        g = FakeGraph(lambda: body(*inputs))
+        g.inputs = inputs
+        captured.append(g)
+        return g, body(*inputs)
+
+    monkeypatch.setattr(hg, "_capture", capture)
+    return hg, captured
+
+
+def test_slot_runs_eagerly_then_captures_then_replays(monkeypatch):
+    hg, captured = fake_graphs(monkeypatch)
+    x = torch.zeros(3)
+    static = torch.zeros(1)
+    calls = []
+
+    def body(x):
+        calls.append(1)
+        return static
+
+    assert hg.run("a", (x,), (static,), body) is static and len(calls) == 1 and not captured  # warm-up, eager
+    hg.run("a", (x,), (static,), body)
+    assert len(captured) == 1 and captured[0].replays == 1  # captured, then replayed for this call
+    hg.run("a", (x,), (static,), body)
+    assert captured[0].replays == 2 and len(captured) == 1
+    assert hg.stats == {"eager": 1, "capture": 1, "replay": 1}
+
+
+def test_a_new_address_is_a_new_variant_and_the_last_variant_reads_copies(monkeypatch):
+    hg, captured = fake_graphs(monkeypatch, max_variants=3)
+    static = torch.zeros(4)
+
+    def body(x):  # what the graph computes from its input
+        return static.copy_(x * 2)
+
+    xs = [torch.full((4,), float(i)) for i in range(5)]
+    hg.run("a", (xs[0],), (static,), body)
+    hg.run("a", (xs[0],), (static,), body)  # captured on xs[0]'s address
+    hg.run("a", (xs[1],), (static,), body)  # another address: the graph would read stale memory
+    assert len(captured) == 2 and captured[1].inputs[0] is xs[1]
+    out = hg.run("a", (xs[2],), (static,), body)  # the last variant: staged, it reads a copy of the input
+    assert len(captured) == 3 and captured[2].inputs[0] is not xs[2] and torch.equal(out, xs[2] * 2)
+    out = hg.run("a", (xs[3],), (static,), body)  # any further address: copied in, replayed
+    assert len(captured) == 3 and captured[2].replays == 2 and torch.equal(out, xs[3] * 2)
+    out = hg.run("a", (xs[1],), (static,), body)
+    assert captured[1].replays == 2 and torch.equal(out, xs[1] * 2)
+    assert hg.stats == {"eager": 1, "capture": 3, "replay": 2}
+    hg.run("a", (torch.zeros(5),), (static.new_zeros(5),), lambda x: x)  # other shapes: eager
+    assert hg.stats["eager"] == 2
+    other = torch.zeros(4)
+    hg.run("a", (xs[0],), (other,), lambda x: other)  # same address, other static tensor: not replayed
+    assert captured[0].replays == 1
+    hg.run("b", (xs[0],), (static,), body)  # slots are independent
+    assert hg.stats["eager"] == 4
+    hg.clear()
+    hg.run("a", (xs[0],), (static,), body)
+    assert hg.stats["eager"] == 5  # dropped with the run: warm-up again
+
+
+def test_graphs_are_not_used_off_cuda_or_while_autograd_records(monkeypatch):
+    hg = HookGraphs(enabled=True)
+    assert not hg.usable(torch.zeros(2))
+    monkeypatch.setenv("ANYSTORY_CUDA_GRAPHS", "0")
+    assert not HookGraphs().enabled
+    monkeypatch.setenv("ANYSTORY_CUDA_GRAPHS", "1")
+    assert HookGraphs().enabled
+
+
+def test_split_rows_give_the_fused_reference_attention():
+    """Cond rows through the fused call, uncond rows (background) through the plain attention: the same
+    as all rows through the fused call, and as the dense definition."""
+    g = torch.Generator().manual_seed(3)
+    B, L, T = 4, 12, 5
+    q, k, v = (torch.randn(B, L, C, generator=g) for _ in range(3))
+    kr, vr = [torch.randn(T, C, generator=g) for _ in range(2)], [torch.randn(T, C, generator=g) for _ in range(2)]
+    index = torch.randint(0, 3, (B, L), generator=g)
+    index[2:] = 2  # rows 2-3: uncond, background
+    prep = prepare_references(kr, vr, HEADS, torch.tensor([1.0, 2.0]))
+    qe = query_extra(index, 2, q.dtype)
+    fused = reference_attention_body(q, k, v, prep, HEADS, qe, GroupedBuffers())(q, k, v)
+    split = reference_attention_body(q, k, v, prep, HEADS, qe[0:2], GroupedBuffers(), rows=slice(0, 2))(q, k, v)
+    dense = routed_reference_attention(q, k, v, kr, vr, index, HEADS, torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(split, fused, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split, dense, atol=1e-4, rtol=1e-4)
+    out = torch.empty(B, L, C)
+    assert reference_attention_body(q, k, v, prep, HEADS, qe[2:], GroupedBuffers(), rows=slice(2, 4),
+                                    out=out)(q, k, v) is out  # cond rows last (ComfyUI may batch uncond first)
+
+
+def test_cond_rows_of_a_call():
+    from anystory.patch import RoutedPatch
+    assert RoutedPatch._cond_rows(CallState(chunks_from_roles([True, False], 2))) == slice(0, 2)
+    assert RoutedPatch._cond_rows(CallState(chunks_from_roles([False, True, True], 1))) == slice(1, 3)
+    assert RoutedPatch._cond_rows(CallState(chunks_from_roles([True, False, True], 1))) is None  # not contiguous
+    assert RoutedPatch._cond_rows(CallState(chunks_from_roles([True], 1))) is None  # all rows: one fused call
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="NO CUDA DEVICE: CUDA graph replay is only checked on a GPU machine "
+                                       "(run this file there)")
+
+
+def _steps(rp, steps, dtype=torch.float16, shift_at=None):
+    """Sampler-like steps on CUDA: per layer fresh q/k/v (the same allocation order every step, as
+    ComfyUI's UNet), attn1 → route → attn2 with ComfyUI's direct text-attention path. Returns the outputs
+    per step on the host."""
+    dev = "cuda"
+    text_sdpa = torch.nn.functional.scaled_dot_product_attention
+    base = functools.partial(sdpa, heads=HEADS)
+    results = []
+    for step in range(steps):
+        g = torch.Generator(device=dev).manual_seed(100)  # the same inputs every step
+        pad = torch.empty(1 << 20, device=dev) if step == shift_at else None  # moves the allocations
+        state = CallState(chunks_from_roles([True, False], 1), step=step)
+        outs = []
+        for spec in LAYOUT:
+            hw = GRIDS[spec.key]
+            L = hw[0] * hw[1]
+            q, k, v, n = (torch.randn(2, L, C, device=dev, dtype=dtype, generator=g) for _ in range(4))
+            a1 = rp.self_attention(state, spec.key, q, k, v, HEADS, hw, lambda q, k, v: base(q, k, v),
+                                   plain_sdpa=text_sdpa)
+            outs.append(a1.float().cpu())
+            rp.route(state, spec.key, n, hw)
+            kt, vt = (torch.randn(2, 9, C, device=dev, dtype=dtype, generator=g) for _ in range(2))
+            a2 = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, lambda q, k, v: base(q, k, v),
+                                    text_sdpa=text_sdpa, base_owned=True)
+            outs.append(a2.float().cpu())
+            del q, k, v, n, kt, vt, a1, a2
+        del pad
+        results.append(outs)
+    return results
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", [MODE_MASKS, MODE_ROUTER])
+@torch.inference_mode()
+def test_graph_replays_give_the_eager_outputs_on_cuda(mode):
+    def patch(graphs):
+        rp, proj = make(mode=mode, gamma=1.5)
+        rp.graphs = HookGraphs(enabled=graphs)
+        proj.to("cuda", torch.float16)  # the UNet's attn1 projections (route K/V and G_i move by themselves)
+        rp.adapter.to("cuda")  # the learned router runs where the latent is
+        rp.begin_run()
+        return rp
+
+    eager, graphed = patch(False), patch(True)
+    want = _steps(eager, 6)
+    got = _steps(graphed, 6, shift_at=3)  # where inputs move every step, the staged variant serves (steps 3+)
+    stats = dict(graphed.graphs.stats)
+    assert graphed.graphs.last_error is None
+    assert stats["capture"] > 0 and stats["replay"] > 0, stats
+    assert eager.graphs.stats == {"replay": 0, "capture": 0, "eager": 0}
+    for s, (ws, gs) in enumerate(zip(want, got)):
+        for w, o in zip(ws, gs):
+            torch.testing.assert_close(o, w, atol=2e-3, rtol=2e-3, msg=lambda m: f"step {s}: {m}")
+    graphed.end_run()
+    assert not graphed.graphs._slots
