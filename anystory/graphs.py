@@ -16,8 +16,9 @@ What a body may read and write:
 - *statics*: tensors fixed for the sampling run (staging buffers, reference K̃/Ṽ, route K/V, the
   output buffer); a graph is replayed only while the very same objects are passed (they are kept
   alive with the graph).
-- it returns a tensor that lives outside the graph's memory (a staging output buffer), which the
-  caller consumes before the next call of a body sharing that buffer.
+- it returns a tensor that lives outside the graph's memory (a buffer allocated before the capture),
+  which the caller consumes before the next call of a body sharing that buffer. A tensor allocated
+  inside the capture would live in the shared pool, where later graphs' intermediates overwrite it.
 
 A slot's first call runs eagerly (kernel selection, lazy initialisation, the run's caches); the second
 is captured, on a side stream, in a memory pool shared by all graphs of the run (intermediates of one
@@ -59,7 +60,10 @@ class HookGraphs:
         self.stats = {"replay": 0, "capture": 0, "eager": 0}
 
     def clear(self) -> None:
-        """Drop every graph (and with the last one the shared memory pool)."""
+        """Drop every graph (and with the last one the shared memory pool); a capture that failed in the
+        last run is tried again in the next."""
+        self._failed = False
+        self.last_error = None
         self._slots = {}
         self._inputs = {}
         self._pool = None
@@ -88,7 +92,7 @@ class HookGraphs:
         ent = self._slots.get(slot)
         if ent is None:
             ent = self._slots[slot] = [0, []]
-        for v_sig, v_ids, graph, out, staged in ent[1]:
+        for v_sig, v_ids, graph, out, staged, _statics in ent[1]:
             if v_ids != ids:
                 continue
             if staged is None and v_sig == sig:
@@ -115,7 +119,8 @@ class HookGraphs:
             self.stats["eager"] += 1
             return body(*inputs)
         graph, out = captured
-        ent[1].append((shapes if staged is not None else sig, ids, graph, out, staged))
+        # the statics are kept alive with the graph: their ids cannot be taken by other objects meanwhile
+        ent[1].append((shapes if staged is not None else sig, ids, graph, out, staged, statics))
         self.stats["capture"] += 1
         graph.replay()
         return out

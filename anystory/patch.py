@@ -315,7 +315,7 @@ class RoutedPatch:
                 parts.append(self._constant(("bg", rows, L, n.device), bg, torch.long, (rows, L), n.device))
                 weights.append(None)
                 continue
-            idx, src, w = self._route_rows(spec, n[sl], hw, state)
+            idx, src, w = self._route_rows(spec, n[sl], hw, state, chunk=sl.start)
             parts.append(idx)
             weights.append(w)
             if rec is None and record:
@@ -336,7 +336,7 @@ class RoutedPatch:
             cache[key] = hit
         return hit
 
-    def _route_rows(self, spec, z: torch.Tensor, hw, state: CallState):
+    def _route_rows(self, spec, z: torch.Tensor, hw, state: CallState, chunk: int = 0):
         mode = self.inputs.mode
         rows, L = z.shape[0], z.shape[1]
         dev = z.device
@@ -350,8 +350,16 @@ class RoutedPatch:
                 prep = router.prepare(r.to(router.proj_z.weight.dtype))
                 cache[spec.key] = prep
             if self.graphs.usable(z):
-                base = self.graphs.run((spec.key, "router"), (z,), (prep["r"], prep["rp"], prep["q"], prep["w_kv"]),
-                                       lambda z: router.route(z.to(router.proj_z.weight.dtype), prep),
+                # one slot and one output buffer per layer and chunk (made outside any capture): a graph's
+                # own allocations live in the pool the other graphs reuse
+                outs = self._run.setdefault("router_out", {})
+                ok = (spec.key, chunk, rows, L, dev)
+                buf = outs.get(ok)
+                if buf is None:
+                    buf = outs[ok] = torch.empty(rows, L, dtype=torch.long, device=dev)
+                base = self.graphs.run((spec.key, "router", chunk), (z,),
+                                       (prep["r"], prep["rp"], prep["q"], prep["w_kv"], buf),
+                                       lambda z: router.route(z.to(router.proj_z.weight.dtype), prep, out=buf),
                                        watch=tuple(router.parameters()))
             else:
                 base = router.route(z.to(router.proj_z.weight.dtype), prep)
@@ -462,7 +470,8 @@ class RoutedPatch:
         buffers = GroupedBuffers() if autograd_records(q, k, v) else self._buffers
         body = reference_attention_body(q, k, v, prep, heads, qe, buffers, rows=rows, plain=plain_sdpa,
                                         out=buffers.output(q, "attn1") if graphs else None)
-        return self.graphs.run((key, "attn1"), (q, k, v), body.statics, body) if graphs else body(q, k, v)
+        slot = (key, "attn1") if rows is None else (key, "attn1", rows.start, rows.stop)  # rows are in the body
+        return self.graphs.run(slot, (q, k, v), body.statics, body) if graphs else body(q, k, v)
 
     @staticmethod
     def _cond_rows(state: CallState) -> Optional[slice]:

@@ -73,9 +73,10 @@ class LayerRouter(nn.Module):
                 "w_kv": torch.cat([self.refine_k.weight, self.refine_v.weight], 0)}
 
     @torch.no_grad()
-    def route(self, z: torch.Tensor, prep: dict) -> torch.Tensor:
+    def route(self, z: torch.Tensor, prep: dict, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Inference: the route index [B, L] (argmax of the refined map), same math as forward() with
-        the R-dependent parts from :meth:`prepare` (``prep["r"]`` etc. are [1, K, ·], broadcast)."""
+        the R-dependent parts from :meth:`prepare` (``prep["r"]`` etc. are [1, K, ·], broadcast);
+        written into ``out`` ([B, L] long) when given."""
         b = z.shape[0]
         zp = self.proj_z(z).float()                               # [B, L, D]
         coarse = torch.matmul(prep["rp"], zp.transpose(1, 2))      # [B, K, L]
@@ -86,7 +87,7 @@ class LayerRouter(nn.Module):
         upd = sdpa(q, k, v, self.heads, mask=bias[:, None])
         r_new = prep["r"].to(z.dtype) + self.refine_out(upd)
         refined = torch.matmul(self.proj_r(r_new).float(), zp.transpose(1, 2))
-        return refined.argmax(1)
+        return refined.argmax(1) if out is None else torch.argmax(refined, 1, out=out)
 
 
 def coarse_attention_bias(coarse_logits: torch.Tensor) -> torch.Tensor:

@@ -108,8 +108,8 @@ class ComfyRoutedPatch:
             self._sigmas_seen = None
             self._check = None
 
-    def _step_sigma(self, timestep, host) -> float:
-        """σ of this model call on the host. For a sampler that evaluates the model once per step
+    def _step_sigma(self, timestep, host) -> tuple:
+        """(σ of this model call on the host, its step when σ came from the count else None). For a sampler that evaluates the model once per step
         (ONE_CALL_PER_STEP) it is the run's sigma at this call's position — no device sync, which costs
         a host-bound sampling the GPU's whole queue every step. A non-blocking copy of the real σ is
         compared when it has arrived (a call or two later); on a mismatch (a sampler that is not what its
@@ -125,15 +125,15 @@ class ComfyRoutedPatch:
         if self._by_count and host is not None and c >= len(host) - 1:
             self._by_count = False  # more calls than steps: not one call per step after all
         if not self._by_count or host is None or not timestep.is_cuda:
-            return float(timestep.reshape(-1)[0])  # a host sync (none for a timestep on the CPU)
+            return float(timestep.reshape(-1)[0]), None  # a host sync (none for a timestep on the CPU)
         sigma = host[c]
         if self._check is None:
             buf = torch.empty(1, dtype=torch.float32, pin_memory=True)
             buf.copy_(timestep.reshape(-1)[:1], non_blocking=True)
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(timestep.device))  # the stream the copy was queued on
             self._check = (ev, buf, sigma)
-        return sigma
+        return sigma, c
 
     def predict_noise(self, executor, x, timestep, model_options={}, seed=None):
         to = model_options.get("transformer_options", {})
@@ -146,9 +146,11 @@ class ComfyRoutedPatch:
                 seen = (ss, [float(x) for x in ss.detach().float().cpu()])
                 self._sigmas_seen = seen
             host = seen[1]
-        sigma = self._step_sigma(timestep, host)
+        sigma, counted = self._step_sigma(timestep, host)
         active = self.sigma_end <= sigma <= self.sigma_start
-        if host is not None:
+        if counted is not None:
+            step = counted  # σ came from the count: so does the step (a schedule may repeat a sigma)
+        elif host is not None:
             hits = [i for i, x in enumerate(host) if abs(x - sigma) <= 1e-6 + 1e-4 * abs(sigma)]
             if hits:
                 step = hits[0]

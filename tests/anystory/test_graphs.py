@@ -7,7 +7,7 @@ import torch
 
 from anystory.attention import GroupedBuffers, query_extra, sdpa
 from anystory.graphs import HookGraphs
-from anystory.patch import MODE_MASKS, MODE_ROUTER, CallState, chunks_from_roles
+from anystory.patch import MODE_ATTENTION, MODE_MASKS, MODE_ROUTER, CallState, chunks_from_roles
 from anystory.reference import prepare_references, reference_attention_body, routed_reference_attention
 
 from .test_patch import GRIDS, HEADS, LAYOUT, C, make
@@ -80,7 +80,9 @@ def test_a_new_address_is_a_new_variant_and_the_last_variant_reads_copies(monkey
     assert captured[0].replays == 1
     hg.run("b", (xs[0],), (static,), body)  # slots are independent
     assert hg.stats["eager"] == 4
+    hg._failed, hg.last_error = True, "a capture failed"
     hg.clear()
+    assert not hg._failed and hg.last_error is None  # the next run tries graphs again
     hg.run("a", (xs[0],), (static,), body)
     assert hg.stats["eager"] == 5  # dropped with the run: warm-up again
 
@@ -128,10 +130,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                        "(run this file there)")
 
 
-def _steps(rp, steps, dtype=torch.float16, shift_at=None):
+def _steps(rp, steps, dtype=torch.float16, shift_at=None, roles=(True, False), flip_at=None, labels=None):
     """Sampler-like steps on CUDA: per layer fresh q/k/v (the same allocation order every step, as
-    ComfyUI's UNet), attn1 → route → attn2 with ComfyUI's direct text-attention path. Returns the outputs
-    per step on the host."""
+    ComfyUI's UNet), attn1 → route → attn2 with ComfyUI's direct text-attention path. ``roles``: cond/uncond
+    of the batch's chunks (one row each), reversed from step ``flip_at`` on. Returns the outputs per step
+    on the host."""
     dev = "cuda"
     text_sdpa = torch.nn.functional.scaled_dot_product_attention
     base = functools.partial(sdpa, heads=HEADS)
@@ -139,17 +142,21 @@ def _steps(rp, steps, dtype=torch.float16, shift_at=None):
     for step in range(steps):
         g = torch.Generator(device=dev).manual_seed(100)  # the same inputs every step
         pad = torch.empty(1 << 20, device=dev) if step == shift_at else None  # moves the allocations
-        state = CallState(chunks_from_roles([True, False], 1), step=step)
+        order = list(roles)[::-1] if flip_at is not None and step >= flip_at else list(roles)
+        state = CallState(chunks_from_roles(order, 1), step=step)
+        if labels is not None:
+            state.labels = [labels if r else None for r in order]
+        B = len(order)
         outs = []
         for spec in LAYOUT:
             hw = GRIDS[spec.key]
             L = hw[0] * hw[1]
-            q, k, v, n = (torch.randn(2, L, C, device=dev, dtype=dtype, generator=g) for _ in range(4))
+            q, k, v, n = (torch.randn(B, L, C, device=dev, dtype=dtype, generator=g) for _ in range(4))
             a1 = rp.self_attention(state, spec.key, q, k, v, HEADS, hw, lambda q, k, v: base(q, k, v),
                                    plain_sdpa=text_sdpa)
             outs.append(a1.float().cpu())
             rp.route(state, spec.key, n, hw)
-            kt, vt = (torch.randn(2, 9, C, device=dev, dtype=dtype, generator=g) for _ in range(2))
+            kt, vt = (torch.randn(B, 9, C, device=dev, dtype=dtype, generator=g) for _ in range(2))
             a2 = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, lambda q, k, v: base(q, k, v),
                                     text_sdpa=text_sdpa, base_owned=True)
             outs.append(a2.float().cpu())
@@ -160,11 +167,18 @@ def _steps(rp, steps, dtype=torch.float16, shift_at=None):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", [MODE_MASKS, MODE_ROUTER])
+@pytest.mark.parametrize("mode,roles,flip_at", [(MODE_MASKS, (True, False), None), (MODE_ROUTER, (True, False), None),
+                                                (MODE_ROUTER, (True, True, False), None),  # two positive chunks
+                                                (MODE_MASKS, (True, False), 4),  # cond/uncond order changes
+                                                (MODE_ATTENTION, (True, False), None)])  # the attention router
 @torch.inference_mode()
-def test_graph_replays_give_the_eager_outputs_on_cuda(mode):
+def test_graph_replays_give_the_eager_outputs_on_cuda(mode, roles, flip_at):
+    from anystory.attention_router import AttentionRouter
+    labels = [[1, 2], [5]] if mode == MODE_ATTENTION else None
+
     def patch(graphs):
-        rp, proj = make(mode=mode, gamma=1.5)
+        ar = AttentionRouter(2, warmup_steps=1, threshold=0.2, smooth=1) if labels else None
+        rp, proj = make(mode=mode, gamma=1.5, masks=labels is None, attention_router=ar)
         rp.graphs = HookGraphs(enabled=graphs)
         proj.to("cuda", torch.float16)  # the UNet's attn1 projections (route K/V and G_i move by themselves)
         rp.adapter.to("cuda")  # the learned router runs where the latent is
@@ -172,8 +186,9 @@ def test_graph_replays_give_the_eager_outputs_on_cuda(mode):
         return rp
 
     eager, graphed = patch(False), patch(True)
-    want = _steps(eager, 6)
-    got = _steps(graphed, 6, shift_at=3)  # where inputs move every step, the staged variant serves (steps 3+)
+    want = _steps(eager, 7, roles=roles, flip_at=flip_at, labels=labels)
+    # where inputs move every step, the staged variant serves (steps 3+)
+    got = _steps(graphed, 7, shift_at=3, roles=roles, flip_at=flip_at, labels=labels)
     stats = dict(graphed.graphs.stats)
     assert graphed.graphs.last_error is None
     assert stats["capture"] > 0 and stats["replay"] > 0, stats
@@ -181,5 +196,7 @@ def test_graph_replays_give_the_eager_outputs_on_cuda(mode):
     for s, (ws, gs) in enumerate(zip(want, got)):
         for w, o in zip(ws, gs):
             torch.testing.assert_close(o, w, atol=2e-3, rtol=2e-3, msg=lambda m: f"step {s}: {m}")
+    if labels:  # the label attention saw the same attention (and routed the same)
+        assert torch.equal(graphed.attention_router.maps().cpu() > 0.2, eager.attention_router.maps().cpu() > 0.2)
     graphed.end_run()
     assert not graphed.graphs._slots

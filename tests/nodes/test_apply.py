@@ -637,13 +637,13 @@ def test_step_sigma_from_the_count_falls_back_when_the_device_disagrees(env):
     owner._by_count, owner._calls, owner._check = True, 0, None
     host = [3.0, 2.0, 1.0, 0.5, 0.0]
     ts = lambda v: torch.full((2,), v, device="cuda")  # noqa: E731
-    assert owner._step_sigma(ts(3.0), host) == 3.0 and owner._by_count
+    assert owner._step_sigma(ts(3.0), host) == (3.0, 0) and owner._by_count
     torch.cuda.synchronize()
-    assert owner._step_sigma(ts(2.0), host) == 2.0 and owner._by_count  # the check of call 0 agreed
+    assert owner._step_sigma(ts(2.0), host) == (2.0, 1) and owner._by_count  # the check of call 0 agreed
     torch.cuda.synchronize()
-    assert owner._step_sigma(ts(1.5), host) == 1.0  # a call the count gets wrong: found one call later
+    assert owner._step_sigma(ts(1.5), host) == (1.0, 2)  # a call the count gets wrong: found one call later
     torch.cuda.synchronize()
-    assert owner._step_sigma(ts(1.25), host) == 1.25 and not owner._by_count
+    assert owner._step_sigma(ts(1.25), host) == (1.25, None) and not owner._by_count
 
 
 # ------------------------------------------------------------------------------------------------
