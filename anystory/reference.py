@@ -173,9 +173,11 @@ def reference_attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     ``rows``: the rows whose queries may be routed to a subject (the cond rows, one contiguous slice);
     ``q_extra`` [len(rows), L, E] are their query extras. The other rows (uncond: routed to the
-    background, so they meet no reference) get the plain attention over their own tokens, through
-    ``plain`` (an SDPA on [B, H, L, D]; torch's by default) — half the attention work of the fused call
-    for the usual cond/uncond batch. ``out``: a [B, L, C] buffer to write into (else a new tensor)."""
+    background, so they meet no reference) get the plain attention over their own tokens — half the
+    attention work of the fused call for the usual cond/uncond batch. ``plain``: the SDPA on [B, H, L, D]
+    (with ``scale=``) both attentions use — the host's, under its backend priority (ComfyUI's puts cuDNN
+    first, which on Hopper runs the fused call's 72-wide heads in about half flash's time); torch's by
+    default. ``out``: a [B, L, C] buffer to write into (else a new tensor)."""
     b, n, c = q.shape
     D = refs.dim_head
     E = refs.k.shape[-1] - D
@@ -213,7 +215,7 @@ def reference_attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         kt_dst.copy_(kt_src)
         v_dst.copy_(vg.view(g, -1, heads, D))
         vt_dst.copy_(vt_src)
-        grouped = torch.nn.functional.scaled_dot_product_attention(q_op, k_op, v_op, scale=scale)
+        grouped = attend(q_op, k_op, v_op, scale=scale)
         res = out if out is not None else q.new_empty(b, n, c)
         heads_view = res.view(b, n, heads, D)
         heads_view[sl].copy_(grouped[..., :D].transpose(1, 2))

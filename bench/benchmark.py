@@ -372,7 +372,7 @@ class Bench:
 
 
 def profile(b: Bench, group: str, n: int, out_dir: Path):
-    """torch.profiler over a few steps of one configuration: top CUDA and CPU ops."""
+    """torch.profiler over three steady sampler steps of one configuration: top CUDA and CPU ops."""
     import torch
     from torch.profiler import ProfilerActivity, profile as tprofile
     m, pos, neg = _patched(b, "plain" if group == "encode" else group, n)
@@ -384,9 +384,12 @@ def profile(b: Bench, group: str, n: int, out_dir: Path):
             b.encode(am, n, "shared", True)
             b.sync()
     else:
+        # steady steps: the profiler records sampler steps 3-5 of a 6-step run (after the run's set-up
+        # and, on CUDA, the capture of the hook graphs in step 1), stepped by the sampler's callback
+        from torch.profiler import schedule
         b.sample(m, pos, neg, 2)
-        with tprofile(activities=acts, record_shapes=False) as prof:
-            b.sample(m, pos, neg, 3)
+        with tprofile(activities=acts, record_shapes=False, schedule=schedule(wait=2, warmup=1, active=3)) as prof:
+            b.sample(m, pos, neg, 6, callback=lambda *a: prof.step())
             b.sync()
     key = "cuda_time_total" if b.cuda else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
