@@ -7,9 +7,11 @@
 Everything is built in this process with random fp16 weights of the real shapes (never loaded from
 disk): the SDXL UNet, the SDXL VAE, CLIP ViT-H/14, and AnyStory / IP-Adapter Plus adapters for the
 UNet's 70 cross-attention layers. Sampling goes through real ComfyUI (``comfy.sample.sample``,
-euler, cfg 7.5). Per configuration it reports ms per step (from the difference between a long and a
-short run, so fixed costs cancel), the ratio to plain SDXL measured in the same run, the subject
-encode time per subject, and peak VRAM during sampling (and its overhead over plain).
+euler, cfg 7.5). Per configuration it reports ms per step (the median step-to-step interval), the
+ratio to plain SDXL (each sampling right after a plain one; the median of those pairs' ratios), the
+subject encode time per subject, and peak VRAM during sampling (and its overhead over plain).
+``--allocator comfyui`` runs on the CUDA allocator backend that ComfyUI's ``main.py`` picks on most CUDA
+builds (cudaMallocAsync); by default the process keeps whatever PYTORCH_CUDA_ALLOC_CONF says.
 
 Configurations: plain; AnyStory on public weights (IP-Adapter Plus tokens, shared-UNet ReferenceNet,
 attention router) with 1/2/4 subjects; native AnyStory (random adapter with router, native random
@@ -623,10 +625,18 @@ def main(argv=None) -> int:
                                                   "(after the table unless --no-table)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--allocator", choices=("asis", "comfyui"), default="asis",
+                    help="comfyui: add backend:cudaMallocAsync to PYTORCH_CUDA_ALLOC_CONF, as ComfyUI's main.py does")
     args = ap.parse_args(argv)
+    if args.allocator == "comfyui":
+        if "torch" in sys.modules:
+            print("[bench] --allocator comfyui: torch is already imported, the allocator cannot change", flush=True)
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync" if not conf else conf + ",backend:cudaMallocAsync"
     if args.quick:
         args.size, args.steps, args.repeats = min(args.size, 128), min(args.steps, 5), 1
     import torch
+    print(f"[bench] PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}", flush=True)
     with torch.inference_mode():
         b = Bench(args)
     out = Path(args.out)
@@ -650,7 +660,7 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name(0) if b.cuda else "cpu"
     data = {"device": dev, "date": dt.date.today().isoformat(), "torch": torch.__version__,
             "size": args.size, "steps": args.steps, "cfg": args.cfg, "sampler": "euler",
-            "configs": b.results}
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "configs": b.results}
     out.mkdir(parents=True, exist_ok=True)
     name = "latest" if not args.quick else "quick"
     (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -658,7 +668,8 @@ def main(argv=None) -> int:
              f"SDXL {args.size}², {args.steps} steps, euler, cfg {args.cfg}, fp16, random weights, ComfyUI samplers; "
              f"{args.repeats} samplings per configuration, each right after a plain one. ms/step: median step-to-step "
              "interval; × plain: median ratio of each sampling to the plain sampling just before it (the plain "
-             "ms/step of those is in the next column).", "",
+             "ms/step of those is in the next column). PYTORCH_CUDA_ALLOC_CONF: "
+             f"{data['cuda_alloc_conf'] or '(unset)'}.", "",
              "| configuration | subjects | ms/step | × plain | plain ms/step beside it | encode ms/subject | "
              "peak VRAM GB | overhead GB |",
              "|---|---|---|---|---|---|---|---|"]
