@@ -125,6 +125,34 @@ def test_cond_rows_of_a_call():
     assert RoutedPatch._cond_rows(CallState(chunks_from_roles([True], 1))) is None  # all rows: one fused call
 
 
+@pytest.mark.parametrize("mode,roles", [(MODE_MASKS, (True, False)), (MODE_ROUTER, (True, True, False)),
+                                        (MODE_ATTENTION, (False, True))])
+@torch.inference_mode()
+def test_every_body_writes_the_tensor_it_returns(monkeypatch, mode, roles):
+    """With a stand-in capture whose replay re-runs the body (on the CPU), the outputs of every step equal
+    the eager ones although the inputs change every step: a body must write its result into the tensor it
+    returns (a result made inside a real capture would be stale, or overwritten in the shared pool)."""
+    from anystory.attention_router import AttentionRouter
+    labels = [[1, 2], [5]] if mode == MODE_ATTENTION else None
+
+    def patch(graphs):
+        ar = AttentionRouter(2, warmup_steps=1, threshold=0.2, smooth=1) if labels else None
+        rp, _ = make(mode=mode, gamma=1.5, masks=labels is None, attention_router=ar)
+        if graphs:
+            rp.graphs = fake_graphs(monkeypatch)[0]
+            monkeypatch.setattr(rp.graphs, "usable", lambda *t: True)
+        rp.begin_run()
+        return rp
+
+    eager, graphed = patch(False), patch(True)
+    want = _steps(eager, 6, dtype=torch.float32, roles=roles, labels=labels, dev="cpu", new_inputs=True)
+    got = _steps(graphed, 6, dtype=torch.float32, roles=roles, labels=labels, dev="cpu", new_inputs=True)
+    assert graphed.graphs.stats["replay"] > 0, graphed.graphs.stats
+    for s, (ws, gs) in enumerate(zip(want, got)):
+        for w, o in zip(ws, gs):
+            torch.testing.assert_close(o, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {s}: {m}")
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="NO CUDA DEVICE: CUDA graph replay is only checked on a GPU machine "
                                        "(run this file there)")
@@ -139,17 +167,16 @@ def _cudnn_first(q, k, v, *args, **kwargs):
 
 
 def _steps(rp, steps, dtype=torch.float16, shift_at=None, roles=(True, False), flip_at=None, labels=None,
-           host_sdpa=None):
-    """Sampler-like steps on CUDA: per layer fresh q/k/v (the same allocation order every step, as
-    ComfyUI's UNet), attn1 → route → attn2 with ComfyUI's direct text-attention path. ``roles``: cond/uncond
-    of the batch's chunks (one row each), reversed from step ``flip_at`` on. Returns the outputs per step
-    on the host."""
-    dev = "cuda"
+           host_sdpa=None, dev="cuda", new_inputs=False):
+    """Sampler-like steps: per layer fresh q/k/v (the same allocation order every step, as ComfyUI's UNet),
+    attn1 → route → attn2 with ComfyUI's direct text-attention path. ``roles``: cond/uncond of the batch's
+    chunks (one row each), reversed from step ``flip_at`` on; ``new_inputs``: other values every step
+    (else the same). Returns the outputs per step on the host."""
     text_sdpa = torch.nn.functional.scaled_dot_product_attention
     base = functools.partial(sdpa, heads=HEADS)
     results = []
     for step in range(steps):
-        g = torch.Generator(device=dev).manual_seed(100)  # the same inputs every step
+        g = torch.Generator(device=dev).manual_seed(100 + (step if new_inputs else 0))
         pad = torch.empty(1 << 20, device=dev) if step == shift_at else None  # moves the allocations
         order = list(roles)[::-1] if flip_at is not None and step >= flip_at else list(roles)
         state = CallState(chunks_from_roles(order, 1), step=step)
@@ -163,12 +190,12 @@ def _steps(rp, steps, dtype=torch.float16, shift_at=None, roles=(True, False), f
             q, k, v, n = (torch.randn(B, L, C, device=dev, dtype=dtype, generator=g) for _ in range(4))
             a1 = rp.self_attention(state, spec.key, q, k, v, HEADS, hw, lambda q, k, v: base(q, k, v),
                                    plain_sdpa=host_sdpa or text_sdpa)
-            outs.append(a1.float().cpu())
+            outs.append(a1.float().cpu().clone())  # the output buffer is reused by the next layer
             rp.route(state, spec.key, n, hw)
             kt, vt = (torch.randn(B, 9, C, device=dev, dtype=dtype, generator=g) for _ in range(2))
             a2 = rp.cross_attention(state, spec.key, q, kt, vt, HEADS, lambda q, k, v: base(q, k, v),
                                     text_sdpa=text_sdpa, base_owned=True)
-            outs.append(a2.float().cpu())
+            outs.append(a2.float().cpu().clone())
             del q, k, v, n, kt, vt, a1, a2
         del pad
         results.append(outs)
