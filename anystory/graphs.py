@@ -93,14 +93,8 @@ class HookGraphs:
         if ent is None:
             ent = self._slots[slot] = [0, []]
         for v_sig, v_ids, graph, out, staged, _statics in ent[1]:
-            if v_ids != ids:
-                continue
-            if staged is None and v_sig == sig:
-                graph.replay()
-                self.stats["replay"] += 1
-                return out
-            if staged is not None and v_sig == shapes:
-                for dst, src in zip(staged, inputs):
+            if v_ids == ids and v_sig == (sig if staged is None else shapes):
+                for dst, src in zip(staged or (), inputs):
                     dst.copy_(src)
                 graph.replay()
                 self.stats["replay"] += 1

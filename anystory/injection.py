@@ -154,9 +154,8 @@ def routed_cross_attention_fast(q: torch.Tensor, routes: PreparedRoutes, index: 
     mask carried in extra head dimensions (no bias tensor; fused attention kernels stay available).
     ``q_extra`` may pass a cached :func:`query_extra` of ``index``; ``buffers`` a GroupedBuffers;
     ``eta`` is applied here unless it was folded into ``routes`` (pass 1.0 then). ``add_to`` (the text
-    attention [B, L, C], contiguous): the routed term is added into it in place and it is returned —
-    the head merge and the sum of eq. 5 in one kernel; ``add_to`` may also be the text attention still
-    split in heads, as a [B, L, H, D] view (then the sum is written to a new [B, L, C] tensor)."""
+    attention [B, L, C]): the routed term is added to it — in place when it is contiguous (the head merge
+    and the sum of eq. 5 in one kernel) — and the sum returned."""
     b, n, c = q.shape
     D = routes.dim_head
     E = routes.k.shape[-1] - D
@@ -165,16 +164,9 @@ def routed_cross_attention_fast(q: torch.Tensor, routes: PreparedRoutes, index: 
     k, v = routes.kv(b)
     out = F.scaled_dot_product_attention(q_ext, k, v, scale=D ** -0.5)[..., :D].transpose(1, 2)  # [B, L, H, D]
     plain_eta = isinstance(eta, float) and eta == 1.0
-    if add_to is not None and plain_eta and weight is None:
-        if add_to.dim() == 4:  # [B, L, H, D] view of a text attention still in heads: merge + sum, one kernel
-            res = add_to.new_empty(b, n, c)
-            torch.add(add_to, out, out=res.view(b, n, heads, D))
-            return res
-        if add_to.is_contiguous():
-            add_to.view(b, n, heads, D).add_(out)
-            return add_to
-    if add_to is not None and add_to.dim() == 4:
-        add_to = add_to.reshape(b, n, c)
+    if add_to is not None and plain_eta and weight is None and add_to.is_contiguous():
+        add_to.view(b, n, heads, D).add_(out)
+        return add_to
     out = out.reshape(b, n, c)
     if not plain_eta:
         out = out * _eta_per_token(eta, index, out.dtype)

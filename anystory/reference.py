@@ -191,13 +191,13 @@ def reference_attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         qs, ks, vs = (t[s].view(s.stop - s.start, -1, heads, D).transpose(1, 2) for t in (q, k, v))
         return attend(qs, ks, vs).transpose(1, 2)
 
-    if autograd_records(q, k, v, refs.k, refs.v):  # no staging buffers, no in-place writes
+    if autograd_records(q, k, v, refs.k, refs.v):  # no buffer reused across calls, no writes through old views
         def tracked(q, k, v) -> torch.Tensor:
             qg, kg, vg = (t[sl] if others else t for t in (q, k, v))
-            q_op = with_extra(qg, heads, q_extra, E)
-            k_op = torch.cat([with_extra(kg, heads, None, E), refs.k.to(q.dtype).expand(g, -1, -1, -1)], dim=2)
-            v_op = torch.cat([with_extra(vg, heads, None, E), refs.v.to(q.dtype).expand(g, -1, -1, -1)], dim=2)
-            grouped = torch.nn.functional.scaled_dot_product_attention(q_op, k_op, v_op, scale=scale)
+            fresh = GroupedBuffers()  # its query/keys stage out of place for operands that autograd records
+            grouped = torch.nn.functional.scaled_dot_product_attention(
+                fresh.query(qg, heads, q_extra, E, "q1"), fresh.keys(kg, heads, refs.k, E, "k"),
+                fresh.keys(vg, heads, refs.v, E, "v"), scale=scale)
             parts = {sl.start: grouped[..., :D].transpose(1, 2)} | {s.start: plain_rows(q, k, v, s) for s in others}
             return torch.cat([parts[i] for i in sorted(parts)]).reshape(b, n, c)
         tracked.statics = ()

@@ -22,6 +22,7 @@ installed in ComfyUI's custom_nodes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib
 import importlib.util
@@ -428,16 +429,24 @@ def _patched(b: Bench, group: str, n: int, am=None, **kw):
         args["region_masks"] = region_masks(n, b.size, b.size)
     graphs = kw.pop("cuda_graphs", True)
     args.update(kw)
-    old = os.environ.get("ANYSTORY_CUDA_GRAPHS")
-    os.environ["ANYSTORY_CUDA_GRAPHS"] = "1" if graphs else "0"  # read when the patch is made
-    try:
+    with _environ({"ANYSTORY_CUDA_GRAPHS": "1" if graphs else "0"}):  # read when the patch is made
         m, _ = b.N["AnyStoryApply"]().apply(b.model, am, subjects, **args)
-    finally:
-        if old is None:
-            os.environ.pop("ANYSTORY_CUDA_GRAPHS")
-        else:
-            os.environ["ANYSTORY_CUDA_GRAPHS"] = old
     return m, pos, neg
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    """Environment variables set for the duration of the block, then restored (or removed)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def graph_stats(model) -> str:
@@ -469,16 +478,8 @@ def ablate(b: Bench, group: str, n: int, out_dir: Path) -> str:
              "just before each measured sampling)"]
     for label, kw, env in [("plain SDXL itself (the noise floor of the ratio)", None, {})] + ABLATIONS:
         m, pos, neg = _patched(b, "plain", 0) if kw is None else _patched(b, group, n, **kw)
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with _environ(env):
             ms, ratio, _, peak = b.time_sampling(m, pos, neg)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         lines.append(f"  {label:52s} {ms:8.2f}  x{ratio:.3f}  peak {peak:.2f} GB  {graph_stats(m)}")
         print(lines[-1], flush=True)
         del m
