@@ -44,6 +44,21 @@ def graphs_enabled_by_env() -> bool:
     return os.environ.get("ANYSTORY_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+_CAPTURE_STREAMS: dict = {}
+
+
+def capture_stream(device) -> "torch.cuda.Stream":
+    """The side stream graphs are captured on, one per device for the whole process: libraries keep
+    per-stream state (cuBLAS allocates a 32 MB workspace for every new stream it meets, and keeps it), so
+    a new stream per capture would leave that much VRAM behind each time."""
+    device = torch.device(device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(key)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[key] = torch.cuda.Stream(device)
+    return stream
+
+
 class HookGraphs:
     """The CUDA graphs of one RoutedPatch's hook bodies for one sampling run."""
 
@@ -54,7 +69,6 @@ class HookGraphs:
         self._slots: dict = {}
         self._inputs: dict = {}
         self._pool = None
-        self._streams: dict = {}
         self._failed = False
         self.last_error = None
         self.stats = {"replay": 0, "capture": 0, "eager": 0}
@@ -67,7 +81,6 @@ class HookGraphs:
         self._slots = {}
         self._inputs = {}
         self._pool = None
-        self._streams = {}
 
     def usable(self, *tensors: torch.Tensor) -> bool:
         """Graphs can serve a call on these tensors (CUDA, no autograd, no capture under way)."""
@@ -133,9 +146,7 @@ class HookGraphs:
 
     def _capture(self, body, inputs, device):
         cur = torch.cuda.current_stream(device)
-        side = self._streams.get(device)
-        if side is None:
-            side = self._streams[device] = torch.cuda.Stream(device)
+        side = capture_stream(device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -153,6 +164,145 @@ class HookGraphs:
             log.warning("AnyStory: CUDA graph capture failed (%s: %s); this run continues without graphs",
                         type(e).__name__, e)
             return None
+        finally:
+            cur.wait_stream(side)
+        return graph, out
+
+
+def _module_is_static(owner: torch.nn.Module, device: torch.device) -> Optional[tuple]:
+    """The addresses of ``owner``'s weights (parameters and buffers) when all of them lie on ``device`` and
+    no layer computes its weight at call time (ComfyUI's low-VRAM casts and on-the-fly LoRA patches keep
+    ``weight_function`` / ``bias_function`` lists on the layer); else None: a graph would bake in stale
+    weights."""
+    ptrs = []
+    add = ptrs.append
+    for mod in owner.modules():  # one pass, ≈ 1-2 ms of host time for the 1 680 tensors of an SDXL UNet
+        # (the instance's and its class's dicts: a getattr that misses costs nn.Module an exception)
+        if mod.__dict__.get("weight_function") or mod.__dict__.get("bias_function") \
+                or getattr(type(mod), "weight_function", None) or getattr(type(mod), "bias_function", None):
+            return None
+        for tensors in (mod._parameters, mod._buffers):
+            for t in tensors.values():
+                if t is not None:
+                    if t.device != device:
+                        return None
+                    add(t.data_ptr())
+    return tuple(ptrs)
+
+
+class ForwardGraphs:
+    """CUDA graphs of whole encoder forwards (the ReferenceNet pass, CLIP vision), kept across encodes.
+
+    Subject encoding runs a UNet and a ViT on one image at a fixed size (every subject is cropped to 512²
+    and 224²): thousands of small launches, so the host sets the pace (≈ 55 ms for the ReferenceNet pass
+    whose GPU work takes ≈ 12 ms on an H200). A forward ``fn(*inputs)`` runs eagerly the first time a
+    ``key`` is seen, is captured the second time (on a side stream, into a private memory pool) and is
+    replayed after that, its inputs copied into the graph's own input buffers.
+
+    - The graph bakes in the addresses of ``owner``'s weights. It is replayed only while every parameter
+      and buffer of ``owner`` lies where it lay at capture, on the inputs' device, with no weight computed
+      at call time (:func:`_module_is_static`); ComfyUI moving, re-patching (LoRA) or unloading the model
+      changes that, and the graph is dropped (and captured anew the next time).
+    - The outputs are tensors of the graph's pool, rewritten by the next replay of the same key: the caller
+      copies out what it keeps before it calls again.
+    - At most ``max_entries`` graphs are kept (least recently used dropped). Each holds its pool (the
+      forward's intermediates and outputs: ≈ 0.1 GB for the SDXL ReferenceNet pass at 512²) until
+      :meth:`release` — at the start of every sampling run with AnyStory, so the subjects of one prompt
+      share the graphs and sampling does not pay for them. On GPUs with less than ``min_vram_gb`` the
+      forwards run eagerly.
+    - Off CUDA, while autograd records, during another capture, with ``ANYSTORY_CUDA_GRAPHS=0``, or after
+      a key's capture failed (logged once), ``fn`` simply runs.
+    """
+
+    def __init__(self, enabled: Optional[bool] = None, warmup: int = 1, max_entries: int = 4,
+                 min_vram_gb: float = 12.0):
+        self.enabled = enabled
+        self.warmup = int(warmup)
+        self.max_entries = int(max_entries)
+        self.min_vram_gb = float(min_vram_gb)
+        self._entries: dict = {}  # key → [owner weakref, weight addresses, graph, static inputs, outputs, sig]
+        self._seen: dict = {}  # key → eager calls so far
+        self._failed: set = set()
+        self.stats = {"replay": 0, "capture": 0, "eager": 0}
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._seen.clear()
+        self._failed.clear()
+
+    def release(self) -> None:
+        """Drop the graphs and their memory (AnyStory Apply calls this when a sampling run starts, so the
+        encoders' graphs add nothing to sampling's VRAM); a key already run once is captured again at its
+        next call."""
+        self._entries.clear()
+
+    def _usable(self, inputs) -> bool:
+        enabled = graphs_enabled_by_env() if self.enabled is None else self.enabled
+        if not enabled or not inputs or not all(torch.is_tensor(t) and t.is_cuda for t in inputs):
+            return False
+        if autograd_records(*inputs) or torch.cuda.is_current_stream_capturing():
+            return False
+        total = torch.cuda.get_device_properties(inputs[0].device).total_memory
+        return total >= self.min_vram_gb * 2 ** 30
+
+    def run(self, key, fn: Callable, inputs: tuple, owner: torch.nn.Module):
+        """fn(*inputs) (any nest of tensors and plain values) through the key's graph, or eagerly."""
+        import weakref
+        if key in self._failed or not self._usable(inputs):
+            self.stats["eager"] += 1
+            return fn(*inputs)
+        device = inputs[0].device
+        weights = _module_is_static(owner, device)
+        if weights is None:
+            self.stats["eager"] += 1
+            return fn(*inputs)
+        sig = tuple((t.shape, t.dtype) for t in inputs)
+        ent = self._entries.get(key)
+        if ent is not None:
+            if ent[0]() is owner and ent[1] == weights and ent[5] == sig:
+                for dst, src in zip(ent[3], inputs):
+                    dst.copy_(src)
+                ent[2].replay()
+                self._entries[key] = self._entries.pop(key)  # most recently used last
+                self.stats["replay"] += 1
+                return ent[4]
+            del self._entries[key]  # the weights moved (or another model): captured anew below
+            self._seen[key] = self.warmup
+        seen = self._seen.get(key, 0)
+        if seen < self.warmup:
+            self._seen[key] = seen + 1
+            self.stats["eager"] += 1
+            return fn(*inputs)
+        while len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        static = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in inputs)
+        try:
+            graph, out = self._capture(fn, static, device)
+        except Exception as e:  # noqa: BLE001 — this forward runs eagerly from now on
+            self._failed.add(key)
+            log.warning("AnyStory: CUDA graph capture of %s failed (%s: %s); it runs eagerly",
+                        key[0] if isinstance(key, tuple) else key, type(e).__name__, e)
+            self.stats["eager"] += 1
+            return fn(*inputs)
+        self._entries[key] = [weakref.ref(owner), weights, graph, static, out, sig]
+        self.stats["capture"] += 1
+        graph.replay()
+        return out
+
+    @staticmethod
+    def _capture(fn, static: tuple, device):
+        """(graph, outputs) of fn(*static) captured on a side stream into a private pool; raises on failure."""
+        cur = torch.cuda.current_stream(device)
+        side = capture_stream(device)
+        side.wait_stream(cur)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    out = fn(*static)
+                finally:
+                    graph.capture_end()
         finally:
             cur.wait_stream(side)
         return graph, out

@@ -588,8 +588,9 @@ def encode_breakdown(b: Bench, n: int, out_dir: Path, reference: str = "shared")
 
     am = b.make("ip-adapter-plus-sdxl", refnet=False)
     targets = [(enc_mod, "prepare_subject"), (enc_mod, "clip_features"), (enc_mod, "preview_images"),
-               (ref_mod, "capture_features"), (ref_mod, "_valid_tokens"), (mm, "load_models_gpu"),
-               (b.vae, "encode"), (am.adapter, "encode")]
+               (ref_mod, "reference_pass"), (ref_mod, "_valid_tokens"), (mm, "load_models_gpu"),
+               (b.vae, "encode"), (am.adapter, "encode"), (ref_mod, "_to_device"),
+               (importlib.import_module(enc_mod.__name__.rsplit(".", 2)[0] + ".anystory.graphs"), "_module_is_static")]
     with contextlib.ExitStack() as stack:
         for obj, name in targets:
             orig = getattr(obj, name)

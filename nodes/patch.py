@@ -90,6 +90,8 @@ class ComfyRoutedPatch:
         self._by_count = fn in ONE_CALL_PER_STEP and os.environ.get("ANYSTORY_STEP_SYNC", "0") != "1"
         self._calls = 0
         self._check = None
+        from .refnet import ENCODER_GRAPHS
+        ENCODER_GRAPHS.release()  # the encoders' CUDA graphs are not kept in VRAM while sampling
         self.runtime.begin_run(sigmas=sigmas, latent_hw=self._run_hw, batch=int(noise.shape[0]))
         out = None
         try:

@@ -11,9 +11,10 @@ from PIL import Image
 import folder_paths
 
 
-def preview_images(images: torch.Tensor, prefix: str = "anystory", max_side: int = 0) -> dict:
+def preview_images(images: torch.Tensor, prefix: str = "anystory", max_side: int = 0, jpeg: bool = False) -> dict:
     """Save [B, H, W, 3] float images to ComfyUI's temp folder; return the node's ``ui`` dict.
-    ``max_side`` > 0 shrinks larger images first (a node-sized preview: PNG writing is host time)."""
+    ``max_side`` > 0 shrinks larger images first (a node-sized preview: writing the file is host time);
+    ``jpeg``: a JPEG (quality 90) instead of a PNG — ~1 ms instead of ~8 ms for a 256² photo crop."""
     out_dir = folder_paths.get_temp_directory()
     os.makedirs(out_dir, exist_ok=True)
     if max_side and max(images.shape[1:3]) > max_side:
@@ -23,7 +24,10 @@ def preview_images(images: torch.Tensor, prefix: str = "anystory", max_side: int
     results = []
     for img in images:
         arr = (img.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-        name = f"{prefix}_{secrets.token_hex(4)}.png"
-        Image.fromarray(arr).save(os.path.join(out_dir, name), compress_level=1)
+        name = f"{prefix}_{secrets.token_hex(4)}.{'jpg' if jpeg else 'png'}"
+        if jpeg:
+            Image.fromarray(arr).save(os.path.join(out_dir, name), quality=90)
+        else:
+            Image.fromarray(arr).save(os.path.join(out_dir, name), compress_level=1)
         results.append({"filename": name, "subfolder": "", "type": "temp"})
     return {"images": results}

@@ -237,3 +237,161 @@ def test_graph_replays_give_the_eager_outputs_on_cuda(mode, roles, flip_at):
         assert torch.equal(graphed.attention_router.maps().cpu() > 0.2, eager.attention_router.maps().cpu() > 0.2)
     graphed.end_run()
     assert not graphed.graphs._slots
+
+
+# ------------------------------------------------------------------------------------------------
+# ForwardGraphs: whole encoder forwards (ReferenceNet pass, CLIP vision) kept across encodes
+# ------------------------------------------------------------------------------------------------
+
+def fake_forward_graphs(monkeypatch, **kw):
+    from anystory.graphs import ForwardGraphs
+    fg = ForwardGraphs(enabled=True, **kw)
+    captured = []
+
+    def capture(fn, static, device):
+        out = fn(*static)
+        g = FakeGraph(lambda: _rewrite(out, fn(*static)))  # a replay rewrites the captured outputs in place
+        captured.append(g)
+        return g, out
+
+    monkeypatch.setattr(fg, "_capture", capture)
+    monkeypatch.setattr(fg, "_usable", lambda inputs: True)
+    return fg, captured
+
+
+def _rewrite(out, new):
+    if isinstance(out, dict):
+        for k in out:
+            _rewrite(out[k], new[k])
+    else:
+        out.copy_(new)
+
+
+def test_forward_graph_runs_eagerly_then_captures_then_replays_on_new_inputs(monkeypatch):
+    fg, captured = fake_forward_graphs(monkeypatch)
+    net = torch.nn.Linear(4, 3)
+    fn = lambda x: {"y": net(x)}  # noqa: E731
+    xs = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        first = fg.run("net", fn, (xs[0],), net)
+        assert not captured and fg.stats == {"eager": 1, "capture": 0, "replay": 0}
+        second = fg.run("net", fn, (xs[1],), net)
+        assert len(captured) == 1 and captured[0].replays == 1
+        torch.testing.assert_close(second["y"], net(xs[1]))
+        third = fg.run("net", fn, (xs[2],), net)  # replayed on a copy of the new input
+        assert third is second and captured[0].replays == 2
+        torch.testing.assert_close(third["y"], net(xs[2]))
+        torch.testing.assert_close(first["y"], net(xs[0]))  # the eager result is the caller's own
+        fg.run("net", fn, (torch.randn(5, 4),), net)  # another shape: the graph is not replayed
+        assert captured[0].replays == 2 and len(captured) == 2
+
+
+def test_forward_graph_is_dropped_when_the_weights_move_or_are_computed_at_call_time(monkeypatch):
+    fg, captured = fake_forward_graphs(monkeypatch)
+    net = torch.nn.Linear(4, 3)
+    fn = lambda x: net(x)  # noqa: E731
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        fg.run("net", fn, (x,), net)
+        fg.run("net", fn, (x,), net)
+        assert len(captured) == 1
+        net.weight = torch.nn.Parameter(net.weight * 2)  # ComfyUI re-patched (LoRA) or reloaded the model
+        out = fg.run("net", fn, (x,), net)
+        assert len(captured) == 2 and captured[0].replays == 1  # the stale graph is never replayed
+        torch.testing.assert_close(out, net(x))
+        other = torch.nn.Linear(4, 3)
+        fg.run("net", lambda x: other(x), (x,), other)  # another model under the same key: captured anew
+        assert len(captured) == 3
+        net.weight_function = [lambda w: w]  # a weight computed at call time: never baked into a graph
+        before = dict(fg.stats)
+        torch.testing.assert_close(fg.run("net", fn, (x,), net), net(x))
+        assert fg.stats["eager"] == before["eager"] + 1 and len(captured) == 3
+
+
+def test_forward_graphs_keep_the_most_recent_and_a_failed_capture_runs_eagerly(monkeypatch, caplog):
+    fg, captured = fake_forward_graphs(monkeypatch, max_entries=2, warmup=0)
+    nets = [torch.nn.Linear(2, 2) for _ in range(3)]
+    x = torch.randn(1, 2)
+    with torch.no_grad():
+        for i, n in enumerate(nets):
+            fg.run(i, n, (x,), n)
+        assert list(fg._entries) == [1, 2]  # the least recently used (0) was dropped
+        fg.run(1, nets[1], (x,), nets[1])
+        assert list(fg._entries) == [2, 1]
+
+        def boom(fn, static, device):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(fg, "_capture", boom)
+        n = torch.nn.Linear(2, 2)
+        with caplog.at_level("WARNING", logger="anystory"):
+            torch.testing.assert_close(fg.run("bad", n, (x,), n), n(x))
+            fg.run("bad", n, (x,), n)
+        assert sum("capture of bad failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_forward_graphs_are_not_used_off_cuda_or_when_turned_off(monkeypatch):
+    from anystory.graphs import ForwardGraphs
+    net = torch.nn.Linear(2, 2)
+    fg = ForwardGraphs()
+    with torch.no_grad():
+        fg.run("k", net, (torch.randn(1, 2),), net)
+        fg.run("k", net, (torch.randn(1, 2),), net)
+    assert fg.stats == {"eager": 2, "capture": 0, "replay": 0} and not fg._entries
+    monkeypatch.setenv("ANYSTORY_CUDA_GRAPHS", "0")
+    assert not ForwardGraphs()._usable((torch.zeros(1),))
+
+
+@needs_cuda
+@torch.inference_mode()
+def test_forward_graph_replays_give_the_eager_outputs_on_cuda():
+    from anystory.graphs import ForwardGraphs
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
+                              torch.nn.Conv2d(8, 4, 3, padding=1)).cuda().half()
+    fg = ForwardGraphs(enabled=True, min_vram_gb=0)
+    fn = lambda x: {"out": net(x), "mid": net[0](x)}  # noqa: E731
+    for i in range(4):
+        x = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+        got = fg.run("net", fn, (x,), net)
+        want = fn(x)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k])
+    assert fg.stats == {"eager": 1, "capture": 1, "replay": 2}
+    net.cpu().cuda()  # the weights move, as when ComfyUI unloads and reloads a model
+    x = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(fg.run("net", fn, (x,), net)["out"], net(x))
+    assert fg.stats["capture"] == 2
+
+
+def test_released_forward_graphs_are_captured_again_at_the_next_call(monkeypatch):
+    """release() (at every sampling start) frees the graphs; a key already warmed up is captured at once."""
+    fg, captured = fake_forward_graphs(monkeypatch)
+    net = torch.nn.Linear(2, 2)
+    x = torch.randn(1, 2)
+    with torch.no_grad():
+        fg.run("k", net, (x,), net)
+        fg.run("k", net, (x,), net)
+        fg.release()
+        assert not fg._entries
+        fg.run("k", net, (x,), net)
+    assert len(captured) == 2 and fg.stats == {"eager": 1, "capture": 2, "replay": 0}
+
+
+@needs_cuda
+@torch.inference_mode()
+def test_forward_graph_captures_leave_no_memory_behind_on_cuda():
+    """Capture → release, again and again (a prompt's encodes, then sampling): allocated memory returns to
+    the same level every cycle (a new capture stream per capture used to leave cuBLAS's 32 MB workspace)."""
+    from anystory.graphs import ForwardGraphs
+    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda().half()
+    fg = ForwardGraphs(enabled=True, min_vram_gb=0)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.float16)
+    levels = []
+    for _ in range(4):
+        for _ in range(2):
+            torch.testing.assert_close(fg.run("mlp", net, (x,), net), net(x))
+        fg.release()
+        torch.cuda.synchronize()
+        levels.append(torch.cuda.memory_allocated())
+    assert fg.stats["capture"] == 4 and levels[1] == levels[2] == levels[3], levels

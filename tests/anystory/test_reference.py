@@ -188,3 +188,54 @@ def test_buffered_fast_path_equals_unbuffered_across_shapes_and_routes():
         a = routed_reference_attention_fast(q, k, v, prep, index, heads, buffers=bufs)
         b = routed_reference_attention_fast(q, k, v, prep, index, heads)
         assert torch.equal(a, b)
+
+
+def test_pinned_staging_hands_out_the_buffer_prepared_after_the_previous_take():
+    """Each take of a size returns the buffer allocated in the background after the previous take (the
+    slow page-locking is off the encode's path from the second subject on); distinct buffers every time;
+    spares kept for the most recent sizes only; a failed background allocation falls back to one now."""
+    import threading
+    from anystory.reference import PinnedStaging
+    calls = []
+
+    def alloc(numel, dtype):
+        calls.append((numel, threading.current_thread().name))
+        return torch.zeros(numel, dtype=dtype)
+
+    st = PinnedStaging(keep_sizes=2, alloc=alloc)
+    a = st.take(10, torch.float16)
+    assert calls[0] == (10, threading.current_thread().name)  # nothing prepared yet: allocated here
+    b = st.take(10, torch.float16)
+    st._pending[(10, torch.float16)].result()  # the next one is being prepared
+    assert len(calls) == 3 and calls[1][1].startswith("anystory-pinned")  # b was prepared in the background
+    assert all(name.startswith("anystory-pinned") for _, name in calls[1:])
+    assert a.data_ptr() != b.data_ptr() and b.numel() == 10 and b.dtype == torch.float16
+    st.take(20, torch.float16)
+    st.take(30, torch.float16)
+    assert [k[0] for k in st._pending] == [20, 30]  # the spare of size 10 was let go
+
+    def broken(numel, dtype):
+        if threading.current_thread().name.startswith("anystory-pinned"):
+            raise RuntimeError("out of page-locked memory")
+        return torch.zeros(numel, dtype=dtype)
+
+    st2 = PinnedStaging(alloc=broken)
+    st2.take(4, torch.float32)
+    assert st2.take(4, torch.float32).numel() == 4
+
+
+def test_move_together_lands_in_the_staging_buffer():
+    """To the CPU with a staging: all tensors are views of one buffer taken from it, with their values
+    (the page-locked path itself needs a GPU; on the CPU the staging is not used)."""
+    from anystory.reference import PinnedStaging, move_together
+    taken = []
+    st = PinnedStaging(alloc=lambda n, dt: taken.append(n) or torch.zeros(n, dtype=dt))
+    xs = [torch.randn(2, 3), torch.randn(4)]
+    out = move_together(xs, "cpu", copy=True, staging=st)
+    assert taken == [] and all(torch.equal(o, x) for o, x in zip(out, xs))  # CPU → CPU: a plain copy
+    assert out[0].data_ptr() != xs[0].data_ptr()
+    if torch.cuda.is_available():
+        st = PinnedStaging()
+        out = move_together([x.cuda() for x in xs], "cpu", staging=st)
+        assert all(torch.equal(o, x) for o, x in zip(out, xs)) and out[0].is_pinned()
+        assert out[0]._base is out[1]._base

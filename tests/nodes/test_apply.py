@@ -683,3 +683,14 @@ def test_adapter_is_an_additional_model_of_the_patched_model(env, comfy):
     for loaded in seen:
         assert any(m is not None and m.model is clone.model for m in loaded)
         assert any(m is not None and m.model is env.am.adapter for m in loaded), "adapter not loaded with the UNet"
+
+
+def test_sampling_releases_the_encoders_graphs(env):
+    """The encoders' CUDA graphs (kept between the subjects of a prompt) are dropped when a sampling run
+    with AnyStory starts: they add nothing to sampling's VRAM."""
+    refnet = F.pack_mod("nodes.refnet")
+    refnet.ENCODER_GRAPHS._entries["stand-in"] = ["a graph and its pool"]
+    patched, _ = env.apply(eta=1.0, gamma=1.0)
+    assert "stand-in" in refnet.ENCODER_GRAPHS._entries  # applying alone keeps them (more subjects may follow)
+    env.sample(patched, _lat(), steps=1, sampler="euler", scheduler="normal", seed=1)
+    assert "stand-in" not in refnet.ENCODER_GRAPHS._entries

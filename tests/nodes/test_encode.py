@@ -287,3 +287,91 @@ def test_reference_features_leave_the_gpu_in_one_transfer(env):
     subjects = env.encode(F.subject_image())["result"][0]
     refs = subjects.subjects[0].refs
     assert all(f.device == mm.intermediate_device() for f in refs.features.values())
+
+
+needs_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()",
+                                reason="NO CUDA DEVICE: the encoders' CUDA graphs are only checked on a GPU machine "
+                                       "(run this file there)")
+
+
+@needs_cuda
+def test_reference_pass_through_a_cuda_graph_gives_the_eager_features(env):
+    """The ReferenceNet pass replayed from its CUDA graph (kept across encodes) gives capture_features'
+    eager output for every new subject, and is captured anew when the weights move."""
+    import copy
+    import torch
+    refnet = F.pack_mod("nodes.refnet")
+    graphs = F.pack_mod("anystory.graphs").ForwardGraphs(enabled=True, min_vram_gb=0)
+    unet = copy.deepcopy(env.model.model.diffusion_model).cuda()
+    orig = refnet.ENCODER_GRAPHS
+    refnet.ENCODER_GRAPHS = graphs
+    try:
+        with torch.inference_mode():
+            for i in range(4):
+                x = torch.randn(2, 4, 16, 24, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+                got, grids = refnet.reference_pass(unet, x, torch.float32, shared=True)
+                got = refnet._to_device(got, "cuda", copy=True)  # as reference_features does
+                want, want_grids = refnet.capture_features(unet, x, torch.float32, x.device, shared=True)
+                assert grids == want_grids and set(got) == set(want)
+                for k in want:
+                    torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)
+                    assert got[k].data_ptr() != want[k].data_ptr()
+            assert graphs.stats == {"eager": 1, "capture": 1, "replay": 2}
+            unet.cpu().cuda()
+            got, _ = refnet.reference_pass(unet, x, torch.float32, shared=True)
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)
+            assert graphs.stats["capture"] == 2
+    finally:
+        refnet.ENCODER_GRAPHS = orig
+
+
+@needs_cuda
+def test_clip_vision_through_a_cuda_graph_gives_encode_image(comfy, monkeypatch):
+    """ComfyUI's CLIP vision model (a small config of the real class) through the graphed path equals its
+    own encode_image, subject after subject."""
+    import json
+    import torch
+    import comfy.clip_model
+    import comfy.clip_vision
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    enc = F.pack_mod("nodes.encode")
+    refnet = F.pack_mod("nodes.refnet")
+    cfg = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json").read_text())
+    cfg.update(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4, projection_dim=32)
+
+    class Vision(comfy.clip_vision.ClipVisionModel):
+        def __init__(self):  # ComfyUI's own class and methods, built on the GPU without the CLI's --cpu
+            self.image_size = 224
+            self.image_mean, self.image_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+            self.return_all_hidden_states = False
+            self.load_device = torch.device("cuda")
+            self.dtype = torch.float16
+            self.model = comfy.clip_model.CLIPVisionModelProjection(cfg, torch.float16, "cuda", comfy.ops.manual_cast)
+            self.patcher = comfy.model_patcher.ModelPatcher(self.model, load_device=self.load_device,
+                                                            offload_device=self.load_device)
+
+    torch.manual_seed(0)
+    cv = Vision()
+    cv.model.to("cuda")  # as ComfyUI's load_model_gpu does (some layers are built on the CPU)
+    with torch.no_grad():
+        for p in cv.model.parameters():
+            p.normal_(0, 0.05)
+    monkeypatch.setattr(mm, "load_model_gpu", lambda patcher: None)
+    monkeypatch.setattr(refnet, "ENCODER_GRAPHS", F.pack_mod("anystory.graphs").ForwardGraphs(enabled=True, min_vram_gb=0))
+    with torch.inference_mode():
+        for i in range(4):
+            img = torch.rand(1, 224, 224, 3, generator=torch.Generator().manual_seed(i))
+            got = enc.clip_features(cv, img)
+            assert got.dtype == torch.float32 and got.device.type == "cuda"
+            want = cv.encode_image(img, crop=False)["penultimate_hidden_states"]  # fp32 compute
+            torch.testing.assert_close(got.cpu(), want, atol=5e-3, rtol=5e-3)  # fp16 compute
+            px = comfy.clip_vision.clip_preprocess(img.cuda(), crop=False).half()
+            torch.testing.assert_close(got, cv.model(pixel_values=px, intermediate_output=-2)[1].float(),
+                                       atol=1e-3, rtol=1e-3)  # graph vs eager kernels
+        assert refnet.ENCODER_GRAPHS.stats == {"eager": 1, "capture": 1, "replay": 2}
+        monkeypatch.setenv("ANYSTORY_CLIP_FP32", "1")
+        got = enc.clip_features(cv, img)  # fp32 compute, as encode_image (another input dtype: captured anew)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
