@@ -344,8 +344,13 @@ def move_together(tensors: list, device, copy: bool = False, staging: Optional[P
     if not copy and all(t.device == device for t in tensors):
         return list(tensors)
     flat = torch.cat([t.reshape(-1) for t in tensors])
+    host = None
     if staging is not None and device.type == "cpu" and flat.is_cuda:
-        host = staging.take(flat.numel(), flat.dtype)
+        try:
+            host = staging.take(flat.numel(), flat.dtype)
+        except RuntimeError:  # page-locked memory refused (e.g. a container's memlock limit): pageable
+            host = None
+    if host is not None:
         host.copy_(flat, non_blocking=True)
         torch.cuda.current_stream(flat.device).synchronize()
         flat = host

@@ -235,6 +235,10 @@ def test_move_together_lands_in_the_staging_buffer():
     assert taken == [] and all(torch.equal(o, x) for o, x in zip(out, xs))  # CPU → CPU: a plain copy
     assert out[0].data_ptr() != xs[0].data_ptr()
     if torch.cuda.is_available():
+        def refused(n, dt):
+            raise RuntimeError("CUDA error: out of memory (page-locked)")
+        out = move_together([x.cuda() for x in xs], "cpu", staging=PinnedStaging(alloc=refused))
+        assert all(torch.equal(o, x) for o, x in zip(out, xs))  # pageable instead
         st = PinnedStaging()
         out = move_together([x.cuda() for x in xs], "cpu", staging=st)
         assert all(torch.equal(o, x) for o, x in zip(out, xs)) and out[0].is_pinned()
