@@ -40,8 +40,14 @@ from .attention import autograd_records
 log = logging.getLogger("anystory")
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment setting: unset or empty → ``default``; 0 / false / no / off → off; else on."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
+
+
 def graphs_enabled_by_env() -> bool:
-    return os.environ.get("ANYSTORY_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("ANYSTORY_CUDA_GRAPHS", True)
 
 
 _CAPTURE_STREAMS: dict = {}
@@ -57,6 +63,25 @@ def capture_stream(device) -> "torch.cuda.Stream":
     if stream is None:
         stream = _CAPTURE_STREAMS[key] = torch.cuda.Stream(device)
     return stream
+
+
+def capture_graph(fn: Callable, inputs: tuple, device, pool=None):
+    """(graph, fn(*inputs)) captured on the device's capture stream (into ``pool``, else a private one);
+    raises whatever the capture raised."""
+    cur = torch.cuda.current_stream(device)
+    side = capture_stream(device)
+    side.wait_stream(cur)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.device(device), torch.cuda.stream(side):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                out = fn(*inputs)
+            finally:
+                graph.capture_end()
+    finally:
+        cur.wait_stream(side)
+    return graph, out
 
 
 class HookGraphs:
@@ -145,28 +170,16 @@ class HookGraphs:
         return tuple(out)
 
     def _capture(self, body, inputs, device):
-        cur = torch.cuda.current_stream(device)
-        side = capture_stream(device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        side.wait_stream(cur)
         try:
-            with torch.cuda.device(device), torch.cuda.stream(side):
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                try:
-                    out = body(*inputs)
-                finally:
-                    graph.capture_end()
+            return capture_graph(body, inputs, device, pool=self._pool)
         except Exception as e:  # noqa: BLE001 — any failure: the run goes on without graphs
             self._failed = True
             self.last_error = f"{type(e).__name__}: {e}"
             log.warning("AnyStory: CUDA graph capture failed (%s: %s); this run continues without graphs",
                         type(e).__name__, e)
             return None
-        finally:
-            cur.wait_stream(side)
-        return graph, out
 
 
 def _module_is_static(owner: torch.nn.Module, device: torch.device) -> Optional[tuple]:
@@ -251,13 +264,18 @@ class ForwardGraphs:
         if key in self._failed or not self._usable(inputs):
             self.stats["eager"] += 1
             return fn(*inputs)
+        ent = self._entries.get(key)
+        seen = self._seen.get(key, 0)
+        if ent is None and seen < self.warmup:  # warm-up: eager, no need to look at the weights yet
+            self._seen[key] = seen + 1
+            self.stats["eager"] += 1
+            return fn(*inputs)
         device = inputs[0].device
         weights = _module_is_static(owner, device)
         if weights is None:
             self.stats["eager"] += 1
             return fn(*inputs)
         sig = tuple((t.shape, t.dtype) for t in inputs)
-        ent = self._entries.get(key)
         if ent is not None:
             if ent[0]() is owner and ent[1] == weights and ent[5] == sig:
                 for dst, src in zip(ent[3], inputs):
@@ -267,12 +285,6 @@ class ForwardGraphs:
                 self.stats["replay"] += 1
                 return ent[4]
             del self._entries[key]  # the weights moved (or another model): captured anew below
-            self._seen[key] = self.warmup
-        seen = self._seen.get(key, 0)
-        if seen < self.warmup:
-            self._seen[key] = seen + 1
-            self.stats["eager"] += 1
-            return fn(*inputs)
         while len(self._entries) >= self.max_entries:
             self._entries.pop(next(iter(self._entries)))
         static = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in inputs)
@@ -291,18 +303,5 @@ class ForwardGraphs:
 
     @staticmethod
     def _capture(fn, static: tuple, device):
-        """(graph, outputs) of fn(*static) captured on a side stream into a private pool; raises on failure."""
-        cur = torch.cuda.current_stream(device)
-        side = capture_stream(device)
-        side.wait_stream(cur)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.device(device), torch.cuda.stream(side):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    out = fn(*static)
-                finally:
-                    graph.capture_end()
-        finally:
-            cur.wait_stream(side)
-        return graph, out
+        """(graph, outputs) of fn(*static) captured into a private pool; raises on failure."""
+        return capture_graph(fn, static, device)

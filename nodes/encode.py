@@ -43,8 +43,8 @@ def _clip_graphed(clip_vision, images: torch.Tensor):
     them to fp32 at every layer: ≈ 1.8e-3 relative difference in F_clip, ~10× less GPU time.
     ``ANYSTORY_CLIP_FP32=1`` keeps fp32. None where this does not apply (another kind of CLIP vision object,
     not on CUDA): the caller then takes ``encode_image``."""
-    import os
     import comfy.clip_vision
+    from ..anystory.graphs import env_flag
     from .refnet import ENCODER_GRAPHS
     model, patcher = getattr(clip_vision, "model", None), getattr(clip_vision, "patcher", None)
     if model is None or patcher is None or getattr(clip_vision, "return_all_hidden_states", True):
@@ -56,7 +56,7 @@ def _clip_graphed(clip_vision, images: torch.Tensor):
         return None
     mm.load_model_gpu(patcher)
     weight_dtype = next(model.parameters()).dtype
-    fp32 = os.environ.get("ANYSTORY_CLIP_FP32", "0").strip().lower() not in ("0", "", "false", "no", "off")
+    fp32 = env_flag("ANYSTORY_CLIP_FP32", False)
     dtype = torch.float16 if weight_dtype == torch.float16 and not fp32 else torch.float32
     pixels = comfy.clip_vision.clip_preprocess(images.to(device), size=clip_vision.image_size,
                                                mean=clip_vision.image_mean, std=clip_vision.image_std,

@@ -25,9 +25,6 @@ def preview_images(images: torch.Tensor, prefix: str = "anystory", max_side: int
     for img in images:
         arr = (img.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
         name = f"{prefix}_{secrets.token_hex(4)}.{'jpg' if jpeg else 'png'}"
-        if jpeg:
-            Image.fromarray(arr).save(os.path.join(out_dir, name), quality=90)
-        else:
-            Image.fromarray(arr).save(os.path.join(out_dir, name), compress_level=1)
+        Image.fromarray(arr).save(os.path.join(out_dir, name), **({"quality": 90} if jpeg else {"compress_level": 1}))
         results.append({"filename": name, "subfolder": "", "type": "temp"})
     return {"images": results}
