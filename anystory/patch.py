@@ -165,6 +165,12 @@ class RoutedPatch:
         if self.recorder is not None:
             self.recorder.end_run(**meta)
 
+    def begin_call(self, state: CallState) -> None:
+        """Before a UNet call: the recorder makes its buffer for the run's later steps now, not in the
+        middle of the call (see preview.StepSlab)."""
+        if self.recorder is not None and state.active:
+            self.recorder.reserve(state.step)
+
     def _on(self, name: str, t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
         if t is None:
             return None
@@ -309,23 +315,44 @@ class RoutedPatch:
         parts, weights = [], []
         rec = None
         record = self.recorder is not None and getattr(self.recorder, "enabled", True)
+        into = self._index_buffer(spec, n, state)
         for sl, is_cond in state.chunks:
             rows = sl.stop - sl.start
             if not is_cond:
                 parts.append(self._constant(("bg", rows, L, n.device), bg, torch.long, (rows, L), n.device))
                 weights.append(None)
                 continue
-            idx, src, w = self._route_rows(spec, n[sl], hw, state, chunk=sl.start)
+            idx, src, w = self._route_rows(spec, n[sl], hw, state, chunk=sl.start,
+                                           out=into[1][sl.start] if into is not None else None)
             parts.append(idx)
             weights.append(w)
             if rec is None and record:
-                rec = (idx.to(torch.uint8), src)
-        index = torch.cat(parts) if len(parts) > 1 else parts[0]
+                rec = (idx, src)  # the recorder keeps a uint8 copy
+        if into is not None:
+            index = into[0]
+        else:
+            index = torch.cat(parts) if len(parts) > 1 else parts[0]
         weight = None
         if self.inputs.feather:
             weight = torch.cat([w if w is not None else torch.ones(p.shape, device=n.device)
                                 for w, p in zip(weights, parts)])
         return index, (rec[0] if rec else None), (rec[1] if rec else None), weight
+
+    def _index_buffer(self, spec, n: torch.Tensor, state: CallState) -> Optional[tuple]:
+        """With the learned router alone, replayed from graphs: (one [B, L] route index per layer and
+        chunk layout, kept through the run with the uncond rows set to the background once, and views of
+        its cond rows that the router graphs write into) — no concatenation per layer. None otherwise."""
+        if (self.inputs.mode != MODE_ROUTER or not self.adapter.has_router or self.inputs.feather
+                or not self.graphs.usable(n)):
+            return None
+        layout = tuple((sl.start, sl.stop, bool(c)) for sl, c in state.chunks)
+        cache = self._run.setdefault("index_out", {})
+        key = (spec.key, layout, n.shape[1], n.device)
+        hit = cache.get(key)
+        if hit is None:
+            full = torch.full((n.shape[0], n.shape[1]), self.inputs.num_subjects, dtype=torch.long, device=n.device)
+            hit = cache[key] = (full, {sl.start: full[sl] for sl, c in state.chunks if c})
+        return hit
 
     def _constant(self, key, value, dtype, shape, device) -> torch.Tensor:
         """A constant tensor made once per run (background routes of uncond rows, router sources)."""
@@ -336,7 +363,10 @@ class RoutedPatch:
             cache[key] = hit
         return hit
 
-    def _route_rows(self, spec, z: torch.Tensor, hw, state: CallState, chunk: int = 0):
+    def _route_rows(self, spec, z: torch.Tensor, hw, state: CallState, chunk: int = 0,
+                    out: Optional[torch.Tensor] = None):
+        """(route index [rows, L], source [rows, L] uint8, weight or None) of the cond rows z; ``out``: the
+        learned router's graph writes its index there (see :meth:`_index_buffer`)."""
         mode = self.inputs.mode
         rows, L = z.shape[0], z.shape[1]
         dev = z.device
@@ -345,22 +375,24 @@ class RoutedPatch:
             router = self.adapter.router[str(spec.ckpt_index)]
             cache = self._run.setdefault("router_prep", {})
             prep = cache.get(spec.key)
-            if prep is None or prep["r"].device != dev:
+            if prep is None or prep["w"].device != dev:
                 r = self._on("R", self.inputs.R, dev).transpose(0, 1)  # [1, K, 2048]
-                prep = router.prepare(r.to(router.proj_z.weight.dtype))
+                prep = router.prepare(r)  # folded in fp32, stored in the weights' dtype
                 cache[spec.key] = prep
             if self.graphs.usable(z):
                 # one slot and one output buffer per layer and chunk (made outside any capture): a graph's
                 # own allocations live in the pool the other graphs reuse
-                outs = self._run.setdefault("router_out", {})
-                ok = (spec.key, chunk, rows, L, dev)
-                buf = outs.get(ok)
+                buf = out
                 if buf is None:
-                    buf = outs[ok] = torch.empty(rows, L, dtype=torch.long, device=dev)
-                base = self.graphs.run((spec.key, "router", chunk), (z,),
-                                       (prep["r"], prep["rp"], prep["q"], prep["w_kv"], buf),
-                                       lambda z: router.route(z.to(router.proj_z.weight.dtype), prep, out=buf),
-                                       watch=tuple(router.parameters()))
+                    outs = self._run.setdefault("router_out", {})
+                    ok = (spec.key, chunk, rows, L, dev)
+                    buf = outs.get(ok)
+                    if buf is None:
+                        buf = outs[ok] = torch.empty(rows, L, dtype=torch.long, device=dev)
+                # the graph reads only z and the prepared tensors (copies folded from the router's weights
+                # for this run): nothing to watch
+                base = self.graphs.run((spec.key, "router", chunk), (z,), tuple(prep.values()) + (buf,),
+                                       lambda z: router.route(z.to(router.proj_z.weight.dtype), prep, out=buf))
             else:
                 base = router.route(z.to(router.proj_z.weight.dtype), prep)
             src = self._constant(("src", SOURCE_ROUTER, rows, L, dev), SOURCE_ROUTER, torch.uint8, (rows, L), dev)

@@ -41,6 +41,7 @@ class RunRecord:
     sigmas: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None  # the sampler's output latent, to match a LATENT later
     meta: dict = field(default_factory=dict)
+    slab: Optional["StepSlab"] = None  # where the maps of the steps after the first are kept on the device
 
     @property
     def step_ids(self) -> list:
@@ -52,6 +53,57 @@ class RunRecord:
             for _, idx, _ in rec.values():
                 return idx.shape[0]
         return 0
+
+
+class StepSlab:
+    """Room on the device for the maps of every step after a run's first, allocated once.
+
+    A map kept in a fresh allocation per layer and step would move the device addresses of everything
+    the sampler allocates after it, step after step; the hook bodies' CUDA graphs then stop finding their
+    inputs where they were captured and end on variants that copy their inputs before every replay.
+    Instead, the first recorded step allocates per map (and fixes the layout: one offset per layer and
+    part); before the first model call of a later step (:meth:`RoutingRecorder.reserve`), or else at its
+    first record, one [steps, size] uint8 buffer is made for the rest of the run; a map is then a view of
+    its row. A map the layout does not know (a layer first recorded
+    later, another shape or device) or a step beyond the run's length gets its own allocation."""
+
+    def __init__(self, steps: int):
+        self.steps = max(int(steps), 0)
+        self.first: Optional[int] = None
+        self.layout: dict = {}   # (layer key, part) → (offset, shape)
+        self.size = 0
+        self.buf: Optional[torch.Tensor] = None
+        self.device: Optional[torch.device] = None
+        self.rows: dict = {}     # step → row of buf
+
+    def reserve(self, step: int) -> None:
+        """Make the buffer before a model call of a step after the first: made at that step's first
+        record instead, it would move the addresses of whatever the call allocates after it."""
+        if self.buf is None and self.first is not None and step != self.first and self.size and self.steps:
+            self.buf = torch.empty(self.steps, self.size, dtype=torch.uint8, device=self.device)
+
+    def keep(self, step: int, key, part: int, t: torch.Tensor) -> torch.Tensor:
+        """A uint8 copy of map ``t`` of (step, layer ``key``, ``part`` 0 index / 1 source) that stays valid
+        after the caller overwrites ``t``."""
+        if self.first is None:
+            self.first = step
+            self.device = t.device
+        if step == self.first:
+            if (key, part) not in self.layout:
+                self.layout[(key, part)] = (self.size, tuple(t.shape))
+                self.size += t.numel()
+            return t.to(torch.uint8, copy=True)
+        ent = self.layout.get((key, part))
+        self.reserve(step)
+        row = self.rows.get(step)
+        if row is None and self.buf is not None and len(self.rows) < self.buf.shape[0]:
+            row = self.rows[step] = len(self.rows)
+        if ent is None or row is None or ent[1] != tuple(t.shape) or t.device != self.buf.device:
+            return t.to(torch.uint8, copy=True)
+        off, shape = ent
+        view = self.buf[row, off:off + t.numel()].view(shape)
+        view.copy_(t)
+        return view
 
 
 def _to_host(run: "RunRecord") -> None:
@@ -101,7 +153,16 @@ class RoutingRecorder:
         rec = run.steps.setdefault(step, {})
         if key not in run.layer_order:
             run.layer_order.append(key)
-        rec[key] = (tuple(hw), index.to(torch.uint8), source.to(torch.uint8))
+        if run.slab is None:
+            steps = run.sigmas.numel() - 1 if run.sigmas is not None else 0
+            run.slab = StepSlab(steps)
+        rec[key] = (tuple(hw), run.slab.keep(step, key, 0, index), run.slab.keep(step, key, 1, source))
+
+    def reserve(self, step: int) -> None:
+        """Called before each model call: see :meth:`StepSlab.reserve`."""
+        run = self._current
+        if run is not None and self.enabled and run.slab is not None:
+            run.slab.reserve(step)
 
     def end_run(self, output: Optional[torch.Tensor] = None, **meta) -> None:
         run = self._current
@@ -109,6 +170,7 @@ class RoutingRecorder:
         if run is None:
             return
         _to_host(run)  # one transfer at the end of the run, none per step
+        run.slab = None
         if output is not None:
             run.output = output.detach().float().cpu()
         run.meta.update(meta)

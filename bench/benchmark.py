@@ -451,13 +451,53 @@ def _environ(values: dict):
 
 def graph_stats(model) -> str:
     """How the patch's hook bodies ran in the last sampling: replayed from CUDA graphs, captured, eager."""
+    g = _graphs_of(model)
+    if g is not None:
+        return "graphs " + ("on" if g.enabled and not g._failed else "off") + " " + \
+            ", ".join(f"{k} {v}" for k, v in g.stats.items())
+    return ""
+
+
+def _graphs_of(model):
     reps = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for r in reps.values():
         g = getattr(getattr(getattr(r, "owner", None), "runtime", None), "graphs", None)
         if g is not None:
-            return "graphs " + ("on" if g.enabled and not g._failed else "off") + " " + \
-                ", ".join(f"{k} {v}" for k, v in g.stats.items())
-    return ""
+            return g
+    return None
+
+
+def graphs_report(b: Bench, group: str, n: int, out_dir: Path) -> str:
+    """How the hook bodies ran step by step in one full sampling (after a warm-up one): replayed from a
+    CUDA graph, captured, or eager — a slot whose inputs move every step keeps capturing variants and then
+    runs from its staged variant, which copies its inputs first."""
+    m, pos, neg = _patched(b, group, n)
+    b.sample(m, pos, neg, 2)
+    g = _graphs_of(m)
+    if g is None:
+        return ""
+    rows = []
+    last = [dict(g.stats)]
+    slots = staged = 0
+
+    def step(*_):
+        nonlocal slots, staged
+        now = dict(g.stats)
+        rows.append({k: now[k] - last[0].get(k, 0) for k in now})
+        last[0] = now
+        slots = len(g._slots)  # the run's end drops them
+        staged = sum(1 for ent in g._slots.values() for v in ent[1] if v[4] is not None)
+
+    b.sync()
+    b.sample(m, pos, neg, b.args.steps, callback=step)
+    b.sync()
+    lines = [f"{group} {n}: hook bodies per step (replay / capture / eager), {slots} slots, {staged} on a staged variant"]
+    lines += [f"  step {i:2d}  {r['replay']:5d} {r['capture']:5d} {r['eager']:5d}" for i, r in enumerate(rows)]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"graphs_{group}_{n}.txt").write_text(text)
+    return text
 
 
 ABLATIONS = [  # (label, AnyStoryApply overrides, environment while sampling): the patch with parts switched off
@@ -494,7 +534,7 @@ def ablate(b: Bench, group: str, n: int, out_dir: Path) -> str:
     return text
 
 
-def host_profile(b: Bench, group: str, n: int, out_dir: Path, steps: int = 3) -> str:
+def host_profile(b: Bench, group: str, n: int, out_dir: Path, steps: int = 10) -> str:
     """cProfile (host time per Python function) of a few sampling steps: where the host time goes."""
     import cProfile
     import io
@@ -623,7 +663,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="public,native,regional,ipadapter_plus")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, for checking the script on a CPU")
     ap.add_argument("--profile", default="", help="GROUP:N[,GROUP:N] (plain|public|native|encode|encode_parts|ablate_public|ablate_native|"
-                                                  "host_plain|host_public|host_native|syncs_public|syncs_native|syncs_regional) — profiles "
+                                                  "host_plain|host_public|host_native|syncs_public|syncs_native|syncs_regional|graphs_public|"
+                                                  "graphs_native) — profiles "
                                                   "(after the table unless --no-table)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -653,6 +694,8 @@ def main(argv=None) -> int:
                 ablate(b, g[len("ablate_"):], int(n), out)
             elif g.startswith("host_"):
                 host_profile(b, g[len("host_"):], int(n), out)
+            elif g.startswith("graphs_"):
+                graphs_report(b, g[len("graphs_"):], int(n), out)
             elif g.startswith("syncs_"):
                 sync_report(b, g[len("syncs_"):], int(n), out)
             else:

@@ -208,6 +208,7 @@ class ComfyRoutedPatch:
                 state.labels.append(None if tag is None else [list(tag.get(lab, [])) for lab in self.subject_labels])
         to = dict(transformer_options)
         to[self.state_key] = state
+        self.runtime.begin_call(state)
         try:
             return executor(x, timesteps, context, y, control, to, **kwargs)
         finally:

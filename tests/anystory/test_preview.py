@@ -64,3 +64,63 @@ def test_subject_masks_are_segmentation():
     assert m.shape == (2, 40, 60)
     assert m[0, 20, 5] > 0.99 and m[0, 20, 30] < 0.01 and m[1, 20, 55] > 0.99
     assert m.min() >= 0 and m.max() <= 1
+
+
+def test_recorder_keeps_copies_in_one_buffer_after_the_first_step():
+    """The maps of steps after the first land in one buffer made once (no allocation per layer and step,
+    which would move the sampler's later allocations); each map is a copy that outlives the caller's
+    tensor; a layer first seen later, a changed shape or a step beyond the run gets its own copy; the
+    run's end moves all of it to the host."""
+    from anystory.preview import RoutingRecorder
+    rec = RoutingRecorder(2)
+    rec.begin_run(sigmas=torch.linspace(1, 0, 4))  # 3 steps
+    grids = {("input", 4, 0): (2, 3), ("middle", 0, 0): (1, 2)}
+    idx = {k: torch.zeros(1, h * w, dtype=torch.long) for k, (h, w) in grids.items()}
+    src = torch.zeros(1, 6, dtype=torch.uint8)
+    want = {}
+    for step in range(5):  # two steps more than the schedule says
+        for k, (h, w) in grids.items():
+            idx[k].copy_(torch.randint(0, 3, (1, h * w)))  # the patch reuses its index buffers
+            rec.record(step, k, (h, w), idx[k], src[:, :h * w])
+            want[(step, k)] = idx[k].clone()
+        if step == 2:
+            rec.record(step, ("output", 1, 0), (1, 1), torch.ones(1, 1, dtype=torch.long), src[:, :1])
+    run = rec.current()
+    slab = run.slab
+    assert slab.buf is not None and slab.buf.shape == (3, 2 * (6 + 2))
+    base = slab.buf.untyped_storage().data_ptr()
+    for step in (1, 2, 3):  # the rows of the buffer
+        for k in grids:
+            assert run.steps[step][k][1].untyped_storage().data_ptr() == base
+    for step in (0, 4):  # the first step and the one beyond the buffer: own copies
+        for k in grids:
+            assert run.steps[step][k][1].untyped_storage().data_ptr() != base
+    assert run.steps[2][("output", 1, 0)][1].untyped_storage().data_ptr() != base  # unknown layer
+    for (step, k), v in want.items():
+        got = run.steps[step][k][1]
+        assert got.dtype == torch.uint8 and torch.equal(got.long(), v), (step, k)
+    rec.end_run()
+    done = rec.runs[-1]
+    assert done.slab is None
+    for (step, k), v in want.items():
+        assert torch.equal(done.steps[step][k][1].long(), v)
+
+
+def test_recorder_reserves_its_buffer_before_a_later_steps_call():
+    """reserve() before the model call of a later step makes the buffer then (not at that step's first
+    record, in the middle of the call); before the first step is recorded it does nothing."""
+    from anystory.preview import RoutingRecorder
+    rec = RoutingRecorder(1)
+    rec.begin_run(sigmas=torch.linspace(1, 0, 3))
+    rec.reserve(0)
+    assert rec.current().slab is None
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    rec.record(0, ("input", 4, 0), (2, 2), idx, idx.to(torch.uint8))
+    rec.reserve(0)
+    assert rec.current().slab.buf is None  # still the first step
+    rec.reserve(1)
+    buf = rec.current().slab.buf
+    assert buf is not None and buf.shape == (2, 8)
+    rec.record(1, ("input", 4, 0), (2, 2), idx + 1, idx.to(torch.uint8))
+    assert rec.current().slab.buf is buf
+    assert rec.current().steps[1][("input", 4, 0)][1].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()

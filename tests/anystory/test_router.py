@@ -132,3 +132,42 @@ def test_prepared_route_equals_forward_argmax():
     R = torch.randn(1, 3, 16)
     want = r(z, R.expand(2, -1, -1)).argmax(1)
     assert torch.equal(r.route(z, r.prepare(R)), want)
+
+
+def test_folded_route_logits_equal_forward():
+    """route_logits (the projections folded into R-dependent matrices) is forward()'s refined map, for a
+    batch of latents sharing one R."""
+    torch.manual_seed(4)
+    r = LayerRouter(dim=40, route_dim=24, router_dim=32, heads=4)
+    z = torch.randn(3, 50, 40)
+    R = torch.randn(1, 4, 24)
+    want = r(z, R.expand(3, -1, -1))
+    got = r.route_logits(z, r.prepare(R))
+    assert got.shape == (3, 4, 50)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_route_lets_a_route_without_tokens_see_all_tokens():
+    """A route that the coarse map gives no token attends to every token (not to none, not uniformly):
+    the folded path agrees with forward() and with the float64 reference in that case."""
+    torch.manual_seed(5)
+    r = LayerRouter(dim=8, route_dim=6, router_dim=8, heads=2)
+    with torch.no_grad():
+        r.proj_r.weight.zero_()
+        r.proj_r.bias.zero_()
+        r.proj_r.weight[0, 0] = 1.0   # the map reads feature 0 of R and of z only
+        r.proj_z.weight.zero_()
+        r.proj_z.bias.zero_()
+        r.proj_z.weight[0, 0] = 1.0
+    z = torch.randn(1, 20, 8)
+    z[..., 0] = z[..., 0].abs() + 0.5       # every token has z_0 > 0
+    R = torch.randn(1, 3, 6)
+    R[0, :, 0] = torch.tensor([2.0, 1.0, -1.0])  # route 0 owns every token; routes 1 and 2 own none
+    _, coarse = r(z, R, return_coarse=True)
+    assert (coarse.argmax(1) == 0).all()
+    got = r.route_logits(z, r.prepare(R))
+    want, _ = slow_router(r, z, R)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # with the empty routes' rows fully masked instead, the routes' refined features would differ
+    masked = coarse_attention_bias(coarse)
+    assert (masked[0, 1] == 0).all() and (masked[0, 2] == 0).all()

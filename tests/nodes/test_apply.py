@@ -694,3 +694,30 @@ def test_sampling_releases_the_encoders_graphs(env):
     assert "stand-in" in refnet.ENCODER_GRAPHS._entries  # applying alone keeps them (more subjects may follow)
     env.sample(patched, _lat(), steps=1, sampler="euler", scheduler="normal", seed=1)
     assert "stand-in" not in refnet.ENCODER_GRAPHS._entries
+
+
+def test_recorder_buffer_is_made_before_the_second_steps_call(env, monkeypatch):
+    """Through ComfyUI's sampler: the recorder's buffer for the later steps is made before the model
+    call of the second step (before any of its layers records), so no map is allocated inside a call
+    after the first step; the recorded maps still cover every step."""
+    patched, routing = env.apply(eta=1.0, gamma=1.0)
+    events = []
+    pv = F.pack_mod("anystory.preview")
+    orig_reserve, orig_keep = pv.StepSlab.reserve, pv.StepSlab.keep
+
+    def reserve(self, step):
+        had = self.buf is not None
+        orig_reserve(self, step)
+        if not had and self.buf is not None:
+            events.append(("made", step))
+
+    def keep(self, step, key, part, t):
+        events.append(("keep", step))
+        return orig_keep(self, step, key, part, t)
+
+    monkeypatch.setattr(pv.StepSlab, "reserve", reserve)
+    monkeypatch.setattr(pv.StepSlab, "keep", keep)
+    env.sample(patched, _lat(), steps=3, sampler="euler", scheduler="normal", seed=1)
+    made = events.index(("made", 1))
+    assert all(e == ("keep", 0) for e in events[:made]) and ("keep", 1) in events[made:]
+    assert sorted(routing.runs[-1].steps) == [0, 1, 2]
