@@ -96,7 +96,7 @@ class HookGraphs:
         self._pool = None
         self._failed = False
         self.last_error = None
-        self.stats = {"replay": 0, "capture": 0, "eager": 0}
+        self.stats = {"replay": 0, "capture": 0, "eager": 0, "staged": 0}  # staged: captures of a staged variant
 
     def clear(self) -> None:
         """Drop every graph (and with the last one the shared memory pool); a capture that failed in the
@@ -154,6 +154,7 @@ class HookGraphs:
         # the statics are kept alive with the graph: their ids cannot be taken by other objects meanwhile
         ent[1].append((shapes if staged is not None else sig, ids, graph, out, staged, statics))
         self.stats["capture"] += 1
+        self.stats["staged"] += staged is not None
         graph.replay()
         return out
 

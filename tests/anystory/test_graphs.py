@@ -51,7 +51,7 @@ def test_slot_runs_eagerly_then_captures_then_replays(monkeypatch):
     assert len(captured) == 1 and captured[0].replays == 1  # captured, then replayed for this call
     hg.run("a", (x,), (static,), body)
     assert captured[0].replays == 2 and len(captured) == 1
-    assert hg.stats == {"eager": 1, "capture": 1, "replay": 1}
+    assert hg.stats == {"eager": 1, "capture": 1, "replay": 1, "staged": 0}
 
 
 def test_a_new_address_is_a_new_variant_and_the_last_variant_reads_copies(monkeypatch):
@@ -72,7 +72,7 @@ def test_a_new_address_is_a_new_variant_and_the_last_variant_reads_copies(monkey
     assert len(captured) == 3 and captured[2].replays == 2 and torch.equal(out, xs[3] * 2)
     out = hg.run("a", (xs[1],), (static,), body)
     assert captured[1].replays == 2 and torch.equal(out, xs[1] * 2)
-    assert hg.stats == {"eager": 1, "capture": 3, "replay": 2}
+    assert hg.stats == {"eager": 1, "capture": 3, "replay": 2, "staged": 1}
     hg.run("a", (torch.zeros(5),), (static.new_zeros(5),), lambda x: x)  # other shapes: eager
     assert hg.stats["eager"] == 2
     other = torch.zeros(4)
@@ -229,7 +229,7 @@ def test_graph_replays_give_the_eager_outputs_on_cuda(mode, roles, flip_at):
     stats = dict(graphed.graphs.stats)
     assert graphed.graphs.last_error is None
     assert stats["capture"] > 0 and stats["replay"] > 0, stats
-    assert eager.graphs.stats == {"replay": 0, "capture": 0, "eager": 0}
+    assert eager.graphs.stats == {"replay": 0, "capture": 0, "eager": 0, "staged": 0}
     for s, (ws, gs) in enumerate(zip(want, got)):
         for w, o in zip(ws, gs):
             torch.testing.assert_close(o, w, atol=2e-3, rtol=2e-3, msg=lambda m: f"step {s}: {m}")
