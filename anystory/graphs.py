@@ -11,8 +11,11 @@ What a body may read and write:
   call's tensors lie at that same address with the same shape and strides (ComfyUI's UNet allocates
   the same way every step, so after the first captured step they usually do). Where they moved, another
   variant is captured; the last of ``max_variants`` is *staged*: it reads copies of the inputs in
-  buffers of its own (one copy per input per call, still one launch for the body). Past that (other
-  shapes) the body runs eagerly. Inputs are never kept alive here.
+  buffers of its own (one copy per input per call, still one launch for the body; the buffers, one set
+  per input shape, cost up to ≈ 50 MB at 1024²). Past that (other shapes) the body runs eagerly. Inputs
+  are never kept alive here. After another sampling the allocator's addresses can take a few steps to
+  settle (the benchmark saw up to four address sets per slot where public-weight runs follow plain
+  ones), so five direct variants come before the staged one.
 - *statics*: tensors fixed for the sampling run (staging buffers, reference K̃/Ṽ, route K/V, the
   output buffer); a graph is replayed only while the very same objects are passed (they are kept
   alive with the graph).
@@ -87,7 +90,7 @@ def capture_graph(fn: Callable, inputs: tuple, device, pool=None):
 class HookGraphs:
     """The CUDA graphs of one RoutedPatch's hook bodies for one sampling run."""
 
-    def __init__(self, enabled: Optional[bool] = None, warmup: int = 1, max_variants: int = 3):
+    def __init__(self, enabled: Optional[bool] = None, warmup: int = 1, max_variants: int = 6):
         self.enabled = graphs_enabled_by_env() if enabled is None else bool(enabled)
         self.warmup = int(warmup)
         self.max_variants = int(max_variants)

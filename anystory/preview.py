@@ -75,16 +75,28 @@ class StepSlab:
         self.buf: Optional[torch.Tensor] = None
         self.device: Optional[torch.device] = None
         self.rows: dict = {}     # step → row of buf
+        self._memo: dict = {}    # id(map) → (map, step, version, its copy): one copy per map and call
 
     def reserve(self, step: int) -> None:
-        """Make the buffer before a model call of a step after the first: made at that step's first
-        record instead, it would move the addresses of whatever the call allocates after it."""
+        """Before each model call: a new call (maps passed again are copied again), and the buffer made
+        before the first call of a step after the first (made at that step's first record instead, it
+        would move the addresses of whatever the call allocates after it)."""
+        self._memo.clear()
         if self.buf is None and self.first is not None and step != self.first and self.size and self.steps:
             self.buf = torch.empty(self.steps, self.size, dtype=torch.uint8, device=self.device)
 
     def keep(self, step: int, key, part: int, t: torch.Tensor) -> torch.Tensor:
         """A uint8 copy of map ``t`` of (step, layer ``key``, ``part`` 0 index / 1 source) that stays valid
-        after the caller overwrites ``t``."""
+        after the caller overwrites ``t``. Within a call, a map passed for several layers (masks and the
+        attention router decide once per grid) is copied once and shared, as before the buffer."""
+        hit = self._memo.get(id(t))
+        if hit is not None and hit[0] is t and hit[1] == step and hit[2] == t._version:
+            return hit[3]
+        out = self._keep(step, key, part, t)
+        self._memo[id(t)] = (t, step, t._version, out)
+        return out
+
+    def _keep(self, step: int, key, part: int, t: torch.Tensor) -> torch.Tensor:
         if self.first is None:
             self.first = step
             self.device = t.device
@@ -94,7 +106,8 @@ class StepSlab:
                 self.size += t.numel()
             return t.to(torch.uint8, copy=True)
         ent = self.layout.get((key, part))
-        self.reserve(step)
+        if self.buf is None and self.size and self.steps:
+            self.buf = torch.empty(self.steps, self.size, dtype=torch.uint8, device=self.device)
         row = self.rows.get(step)
         if row is None and self.buf is not None and len(self.rows) < self.buf.shape[0]:
             row = self.rows[step] = len(self.rows)

@@ -87,6 +87,12 @@ def test_a_new_address_is_a_new_variant_and_the_last_variant_reads_copies(monkey
     assert hg.stats["eager"] == 5  # dropped with the run: warm-up again
 
 
+def test_five_direct_variants_before_the_staged_one():
+    """By default a slot captures five variants at the inputs' own addresses before the staged one (the
+    allocator's addresses can take a few steps to settle after another sampling)."""
+    assert HookGraphs(enabled=True).max_variants == 6
+
+
 def test_graphs_are_not_used_off_cuda_or_while_autograd_records(monkeypatch):
     hg = HookGraphs(enabled=True)
     assert not hg.usable(torch.zeros(2))
@@ -139,7 +145,7 @@ def test_every_body_writes_the_tensor_it_returns(monkeypatch, mode, roles):
         ar = AttentionRouter(2, warmup_steps=1, threshold=0.2, smooth=1) if labels else None
         rp, _ = make(mode=mode, gamma=1.5, masks=labels is None, attention_router=ar)
         if graphs:
-            rp.graphs = fake_graphs(monkeypatch)[0]
+            rp.graphs = fake_graphs(monkeypatch, max_variants=3)[0]  # the staged variant from step 3 on
             monkeypatch.setattr(rp.graphs, "usable", lambda *t: True)
         rp.begin_run()
         return rp
@@ -215,7 +221,7 @@ def test_graph_replays_give_the_eager_outputs_on_cuda(mode, roles, flip_at):
     def patch(graphs):
         ar = AttentionRouter(2, warmup_steps=1, threshold=0.2, smooth=1) if labels else None
         rp, proj = make(mode=mode, gamma=1.5, masks=labels is None, attention_router=ar)
-        rp.graphs = HookGraphs(enabled=graphs)
+        rp.graphs = HookGraphs(enabled=graphs, max_variants=3)  # the staged variant after the shift
         proj.to("cuda", torch.float16)  # the UNet's attn1 projections (route K/V and G_i move by themselves)
         rp.adapter.to("cuda")  # the learned router runs where the latent is
         rp.begin_run()

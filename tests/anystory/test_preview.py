@@ -124,3 +124,30 @@ def test_recorder_reserves_its_buffer_before_a_later_steps_call():
     rec.record(1, ("input", 4, 0), (2, 2), idx + 1, idx.to(torch.uint8))
     assert rec.current().slab.buf is buf
     assert rec.current().steps[1][("input", 4, 0)][1].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+
+
+def test_recorder_copies_a_map_shared_by_layers_once_per_call():
+    """Masks and the attention router pass one map for all layers of a grid: it is copied once per call
+    and shared by those layers; rewritten in place or passed in the next call, it is copied again."""
+    from anystory.preview import RoutingRecorder
+    rec = RoutingRecorder(1)
+    rec.begin_run(sigmas=torch.linspace(1, 0, 4))
+    shared = torch.zeros(1, 4, dtype=torch.long)
+    src = torch.zeros(1, 4, dtype=torch.uint8)
+    keys = [("input", 4, 0), ("input", 4, 1)]
+    for step in range(3):
+        rec.reserve(step)
+        shared.fill_(step)
+        for k in keys:
+            rec.record(step, k, (2, 2), shared, src)
+        run = rec.current()
+        a, b = (run.steps[step][k][1] for k in keys)
+        assert a is b and torch.equal(a.long(), torch.full((1, 4), step))
+    rec.reserve(2)  # a second call of step 2, the map rewritten in place: a new copy
+    shared.fill_(7)
+    rec.record(2, keys[0], (2, 2), shared, src)
+    assert torch.equal(rec.current().steps[2][keys[0]][1].long(), torch.full((1, 4), 7))
+    shared.fill_(9)  # rewritten within the call (version changes): copied again
+    rec.record(2, keys[1], (2, 2), shared, src)
+    assert torch.equal(rec.current().steps[2][keys[1]][1].long(), torch.full((1, 4), 9))
+    assert torch.equal(rec.current().steps[1][keys[0]][1].long(), torch.full((1, 4), 1))
