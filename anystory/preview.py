@@ -89,11 +89,12 @@ class StepSlab:
         """A uint8 copy of map ``t`` of (step, layer ``key``, ``part`` 0 index / 1 source) that stays valid
         after the caller overwrites ``t``. Within a call, a map passed for several layers (masks and the
         attention router decide once per grid) is copied once and shared, as before the buffer."""
+        version = _version(t)
         hit = self._memo.get(id(t))
-        if hit is not None and hit[0] is t and hit[1] == step and hit[2] == t._version:
+        if hit is not None and hit[0] is t and hit[1] == step and hit[2] == version:
             return hit[3]
         out = self._keep(step, key, part, t)
-        self._memo[id(t)] = (t, step, t._version, out)
+        self._memo[id(t)] = (t, step, version, out)
         return out
 
     def _keep(self, step: int, key, part: int, t: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,15 @@ class StepSlab:
         view = self.buf[row, off:off + t.numel()].view(shape)
         view.copy_(t)
         return view
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """The in-place write counter of ``t``; None for an inference tensor (ComfyUI samples under
+    ``torch.inference_mode()``, whose tensors keep none: a map is then known by its identity alone)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _to_host(run: "RunRecord") -> None:

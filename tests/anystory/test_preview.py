@@ -126,9 +126,17 @@ def test_recorder_reserves_its_buffer_before_a_later_steps_call():
     assert rec.current().steps[1][("input", 4, 0)][1].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
 
 
-def test_recorder_copies_a_map_shared_by_layers_once_per_call():
+@pytest.mark.parametrize("inference", [False, True])
+def test_recorder_copies_a_map_shared_by_layers_once_per_call(inference):
     """Masks and the attention router pass one map for all layers of a grid: it is copied once per call
-    and shared by those layers; rewritten in place or passed in the next call, it is copied again."""
+    and shared by those layers; passed in the next call, it is copied again; rewritten in place within
+    a call it is copied again where torch counts writes (not for inference tensors: ComfyUI samples
+    under inference mode, whose tensors count none — there the patch never rewrites a map in a call)."""
+    with torch.inference_mode(inference):
+        _shared_map_once_per_call(inference)
+
+
+def _shared_map_once_per_call(inference):
     from anystory.preview import RoutingRecorder
     rec = RoutingRecorder(1)
     rec.begin_run(sigmas=torch.linspace(1, 0, 4))
@@ -147,7 +155,7 @@ def test_recorder_copies_a_map_shared_by_layers_once_per_call():
     shared.fill_(7)
     rec.record(2, keys[0], (2, 2), shared, src)
     assert torch.equal(rec.current().steps[2][keys[0]][1].long(), torch.full((1, 4), 7))
-    shared.fill_(9)  # rewritten within the call (version changes): copied again
+    shared.fill_(9)  # rewritten within the call: copied again where the version counter says so
     rec.record(2, keys[1], (2, 2), shared, src)
-    assert torch.equal(rec.current().steps[2][keys[1]][1].long(), torch.full((1, 4), 9))
+    assert torch.equal(rec.current().steps[2][keys[1]][1].long(), torch.full((1, 4), 7 if inference else 9))
     assert torch.equal(rec.current().steps[1][keys[0]][1].long(), torch.full((1, 4), 1))
