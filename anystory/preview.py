@@ -64,8 +64,8 @@ class StepSlab:
     Instead, the first recorded step allocates per map (and fixes the layout: one offset per layer and
     part); before the first model call of a later step (:meth:`RoutingRecorder.reserve`), or else at its
     first record, one [steps, size] uint8 buffer is made for the rest of the run; a map is then a view of
-    its row. A map the layout does not know (a layer first recorded
-    later, another shape or device) or a step beyond the run's length gets its own allocation."""
+    its row. A map the layout does not know (a layer first recorded later, another shape or device) or a
+    step beyond the run's length gets its own allocation."""
 
     def __init__(self, steps: int):
         self.steps = max(int(steps), 0)

@@ -83,6 +83,8 @@ class LayerRouter(nn.Module):
         """
         f32 = torch.float32
         K = r.shape[-2]
+        if r.numel() != K * r.shape[-1]:
+            raise ValueError(f"prepare() takes the routing features of one image, [1, K, route_dim]; got {tuple(r.shape)}")
         H, D = self.heads, self.router_dim
         d = D // H
         r = r.reshape(K, -1).to(f32)

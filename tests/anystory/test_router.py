@@ -1,6 +1,7 @@
 """§1.2 routing: coarse map, masked refinement, refined maps, one-hot / Gumbel, resize."""
 import math
 
+import pytest
 import torch
 
 from anystory.attention import NEG
@@ -145,6 +146,8 @@ def test_folded_route_logits_equal_forward():
     got = r.route_logits(z, r.prepare(R))
     assert got.shape == (3, 4, 50)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one image"):  # per-image R would be merged silently
+        r.prepare(R.expand(2, -1, -1))
 
 
 def test_folded_route_lets_a_route_without_tokens_see_all_tokens():
