@@ -122,14 +122,11 @@ class HookGraphs:
     def _signature(inputs) -> tuple:
         return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in inputs)
 
-    def run(self, slot, inputs: tuple, statics: tuple, body: Callable[..., torch.Tensor],
-            watch: tuple = ()) -> torch.Tensor:
-        """body(*inputs) through the slot's graph (replayed, captured now, or eagerly: see the module doc).
-        ``watch``: tensors the body reads that are not its own (module weights): a graph is replayed only
-        while they stay at the address they had at capture."""
+    def run(self, slot, inputs: tuple, statics: tuple, body: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """body(*inputs) through the slot's graph (replayed, captured now, or eagerly: see the module doc)."""
         sig = self._signature(inputs)
         shapes = tuple(x[1:] for x in sig)
-        ids = tuple(id(s) for s in statics) + tuple(t.data_ptr() for t in watch)
+        ids = tuple(id(s) for s in statics)
         ent = self._slots.get(slot)
         if ent is None:
             ent = self._slots[slot] = [0, []]

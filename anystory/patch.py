@@ -390,7 +390,7 @@ class RoutedPatch:
                     if buf is None:
                         buf = outs[ok] = torch.empty(rows, L, dtype=torch.long, device=dev)
                 # the graph reads only z and the prepared tensors (copies folded from the router's weights
-                # for this run): nothing to watch
+                # for this run, kept alive as its statics)
                 base = self.graphs.run((spec.key, "router", chunk), (z,), tuple(prep.values()) + (buf,),
                                        lambda z: router.route(z.to(router.proj_z.weight.dtype), prep, out=buf))
             else:

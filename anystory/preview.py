@@ -82,7 +82,11 @@ class StepSlab:
         before the first call of a step after the first (made at that step's first record instead, it
         would move the addresses of whatever the call allocates after it)."""
         self._memo.clear()
-        if self.buf is None and self.first is not None and step != self.first and self.size and self.steps:
+        if self.first is not None and step != self.first:
+            self._allocate()
+
+    def _allocate(self) -> None:
+        if self.buf is None and self.size and self.steps:
             self.buf = torch.empty(self.steps, self.size, dtype=torch.uint8, device=self.device)
 
     def keep(self, step: int, key, part: int, t: torch.Tensor) -> torch.Tensor:
@@ -107,8 +111,7 @@ class StepSlab:
                 self.size += t.numel()
             return t.to(torch.uint8, copy=True)
         ent = self.layout.get((key, part))
-        if self.buf is None and self.size and self.steps:
-            self.buf = torch.empty(self.steps, self.size, dtype=torch.uint8, device=self.device)
+        self._allocate()
         row = self.rows.get(step)
         if row is None and self.buf is not None and len(self.rows) < self.buf.shape[0]:
             row = self.rows[step] = len(self.rows)

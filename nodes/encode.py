@@ -10,7 +10,6 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..anystory.prepare import prepare_subject
-from ..anystory.reference import move_together
 from ..anystory.preview import MAX_SUBJECTS, PALETTE_HEX
 from .types import ANYSTORY, ANYSTORY_SUBJECTS, AnyStoryError, AnyStoryModel, Subject, SubjectList
 from .ui import preview_images
@@ -212,7 +211,7 @@ class AnyStorySubjectEncode:
         pbar.update(1)
 
         crop_dev = prep.ref_image[..., :3].float()
-        crop = move_together([crop_dev], "cpu")[0]  # ONE transfer (page-locked from a GPU)
+        crop = crop_dev.cpu()
         subject = Subject(E=E_i, R=R_i, refs=refs, label=(label or "").strip(), strength=float(strength),
                           preview=crop[0], warnings=list(prep.warnings))
         if subjects is None:

@@ -113,9 +113,10 @@ class ComfyRoutedPatch:
     def _step_sigma(self, timestep, host) -> tuple:
         """(σ of this model call on the host, its step when σ came from the count else None). For a
         sampler that evaluates the model once per step (ONE_CALL_PER_STEP) σ is the run's sigma at this
-        call's position — no device sync, which costs a host-bound sampling the GPU's whole queue every step. A non-blocking copy of the real σ is
-        compared when it has arrived (a call or two later); on a mismatch (a sampler that is not what its
-        name says, a model called outside the loop) the run reads σ from the device from then on."""
+        call's position — no device sync, which costs a host-bound sampling the GPU's whole queue every
+        step. A non-blocking copy of the real σ is compared when it has arrived (a call or two later); on
+        a mismatch (a sampler that is not what its name says, a model called outside the loop) the run
+        reads σ from the device from then on."""
         chk = self._check
         if chk is not None and chk[0].query():
             self._check = None
