@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .encoder import Resampler, SubjectEmbeddings, encode_routes
-from .injection import DecoupledKV
 from .layers import LayerLayout
-from .router import LayerRouter
+from .paper.encoder import Resampler, SubjectEmbeddings, encode_routes
+from .paper.injection import DecoupledKV
+from .paper.router import LayerRouter
 
 KIND_NATIVE = "anystory-sdxl"
 KIND_IPADAPTER_PLUS = "ip-adapter-plus-sdxl"

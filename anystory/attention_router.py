@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .attention import split_heads
+from .paper.attention import split_heads
 
 STOP_WORDS = {"a", "an", "the", "of", "and", "with", "in", "on", "at", "to", "his", "her", "its", "their", "my"}
 

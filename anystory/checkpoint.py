@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 
 from .adapter import KIND_IPADAPTER_PLUS, KIND_NATIVE, AnyStoryAdapter
-from .encoder import Resampler
 from .layers import LayerLayout, layout_from_state_dict, sdxl_layout
+from .paper.encoder import Resampler
 
 __all__ = [
     "CheckpointError", "FORMAT_ADAPTER", "FORMAT_REFNET", "FORMAT_VERSION",

@@ -14,6 +14,7 @@ Two orders matter:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -78,9 +79,6 @@ class LayerLayout(Sequence):
     def get(self, key: BlockKey):
         return self._by_key.get(tuple(key))
 
-    def by_ckpt(self, n: int) -> LayerSpec:
-        return self._by_ckpt[int(n)]
-
     @property
     def ckpt_indices(self) -> list[int]:
         return sorted(self._by_ckpt)
@@ -113,21 +111,16 @@ def sdxl_layout() -> LayerLayout:
     return LayerLayout(blocks)
 
 
-def discover_layout(unet) -> LayerLayout:
-    """The layout of a ComfyUI/ldm ``UNetModel`` (``input_blocks``, ``middle_block``, ``output_blocks``
-    whose SpatialTransformers hold ``transformer_blocks``), read from the module tree itself."""
-    blocks = []
+def transformer_blocks(unet) -> dict:
+    """layer key → transformer block (BasicTransformerBlock) of a ComfyUI/ldm ``UNetModel``
+    (``input_blocks``, ``middle_block``, ``output_blocks`` whose SpatialTransformers hold
+    ``transformer_blocks``), in execution order."""
+    out = {}
 
     def scan(name, idx, seq):
         for mod in seq:
-            tbs = getattr(mod, "transformer_blocks", None)
-            if tbs is None:
-                continue
-            for j, tb in enumerate(tbs):
-                attn = getattr(tb, "attn2", None) or tb.attn1
-                heads = int(getattr(attn, "heads"))
-                dim = int(attn.to_q.weight.shape[0])
-                blocks.append(((name, idx, j), dim, heads))
+            for j, tb in enumerate(getattr(mod, "transformer_blocks", None) or []):
+                out[(name, idx, j)] = tb
 
     for i, blk in enumerate(getattr(unet, "input_blocks", [])):
         scan("input", i, blk)
@@ -136,14 +129,33 @@ def discover_layout(unet) -> LayerLayout:
         scan("middle", 0, mid)
     for i, blk in enumerate(getattr(unet, "output_blocks", [])):
         scan("output", i, blk)
+    return out
+
+
+def discover_layout(unet) -> LayerLayout:
+    """The layout of a ComfyUI/ldm ``UNetModel``, read from the module tree itself."""
+    blocks = []
+    for key, tb in transformer_blocks(unet).items():
+        attn = getattr(tb, "attn2", None) or tb.attn1
+        blocks.append((key, int(attn.to_q.weight.shape[0]), int(getattr(attn, "heads"))))
     return LayerLayout(blocks)
+
+
+def block_key(extra_options: dict) -> BlockKey:
+    """The layer key of the block a ComfyUI attention hook runs in (its ``extra_options``)."""
+    b = extra_options["block"]
+    return (b[0], b[1], extra_options.get("block_index", 0))
+
+
+def hook_grid(extra_options: dict):
+    """(h, w) token grid of the block a ComfyUI attention hook runs in, or None (older ComfyUI)."""
+    shape = extra_options.get("activations_shape")
+    return (int(shape[-2]), int(shape[-1])) if shape is not None else None
 
 
 def layout_from_state_dict(sd: dict, prefix: str = "", dim_head: int = 64) -> LayerLayout:
     """The layout of an ldm-named UNet state dict (``input_blocks.4.1.transformer_blocks.0.attn1…``),
     e.g. a checkpoint's ``model.diffusion_model.`` part or a ReferenceNet. Heads = C / dim_head."""
-    import re
-
     pat = re.compile(re.escape(prefix) + r"(input_blocks|middle_block|output_blocks)\.?(\d*)\.\d+\."
                      r"transformer_blocks\.(\d+)\.attn1\.to_q\.weight$")
     names = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 
 from .adapter import KIND_IPADAPTER_PLUS, KIND_NATIVE, AnyStoryAdapter
-from .encoder import Resampler
 from .layers import LayerLayout
+from .paper.encoder import Resampler
 
 
 def _init_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
@@ -38,7 +38,9 @@ def random_adapter(layout: LayerLayout, kind: str = KIND_NATIVE, num_tokens: Opt
     m = num_tokens or (64 if native else 16)
     heads = max(1, qformer_dim // 64)
     subject = Resampler(dim=qformer_dim, depth=depth, heads=heads, num_queries=m, embedding_dim=clip_dim)
-    routing = Resampler(dim=qformer_dim, depth=depth, heads=heads, num_queries=1, embedding_dim=clip_dim) if native else None
+    routing = None
+    if native:
+        routing = Resampler(dim=qformer_dim, depth=depth, heads=heads, num_queries=1, embedding_dim=clip_dim)
     dims = {s.ckpt_index: s.dim for s in layout}
     ad = AnyStoryAdapter(subject, dims, routing_proj=routing, router_dim=router_dim, router_heads=router_heads,
                          with_router=native, kind=kind,

@@ -58,12 +58,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import KIND_NATIVE, AnyStoryAdapter
-from .attention import sdpa
-from .encoder import Resampler
-from .injection import routed_cross_attention_sum
 from .layers import LayerLayout, discover_layout
+from .paper.attention import sdpa
+from .paper.encoder import Resampler
+from .paper.injection import routed_cross_attention_sum
+from .paper.router import LayerRouter, gumbel_maps, one_hot_maps, routing_loss, soft_maps
 from .prepare import prepare_subject
-from .router import LayerRouter, gumbel_maps, one_hot_maps, routing_loss, soft_maps
 
 STATE_KEY = "anystory_train_state"
 TRAIN_STATE_FORMAT = "anystory-router-train"
@@ -331,8 +331,8 @@ def make_shapes_dataset(root, count: int, size: int = 256, instances: int = 2, s
     :func:`scan_dataset`. ``label_png`` writes one ``name_labels.png`` instead of ``name_mask<i>.png``;
     ``with_refs`` adds ``name_ref<i>.png`` (an RGBA cut-out of the instance in another pose)."""
     Image = _pil()
-    from PIL import ImageDraw
     import numpy as np
+    from PIL import ImageDraw
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

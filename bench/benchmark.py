@@ -95,6 +95,7 @@ def init_(module, seed: int, std: float = 0.02):
 
 def build_models(device, dtype, quick: bool):
     import torch
+
     import comfy.clip_model
     import comfy.clip_vision
     import comfy.model_patcher
@@ -127,6 +128,7 @@ def build_models(device, dtype, quick: bool):
 
 def make_anystory(pack, patcher, kind: str, device, dtype, with_refnet: bool):
     import torch
+
     import comfy.model_patcher
     layers = importlib.import_module("comfyui_anystory.anystory.layers")
     synthetic = importlib.import_module("comfyui_anystory.anystory.synthetic")
@@ -279,7 +281,9 @@ class Bench:
     def settle(self, what: str):
         """Free what the last configuration left and log what stays allocated (leak check)."""
         import gc
+
         import torch
+
         import comfy.model_management as mm
         gc.collect()
         mm.cleanup_models()
@@ -377,7 +381,8 @@ class Bench:
 def profile(b: Bench, group: str, n: int, out_dir: Path):
     """torch.profiler over three steady sampler steps of one configuration: top CUDA and CPU ops."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
     m, pos, neg = _patched(b, "plain" if group == "encode" else group, n)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
     if group == "encode":
@@ -568,6 +573,7 @@ def sync_report(b: Bench, group: str, n: int, out_dir: Path, steps: int = 4) -> 
     import collections
     import traceback
     import warnings
+
     import torch
     if not b.cuda:
         print("[bench] sync report needs CUDA: skipped", flush=True)
@@ -611,7 +617,10 @@ def encode_breakdown(b: Bench, n: int, out_dir: Path, reference: str = "shared")
     import contextlib
     import sys
     enc_mod = sys.modules[type(b.N["AnyStorySubjectEncode"]()).__module__]
-    ref_mod = importlib.import_module(enc_mod.__name__.rsplit(".", 1)[0] + ".refnet")
+    nodes_pkg = enc_mod.__name__.rsplit(".", 1)[0]
+    ref_mod = importlib.import_module(nodes_pkg + ".refnet")
+    sdxl_mod = importlib.import_module(nodes_pkg + ".sdxl")  # the SDXL family's encode: its stage functions
+    graphs_mod = importlib.import_module(nodes_pkg.rsplit(".", 1)[0] + ".anystory.fast.graphs")
     import comfy.model_management as mm
     times: dict = {}
 
@@ -627,10 +636,10 @@ def encode_breakdown(b: Bench, n: int, out_dir: Path, reference: str = "shared")
         return wrapper
 
     am = b.make("ip-adapter-plus-sdxl", refnet=False)
-    targets = [(enc_mod, "prepare_subject"), (enc_mod, "clip_features"), (enc_mod, "preview_images"),
-               (ref_mod, "reference_pass"), (ref_mod, "_valid_tokens"), (mm, "load_models_gpu"),
-               (b.vae, "encode"), (am.adapter, "encode"), (ref_mod, "_to_device"),
-               (importlib.import_module(enc_mod.__name__.rsplit(".", 2)[0] + ".anystory.graphs"), "_module_is_static")]
+    targets = [(sdxl_mod, "prepare_subject"), (sdxl_mod, "clip_features"), (enc_mod, "preview_images"),
+               (ref_mod, "reference_pass"), (ref_mod, "_valid_tokens"),
+               (mm, "load_models_gpu"), (b.vae, "encode"), (am.adapter, "encode"), (ref_mod, "_to_device"),
+               (graphs_mod, "_module_is_static")]
     with contextlib.ExitStack() as stack:
         for obj, name in targets:
             orig = getattr(obj, name)

@@ -18,18 +18,20 @@ import argparse
 import collections
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anystory.attention import sdpa  # noqa: E402
 from anystory.attention_router import AttentionRouter, observed_layers  # noqa: E402
 from anystory.layers import LayerLayout  # noqa: E402
-from anystory.patch import MODE_ATTENTION, CallState, RoutedPatch, RoutingInputs, chunks_from_roles  # noqa: E402
-from anystory.preview import RoutingRecorder  # noqa: E402
-from anystory.reference import ReferenceFeatures  # noqa: E402
+from anystory.paper.attention import sdpa  # noqa: E402
+from anystory.paper.reference import ReferenceFeatures  # noqa: E402
+from anystory.patch import CallState, RoutedPatch, RoutingInputs, chunks_from_roles  # noqa: E402
+from anystory.recorder import RoutingRecorder  # noqa: E402
+from anystory.routing import AttentionRouting  # noqa: E402
 from anystory.synthetic import random_adapter  # noqa: E402
 
 # SDXL's attention layers (block key, width) and their token grids for a 256² image (latent 32²)
@@ -68,9 +70,10 @@ class Counter(TorchDispatchMode):
 
 
 def count(n, layout, specs, grid, inputs, graphs: bool) -> None:
-    rp = RoutedPatch(random_adapter(layout, kind="ip-adapter-plus-sdxl"), layout, inputs,
-                     project_reference=lambda key, g: (g * 1.0, g * 0.5), recorder=RoutingRecorder(n),
-                     attention_router=AttentionRouter(n, warmup_steps=0, layers=observed_layers(layout)))
+    router = AttentionRouting(AttentionRouter(n, warmup_steps=0, layers=observed_layers(layout)), n + 1)
+    attn1 = {key: SimpleNamespace(to_k=lambda g: g * 1.0, to_v=lambda g: g * 0.5) for key, _, _ in specs}
+    rp = RoutedPatch(random_adapter(layout, kind="ip-adapter-plus-sdxl"), layout, inputs, router, attn1=attn1,
+                     recorder=RoutingRecorder(n))
     ctr = Counter()
     if graphs:  # as on CUDA: every body through HookGraphs, "captured" into a counting stand-in
         rp.graphs.enabled = True
@@ -118,8 +121,7 @@ def main(argv=None) -> int:
     refs = ReferenceFeatures({k: torch.randn(n, 4 * h * w, dim) for (k, dim, _), (h, w) in
                               ((s, grid[s[0]]) for s in specs)},
                              {k: (2 * h, 2 * w) for k, (h, w) in grid.items()})
-    inputs = RoutingInputs(E=torch.randn(n + 1, 16, 2048), R=None, eta=torch.ones(n + 1), gamma=torch.ones(n),
-                           refs=refs, mode=MODE_ATTENTION)
+    inputs = RoutingInputs(E=torch.randn(n + 1, 16, 2048), eta=torch.ones(n + 1), gamma=torch.ones(n), refs=refs)
     for graphs in (False, True):
         count(n, layout, specs, grid, inputs, graphs)
     return 0

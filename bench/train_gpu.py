@@ -35,8 +35,6 @@ sys.path.insert(0, str(REPO / "tests"))
 from comfy_harness import load_module as _load  # noqa: E402
 
 
-
-
 def random_text(captions, hw):
     """(context [B, 77, 2048], y [B, 2816]) — one fixed random conditioning (CLIP-L/G are not built)."""
     import torch

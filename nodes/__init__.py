@@ -3,12 +3,12 @@ from . import paths
 
 paths.register()
 
+from . import live  # noqa: E402
 from .apply import AnyStoryApply  # noqa: E402
 from .encode import AnyStorySubjectEncode  # noqa: E402
 from .loader import AnyStoryModelLoader  # noqa: E402
 from .preview import AnyStoryRoutingPreview  # noqa: E402
 from .text import AnyStoryTextEncode  # noqa: E402
-from . import live  # noqa: E402
 
 live.register_routes()  # GET /anystory/palette for the web extension (no-op outside a ComfyUI server)
 

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from aiohttp import web
+from PIL import Image
 
 from ..anystory.preview import BACKGROUND_HEX, MAX_SUBJECTS, PALETTE_HEX, index_image, palette
 
@@ -55,8 +57,6 @@ def register_routes() -> bool:
     if routes is None or getattr(srv, "_anystory_routes", False):
         return False
     try:
-        from aiohttp import web
-
         @routes.get("/anystory/palette")
         async def anystory_palette(request):  # noqa: ARG001
             return web.json_response(palette_payload())
@@ -109,8 +109,6 @@ def step_map(rec: dict, num_subjects: int, image: int = 0) -> Optional[tuple]:
 
 
 def render_png(index: torch.Tensor, masked: torch.Tensor, num_subjects: int, max_side: int = MAX_SIDE) -> bytes:
-    from PIL import Image
-
     H, W = index.shape
     m = max(H, W)
     if m > max_side:  # a very large image: shrink (nearest) to the limit

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 
 import torch
 
@@ -12,13 +11,12 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..anystory import checkpoint
-from . import paths
+from ..anystory.layers import layout_from_state_dict
+from . import paths, state
+from .checks import check_weights_finite
 from .types import ANYSTORY, AnyStoryError, AnyStoryModel
 
 log = logging.getLogger("anystory")
-
-_CACHE: "OrderedDict[tuple, AnyStoryModel]" = OrderedDict()
-_CACHE_SIZE = 2
 
 
 def _file_key(path: str) -> tuple:
@@ -34,26 +32,13 @@ def compute_dtype(device) -> torch.dtype:
     return torch.float32
 
 
-def _check_finite(name: str, tensors: list, dtype=None) -> None:
-    """Refuse weights with NaN/inf: a damaged file (no checksum in safetensors), or values that overflow the
-    compute dtype (``dtype`` given: checked after the cast)."""
-    for key, t in tensors:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            if dtype is None:
-                raise AnyStoryError(f"AnyStory model file {name!r} has NaN or infinite values in '{key}': the file is "
-                                    "corrupted (a damaged download or disk). Re-download or re-create it.")
-            raise AnyStoryError(f"AnyStory model file {name!r}: '{key}' has values beyond the range of {dtype} "
-                                "(they overflow to infinity). Start ComfyUI with --force-fp32, or use a file saved "
-                                "in fp16/bf16.")
-
-
 def load_model(model_name: str, refnet_name: str = "none") -> AnyStoryModel:
     path = paths.resolve(model_name)
     rpath = paths.resolve(refnet_name) if refnet_name and refnet_name != "none" else None
     key = (_file_key(path), _file_key(rpath) if rpath else None)
-    hit = _CACHE.get(key)
+    hit = state.LOADED.get(key)
     if hit is not None:
-        _CACHE.move_to_end(key)
+        state.LOADED.move_to_end(key)
         return hit
     try:
         adapter = checkpoint.load_adapter(path)
@@ -61,25 +46,25 @@ def load_model(model_name: str, refnet_name: str = "none") -> AnyStoryModel:
     except checkpoint.CheckpointError as e:
         raise AnyStoryError(str(e)) from None
     if refnet is not None:
-        from ..anystory.layers import layout_from_state_dict
         rl = layout_from_state_dict(refnet.state_dict)
         if sorted(adapter.layer_dims.items()) != rl.signature():
             raise AnyStoryError(
                 f"the ReferenceNet {refnet_name!r} has {len(rl)} self-attention layers ({rl.describe()}), but the "
                 f"AnyStory model {model_name!r} has {len(adapter.layer_dims)} cross-attention layers; both files "
                 "must be made for the same base model.")
-    _check_finite(model_name, list(adapter.state_dict().items()))
+    check_weights_finite(model_name, list(adapter.state_dict().items()))
     if refnet is not None:
-        _check_finite(refnet_name, list(refnet.state_dict.items()))
+        check_weights_finite(refnet_name, list(refnet.state_dict.items()))
     load_device = mm.get_torch_device()
     dtype = compute_dtype(load_device)
     adapter = adapter.to(dtype).eval().requires_grad_(False)
-    _check_finite(model_name, list(adapter.state_dict().items()), dtype)
-    patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=load_device, offload_device=mm.unet_offload_device())
+    check_weights_finite(model_name, list(adapter.state_dict().items()), dtype)
+    patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=load_device,
+                                               offload_device=mm.unet_offload_device())
     model = AnyStoryModel(name=model_name, adapter=adapter, patcher=patcher, refnet=refnet, refnet_name=refnet_name)
-    _CACHE[key] = model
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    state.LOADED[key] = model
+    while len(state.LOADED) > state.LOADED_SIZE:
+        state.LOADED.popitem(last=False)
     log.info("AnyStory: loaded %s", model.describe())
     return model
 

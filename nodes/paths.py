@@ -8,6 +8,8 @@ import os
 
 import folder_paths
 
+from .types import AnyStoryError
+
 EXTENSIONS = {".safetensors", ".sft", ".bin", ".pt", ".pth"}
 FOLDERS = ("anystory", "ipadapter")
 
@@ -41,8 +43,6 @@ def list_models() -> list[str]:
 
 def resolve(name: str) -> str:
     """Full path of a listed model file; AnyStoryError-style message when it is not there."""
-    from .types import AnyStoryError
-
     if not name or name == "none":
         raise AnyStoryError("no AnyStory model file selected")
     for folder in FOLDERS:

@@ -9,8 +9,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..anystory.preview import (BACKGROUND_HEX, PALETTE_HEX, RoutingRecorder, default_layers, default_steps,
-                                parse_selection, render_grid, subject_masks)
+from ..anystory.preview import (
+    BACKGROUND_HEX,
+    PALETTE_HEX,
+    default_layers,
+    default_steps,
+    parse_selection,
+    render_grid,
+    subject_masks,
+)
+from ..anystory.recorder import RoutingRecorder
 from .types import ANYSTORY_ROUTING, AnyStoryError
 from .ui import preview_images
 
@@ -46,7 +54,8 @@ def labelled_grid(grid: torch.Tensor, layers: list, steps: list, labels: list, c
     for c, st in enumerate(steps):
         d.text((left + gap + c * (cw + gap) + 2, 4), f"step {st}", fill=(220, 220, 220), font=font)
     y = top + g.shape[0] + 6
-    items = [(lab, PALETTE_HEX[i % len(PALETTE_HEX)]) for i, lab in enumerate(labels)] + [("background", BACKGROUND_HEX)]
+    items = [(lab, PALETTE_HEX[i % len(PALETTE_HEX)]) for i, lab in enumerate(labels)]
+    items.append(("background", BACKGROUND_HEX))
     for i, (lab, col) in enumerate(items):
         x = 4 + (i % 4) * 150
         yy = y + (i // 4) * 18

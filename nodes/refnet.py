@@ -20,22 +20,13 @@ import comfy.model_patcher
 import comfy.ops
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from ..anystory.graphs import ForwardGraphs
-from ..anystory.layers import discover_layout
-from ..anystory.reference import PinnedStaging, ReferenceFeatures, move_together
+from ..anystory.fast.transfer import move_together
+from ..anystory.layers import block_key, discover_layout
+from ..anystory.paper.reference import ReferenceFeatures
+from . import state
 from .types import AnyStoryError, AnyStoryModel
 
 log = logging.getLogger("anystory")
-
-# the encoders' CUDA graphs (the ReferenceNet pass here, CLIP vision in encode.py), kept across encodes
-ENCODER_GRAPHS = ForwardGraphs()
-# page-locked host buffers for G_i^l, each prepared while the previous subject is encoded
-HOST_STAGING = PinnedStaging()
-
-
-def _block_key(extra_options) -> tuple:
-    b = extra_options["block"]
-    return (b[0], b[1], extra_options.get("block_index", 0))
 
 
 def _zero_attn2_replace(q, k, v, extra_options):
@@ -66,7 +57,7 @@ def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
     ctx_dim = ctx_dim or 2048
 
     def grab(n, context, value, extra_options):
-        key = _block_key(extra_options)
+        key = block_key(extra_options)
         feats[key] = n.detach().to(store_device)
         shape = extra_options.get("activations_shape")
         if shape is not None:
@@ -146,17 +137,18 @@ def _to_device(feats: dict, device, copy: bool = False) -> dict:
     """All captured layers to ``device`` in ONE transfer (a copy per layer would wait for the GPU each time);
     ``copy``: a copy even where they already are there (features of a graph's pool are rewritten by its
     next replay)."""
-    moved = move_together(list(feats.values()), device, copy=copy, staging=HOST_STAGING)
+    moved = move_together(list(feats.values()), device, copy=copy, staging=state.HOST_STAGING)
     return feats if all(a is b for a, b in zip(moved, feats.values())) else dict(zip(feats, moved))
 
 
 def reference_pass(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, shared: bool) -> tuple[dict, dict]:
     """:func:`capture_features` on the GPU through a CUDA graph kept across encodes (every subject has the
-    same 512² shape; see :class:`ForwardGraphs`): ≈ 12 ms instead of ≈ 55 ms of host-bound launches for
-    the SDXL UNet on an H200. The features returned lie in the graph's memory: copy them before the next
+    same 512² shape; see anystory.fast.graphs.ForwardGraphs): one replay instead of the UNet's host-bound
+    launches. The features returned lie in the graph's memory: copy them before the next
     pass."""
     key = ("ReferenceNet pass", id(unet), bool(shared), dtype)
-    return ENCODER_GRAPHS.run(key, lambda x: capture_features(unet, x, dtype, x.device, shared=shared), (x,), unet)
+    return state.ENCODER_GRAPHS.run(key, lambda x: capture_features(unet, x, dtype, x.device, shared=shared),
+                                    (x,), unet)
 
 
 def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_mask: torch.Tensor,

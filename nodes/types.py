@@ -12,8 +12,8 @@ import torch
 
 from ..anystory.adapter import AnyStoryAdapter
 from ..anystory.checkpoint import RefNetWeights
+from ..anystory.paper.reference import ReferenceFeatures
 from ..anystory.preview import MAX_SUBJECTS
-from ..anystory.reference import ReferenceFeatures
 
 ANYSTORY = "ANYSTORY"
 ANYSTORY_SUBJECTS = "ANYSTORY_SUBJECTS"

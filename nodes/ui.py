@@ -14,7 +14,7 @@ import folder_paths
 def preview_images(images: torch.Tensor, prefix: str = "anystory", max_side: int = 0, jpeg: bool = False) -> dict:
     """Save [B, H, W, 3] float images to ComfyUI's temp folder; return the node's ``ui`` dict.
     ``max_side`` > 0 shrinks larger images first (a node-sized preview: writing the file is host time);
-    ``jpeg``: a JPEG (quality 90) instead of a PNG — ~1 ms instead of ~8 ms for a 256² photo crop."""
+    ``jpeg``: a JPEG (quality 90) instead of a PNG — several times cheaper to write for a photo crop."""
     out_dir = folder_paths.get_temp_directory()
     os.makedirs(out_dir, exist_ok=True)
     if max_side and max(images.shape[1:3]) > max_side:

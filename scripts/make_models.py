@@ -84,14 +84,14 @@ def import_comfy():
     if root not in sys.path:
         sys.path.insert(0, root)
     if "comfy.model_management" not in sys.modules:
-        import comfy.options  # noqa: F401
         import comfy.cli_args
+        import comfy.options  # noqa: F401
         comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    import comfy.supported_models
-    import comfy.model_detection  # noqa: F401
-    import comfy.sd  # noqa: F401
     import comfy.clip_vision  # noqa: F401
+    import comfy.model_detection  # noqa: F401
+    import comfy.model_management  # noqa: F401
+    import comfy.sd  # noqa: F401
+    import comfy.supported_models
     return comfy
 
 
@@ -167,7 +167,7 @@ def checkpoint_state_dict(full: bool = False, seed: int = 0) -> dict:
     ``conditioner.embedders.1.model.*`` (CLIP-G, OpenCLIP names), ``first_stage_model.*`` (VAE)."""
     import torch
     import_comfy()
-    from comfy import supported_models, sdxl_clip
+    from comfy import sdxl_clip, supported_models
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     ucfg = dict(FULL_UNET if full else SMALL_UNET)
@@ -275,7 +275,8 @@ def make_models(models_dir, full: bool = False, force: bool = False, parts: Opti
 
     if need_unet:
         import_core()
-        from anystory import checkpoint as ckpt_mod, synthetic
+        from anystory import checkpoint as ckpt_mod
+        from anystory import synthetic
         from anystory.layers import layout_from_state_dict
         unet_sd = unet_state_dict_from_checkpoint(ckpt)
         if not unet_sd:
@@ -326,10 +327,10 @@ def verify(files: dict, steps: int = 2, size: int = 64, log=print) -> dict:
 def _verify(files: dict, steps: int, size: int, log) -> dict:
     import torch
     import_comfy()
-    import comfy.sd
-    import comfy.sample
     import comfy.clip_vision
     import comfy.model_detection
+    import comfy.sample
+    import comfy.sd
     report = {}
     if "checkpoint" in files:
         t0 = time.perf_counter()

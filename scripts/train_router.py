@@ -178,8 +178,8 @@ def import_comfy(device) -> None:
         sys.path.insert(0, str(root))
     if "comfy.model_management" in sys.modules:  # imported by the caller (a test, a node, a benchmark)
         return
-    import comfy.options  # noqa: F401
     import comfy.cli_args
+    import comfy.options  # noqa: F401
     if getattr(device, "type", str(device)) == "cpu":
         comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401

@@ -78,15 +78,15 @@ class ComfyModules:
     def __init__(self):
         import comfy.cli_args
         self.cli_args = comfy.cli_args
+        import comfy.clip_vision
+        import comfy.model_base
         import comfy.model_management
         import comfy.model_patcher
-        import comfy.model_base
-        import comfy.supported_models
         import comfy.sample
         import comfy.samplers
         import comfy.sd
+        import comfy.supported_models
         import comfy.utils
-        import comfy.clip_vision
         import folder_paths
         self.comfy = comfy
         self.model_management = comfy.model_management
@@ -133,8 +133,8 @@ def import_comfy() -> ComfyModules:
         import comfy.cli_args
         if not comfy.cli_args.args.cpu:
             raise RuntimeError("comfy.model_management was imported before import_comfy() set --cpu")
-    import comfy.options  # noqa: F401  (args_parsing stays False: parse_args([]))
     import comfy.cli_args
+    import comfy.options  # noqa: F401  (args_parsing stays False: parse_args([]))
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.disable_auto_launch = True
     _COMFY = ComfyModules()

@@ -11,13 +11,28 @@ import torch
 from safetensors.torch import save_file
 
 from anystory.adapter import KIND_IPADAPTER_PLUS, KIND_NATIVE, AnyStoryAdapter
-from anystory.checkpoint import (FORMAT_REFNET, CheckpointError, RefNetWeights, adapter_from_state_dict,
-                                 build_refnet_state_dict, inspect_file, load_adapter, load_refnet, save_adapter,
-                                 save_refnet)
+from anystory.checkpoint import (
+    FORMAT_REFNET,
+    CheckpointError,
+    RefNetWeights,
+    adapter_from_state_dict,
+    build_refnet_state_dict,
+    inspect_file,
+    load_adapter,
+    load_refnet,
+    save_adapter,
+    save_refnet,
+)
 from anystory.layers import LayerLayout, layout_from_state_dict, sdxl_layout
-from anystory.synthetic import (flux_ipadapter_state_dict, ipadapter_faceid_state_dict, ipadapter_nonplus_state_dict,
-                                ipadapter_plus_state_dict, random_adapter, sd15_ipadapter_plus_state_dict,
-                                sd15_layout)
+from anystory.synthetic import (
+    flux_ipadapter_state_dict,
+    ipadapter_faceid_state_dict,
+    ipadapter_nonplus_state_dict,
+    ipadapter_plus_state_dict,
+    random_adapter,
+    sd15_ipadapter_plus_state_dict,
+    sd15_layout,
+)
 
 PREFIX = "model.diffusion_model."
 

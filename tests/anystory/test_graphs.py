@@ -5,10 +5,13 @@ import functools
 import pytest
 import torch
 
-from anystory.attention import GroupedBuffers, query_extra, sdpa
-from anystory.graphs import HookGraphs
-from anystory.patch import MODE_ATTENTION, MODE_MASKS, MODE_ROUTER, CallState, chunks_from_roles
-from anystory.reference import prepare_references, reference_attention_body, routed_reference_attention
+from anystory.fast.graphs import HookGraphs
+from anystory.fast.grouped import GroupedBuffers, query_extra
+from anystory.fast.reference import prepare_references, reference_attention_body
+from anystory.paper.attention import sdpa
+from anystory.paper.reference import routed_reference_attention
+from anystory.patch import CallState, chunks_from_roles
+from anystory.routing import MODE_ATTENTION, MODE_MASKS, MODE_ROUTER
 
 from .test_patch import GRIDS, HEADS, LAYOUT, C, make
 
@@ -124,11 +127,10 @@ def test_split_rows_give_the_fused_reference_attention():
 
 
 def test_cond_rows_of_a_call():
-    from anystory.patch import RoutedPatch
-    assert RoutedPatch._cond_rows(CallState(chunks_from_roles([True, False], 2))) == slice(0, 2)
-    assert RoutedPatch._cond_rows(CallState(chunks_from_roles([False, True, True], 1))) == slice(1, 3)
-    assert RoutedPatch._cond_rows(CallState(chunks_from_roles([True, False, True], 1))) is None  # not contiguous
-    assert RoutedPatch._cond_rows(CallState(chunks_from_roles([True], 1))) is None  # all rows: one fused call
+    assert CallState(chunks_from_roles([True, False], 2)).cond_rows() == slice(0, 2)
+    assert CallState(chunks_from_roles([False, True, True], 1)).cond_rows() == slice(1, 3)
+    assert CallState(chunks_from_roles([True, False, True], 1)).cond_rows() is None  # not contiguous
+    assert CallState(chunks_from_roles([True], 1)).cond_rows() is None  # all rows: one fused call
 
 
 @pytest.mark.parametrize("mode,roles", [(MODE_MASKS, (True, False)), (MODE_ROUTER, (True, True, False)),
@@ -250,7 +252,7 @@ def test_graph_replays_give_the_eager_outputs_on_cuda(mode, roles, flip_at):
 # ------------------------------------------------------------------------------------------------
 
 def fake_forward_graphs(monkeypatch, **kw):
-    from anystory.graphs import ForwardGraphs
+    from anystory.fast.graphs import ForwardGraphs
     fg = ForwardGraphs(enabled=True, **kw)
     captured = []
 
@@ -337,7 +339,7 @@ def test_forward_graphs_keep_the_most_recent_and_a_failed_capture_runs_eagerly(m
 
 
 def test_forward_graphs_are_not_used_off_cuda_or_when_turned_off(monkeypatch):
-    from anystory.graphs import ForwardGraphs
+    from anystory.fast.graphs import ForwardGraphs
     net = torch.nn.Linear(2, 2)
     fg = ForwardGraphs()
     with torch.no_grad():
@@ -351,7 +353,7 @@ def test_forward_graphs_are_not_used_off_cuda_or_when_turned_off(monkeypatch):
 @needs_cuda
 @torch.inference_mode()
 def test_forward_graph_replays_give_the_eager_outputs_on_cuda():
-    from anystory.graphs import ForwardGraphs
+    from anystory.fast.graphs import ForwardGraphs
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
                               torch.nn.Conv2d(8, 4, 3, padding=1)).cuda().half()
@@ -389,7 +391,7 @@ def test_released_forward_graphs_are_captured_again_at_the_next_call(monkeypatch
 def test_forward_graph_captures_leave_no_memory_behind_on_cuda():
     """Capture → release, again and again (a prompt's encodes, then sampling): allocated memory returns to
     the same level every cycle (a new capture stream per capture used to leave cuBLAS's 32 MB workspace)."""
-    from anystory.graphs import ForwardGraphs
+    from anystory.fast.graphs import ForwardGraphs
     net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda().half()
     fg = ForwardGraphs(enabled=True, min_vram_gb=0)
     x = torch.randn(8, 256, device="cuda", dtype=torch.float16)

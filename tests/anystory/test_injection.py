@@ -2,9 +2,14 @@
 import pytest
 import torch
 
-from anystory.attention import sdpa
-from anystory.injection import (DecoupledKV, project_routes, route_bias, routed_cross_attention,
-                                routed_cross_attention_sum)
+from anystory.paper.attention import sdpa
+from anystory.paper.injection import (
+    DecoupledKV,
+    project_routes,
+    route_bias,
+    routed_cross_attention,
+    routed_cross_attention_sum,
+)
 
 
 def slow_attention(q, k, v, heads):
@@ -116,7 +121,7 @@ def test_project_routes_uses_layer_weights():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_grouped_fast_path_equals_eq5(dtype):
-    from anystory.injection import prepare_routes, routed_cross_attention_fast
+    from anystory.fast.injection import prepare_routes, routed_cross_attention_fast
     q, kr, vr, index, heads = _setup(C=128, heads=2, seed=9)
     maps = torch.nn.functional.one_hot(index, 3).transpose(1, 2).float()
     eta = torch.tensor([0.5, 2.0, 1.0])
@@ -127,8 +132,8 @@ def test_grouped_fast_path_equals_eq5(dtype):
 
 
 def test_eta_folded_into_values_and_buffers():
-    from anystory.attention import GroupedBuffers
-    from anystory.injection import prepare_routes, routed_cross_attention_fast
+    from anystory.fast.grouped import GroupedBuffers
+    from anystory.fast.injection import prepare_routes, routed_cross_attention_fast
     q, kr, vr, index, heads = _setup(seed=13)
     eta = torch.tensor([0.5, 2.0, 0.0])
     ref = routed_cross_attention(q, kr, vr, index, heads, eta)

@@ -4,13 +4,13 @@ import functools
 import pytest
 import torch
 
-from anystory.attention import sdpa
 from anystory.layers import LayerLayout
-from anystory.patch import (MODE_MASKS, MODE_MIXED, MODE_ROUTER, CallState, RoutedPatch, RoutingInputs,
-                            chunks_from_roles)
-from anystory.preview import RoutingRecorder
-from anystory.reference import ReferenceFeatures, routed_reference_attention
-from anystory.router import resize_index
+from anystory.paper.attention import sdpa
+from anystory.paper.reference import ReferenceFeatures, routed_reference_attention
+from anystory.paper.router import resize_index
+from anystory.patch import CallState, RoutedPatch, RoutingInputs, chunks_from_roles
+from anystory.recorder import RoutingRecorder
+from anystory.routing import MODE_MASKS, MODE_MIXED, MODE_ROUTER, make_routing, resolve_mode
 from anystory.synthetic import random_adapter
 
 C, HEADS = 32, 2
@@ -18,26 +18,52 @@ LAYOUT = LayerLayout([(("input", 1, 0), C, HEADS), (("middle", 0, 0), C, HEADS),
 GRIDS = {("input", 1, 0): (4, 6), ("middle", 0, 0): (2, 3), ("output", 1, 0): (4, 6)}
 
 
+def halves(n: int) -> torch.Tensor:
+    """Region masks: subject 1 the left half, subject 2 the right half of an 8×12 image."""
+    region = torch.zeros(n, 8, 12)
+    region[0, :, :6] = 1
+    if n > 1:
+        region[1, :, 6:] = 1
+    return region
+
+
+class Attn1:
+    """A stand-in for the UNet's attn1 of a layer: its to_k / to_v project G_i^l."""
+
+    def __init__(self, proj):
+        self.proj = proj
+
+    def to_k(self, g):
+        return self.proj(g)
+
+    def to_v(self, g):
+        return self.proj(g) * 0.5
+
+
+def routing_for(mode, ad, emb, n, masks=None, attention_router=None, feather=False):
+    """The routing source AnyStory Apply would build for ``mode``."""
+    plan = resolve_mode(mode, learned=ad.has_router and emb.R is not None,
+                        unlabelled=[] if attention_router is not None else list(range(1, n + 1)),
+                        has_masks=masks is not None)
+    return make_routing(plan, n + 1, adapter=ad, R=emb.R, attention_router=attention_router, masks=masks,
+                        feather=feather)
+
+
 def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0, recorder=None,
-         attention_router=None):
+         attention_router=None, feather=False):
+    """``masks``: True = :func:`halves`, a tensor = those masks, False = none."""
     torch.manual_seed(seed)
     ad = random_adapter(LAYOUT, qformer_dim=64, clip_dim=48, depth=1, router_dim=16, router_heads=2, seed=seed)
     emb = ad.encode(torch.randn(n, 5, 48), torch.zeros(1, 5, 48))
-    region = None
-    if masks:
-        region = torch.zeros(n, 8, 12)
-        region[0, :, :6] = 1  # subject 1 left half
-        if n > 1:
-            region[1, :, 6:] = 1  # subject 2 right half
+    region = halves(n) if masks is True else (masks if torch.is_tensor(masks) else None)
     rf = None
     if refs:
         rf = ReferenceFeatures({k: torch.randn(n, 7, C) for k in GRIDS}, {k: (1, 7) for k in GRIDS})
-    inputs = RoutingInputs(E=emb.E, R=emb.R, eta=torch.full((n + 1,), float(eta)),
-                           gamma=torch.full((n,), float(gamma)), refs=rf, region_masks=region, mode=mode)
+    inputs = RoutingInputs(E=emb.E, eta=torch.full((n + 1,), float(eta)), gamma=torch.full((n,), float(gamma)),
+                           refs=rf)
     proj = torch.nn.Linear(C, C, bias=False)
-    rp = RoutedPatch(ad, LAYOUT, inputs,
-                     project_reference=lambda key, g: (proj(g), proj(g) * 0.5), recorder=recorder,
-                     attention_router=attention_router)
+    routing = routing_for(mode, ad, emb, n, region, attention_router, feather)
+    rp = RoutedPatch(ad, LAYOUT, inputs, routing, attn1={k: Attn1(proj) for k in GRIDS}, recorder=recorder)
     return rp, proj
 
 
@@ -145,8 +171,9 @@ def test_learned_router_and_mixed_mode():
     outs = run_call(rp, roles=(True,), rows=2)
     idx = outs[("middle", 0, 0)]["index"]
     assert idx.shape == (2, 6) and idx.max() <= 2
-    rp2, _ = make(mode=MODE_MIXED, gamma=0.0)
-    rp2.inputs.region_masks[1] = 0  # subject 2 not given → router decides outside subject 1's mask
+    region = halves(2)
+    region[1] = 0  # subject 2 not given → router decides outside subject 1's mask
+    rp2, _ = make(mode=MODE_MIXED, gamma=0.0, masks=region)
     rp2.begin_run()
     o2 = run_call(rp2, roles=(True,))[("input", 1, 0)]
     grid = o2["index"][0].view(4, 6)
@@ -173,7 +200,7 @@ def test_recorder_keeps_cond_rows_per_step_and_layer():
 
 def test_attention_router_mode_routes_after_warmup_with_its_source():
     from anystory.attention_router import AttentionRouter
-    from anystory.patch import MODE_ATTENTION, SOURCE_ATTENTION
+    from anystory.routing import MODE_ATTENTION, SOURCE_ATTENTION
 
     rec = RoutingRecorder(2)
     rp, _ = make(mode=MODE_ATTENTION, masks=False, gamma=0.0, recorder=rec,
@@ -191,12 +218,10 @@ def test_attention_router_mode_routes_after_warmup_with_its_source():
 
 
 def test_feathered_masks_fade_injection_at_edges():
-    rp, _ = make(mode=MODE_MASKS, gamma=0.0)
-    rp.inputs.feather = True
     soft = torch.zeros(2, 8, 12)
     soft[0, :, :6] = torch.linspace(1.0, 0.6, 6)  # fades towards the middle of the image
     soft[1, :, 6:] = 1.0
-    rp.inputs.region_masks = soft
+    rp, _ = make(mode=MODE_MASKS, gamma=0.0, masks=soft, feather=True)
     rp.begin_run()
     o = run_call(rp, roles=(True,))[("input", 1, 0)]
     text = sdpa(o["q"], o["kt"], o["vt"], HEADS)
@@ -214,12 +239,14 @@ def test_feathered_masks_fade_injection_at_edges():
 
 
 def test_mode_requirements():
-    with pytest.raises(ValueError, match="needs a native AnyStory file"):
-        ad = random_adapter(LAYOUT, kind="ip-adapter-plus-sdxl", qformer_dim=64, clip_dim=48, depth=1)
-        emb = ad.encode(torch.randn(1, 5, 48), torch.zeros(1, 5, 48))
-        RoutedPatch(ad, LAYOUT, RoutingInputs(emb.E, None, torch.ones(2), torch.ones(1)))
-    with pytest.raises(ValueError, match="region mask"):
+    ad = random_adapter(LAYOUT, kind="ip-adapter-plus-sdxl", qformer_dim=64, clip_dim=48, depth=1)
+    emb = ad.encode(torch.randn(1, 5, 48), torch.zeros(1, 5, 48))
+    with pytest.raises(ValueError, match="needs the learned AnyStory router"):
+        routing_for(MODE_ROUTER, ad, emb, 1)
+    with pytest.raises(ValueError, match="needs region_masks"):
         make(mode=MODE_MASKS, masks=False)
+    with pytest.raises(ValueError, match="needs a routing source"):
+        RoutedPatch(ad, LAYOUT, RoutingInputs(emb.E, torch.ones(2), torch.ones(1)), None)
 
 
 def test_direct_text_attention_equals_the_host_base():
@@ -249,7 +276,7 @@ def test_direct_text_attention_equals_the_host_base():
         assert calls
         assert direct.shape == hosted.shape and direct.is_contiguous()
         torch.testing.assert_close(direct, hosted, atol=1e-5, rtol=1e-5)
-    rp._run["eta_zero"] = True  # no routed term: the host's attention, untouched
+    rp.run.eta_zero = True  # no routed term: the host's attention, untouched
     calls.clear()
     out = rp.cross_attention(state, ("input", 1, 0), q, kt, vt, HEADS, base, text_sdpa=text_sdpa)
     assert calls and torch.equal(out, sdpa(q, kt, vt, HEADS))

@@ -7,8 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anystory.prepare import (PreparedSubject, crop_pad, crop_pad_one, prepare_subject, resolve_mask,
-                              square_crop_box, subject_box)
+from anystory.prepare import (
+    PreparedSubject,
+    crop_pad,
+    crop_pad_one,
+    prepare_subject,
+    resolve_mask,
+    square_crop_box,
+    subject_box,
+)
 
 RED = (0.9, 0.1, 0.1)
 BLUE = (0.1, 0.2, 0.8)

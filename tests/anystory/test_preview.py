@@ -2,8 +2,17 @@
 import pytest
 import torch
 
-from anystory.preview import (PALETTE_HEX, RunRecord, default_layers, default_steps, hex_to_rgb, palette,
-                              parse_selection, render_grid, subject_masks)
+from anystory.preview import (
+    PALETTE_HEX,
+    default_layers,
+    default_steps,
+    hex_to_rgb,
+    palette,
+    parse_selection,
+    render_grid,
+    subject_masks,
+)
+from anystory.recorder import RunRecord
 
 
 def _run():
@@ -71,7 +80,7 @@ def test_recorder_keeps_copies_in_one_buffer_after_the_first_step():
     which would move the sampler's later allocations); each map is a copy that outlives the caller's
     tensor; a layer first seen later, a changed shape or a step beyond the run gets its own copy; the
     run's end moves all of it to the host."""
-    from anystory.preview import RoutingRecorder
+    from anystory.recorder import RoutingRecorder
     rec = RoutingRecorder(2)
     rec.begin_run(sigmas=torch.linspace(1, 0, 4))  # 3 steps
     grids = {("input", 4, 0): (2, 3), ("middle", 0, 0): (1, 2)}
@@ -109,7 +118,7 @@ def test_recorder_keeps_copies_in_one_buffer_after_the_first_step():
 def test_recorder_reserves_its_buffer_before_a_later_steps_call():
     """reserve() before the model call of a later step makes the buffer then (not at that step's first
     record, in the middle of the call); before the first step is recorded it does nothing."""
-    from anystory.preview import RoutingRecorder
+    from anystory.recorder import RoutingRecorder
     rec = RoutingRecorder(1)
     rec.begin_run(sigmas=torch.linspace(1, 0, 3))
     rec.reserve(0)
@@ -137,7 +146,7 @@ def test_recorder_copies_a_map_shared_by_layers_once_per_call(inference):
 
 
 def _shared_map_once_per_call(inference):
-    from anystory.preview import RoutingRecorder
+    from anystory.recorder import RoutingRecorder
     rec = RoutingRecorder(1)
     rec.begin_run(sigmas=torch.linspace(1, 0, 4))
     shared = torch.zeros(1, 4, dtype=torch.long)

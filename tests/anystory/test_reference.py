@@ -4,9 +4,25 @@ import math
 import pytest
 import torch
 
-from anystory.attention import sdpa
-from anystory.reference import (ReferenceFeatures, reference_bias, routed_reference_attention,
-                                routed_reference_attention_sparse, token_grid)
+from anystory.paper.attention import sdpa
+from anystory.paper.reference import (
+    ReferenceFeatures,
+    reference_bias,
+    routed_reference_attention,
+    routed_reference_attention_sparse,
+)
+
+
+def routed_reference_attention_fast(q, k, v, refs, index, heads, buffers=None):
+    """The fast path of eq. 6-8 (anystory.fast.reference) for one call, eagerly: every row through the
+    fused attention, the query extras from the route index."""
+    from anystory.fast.grouped import GroupedBuffers, query_extra
+    from anystory.fast.reference import reference_attention_body
+    from anystory.paper.attention import sdpa as plain
+    if refs is None:
+        return plain(q, k, v, heads)
+    qe = query_extra(index, refs.num_subjects, q.dtype)
+    return reference_attention_body(q, k, v, refs, heads, qe, buffers or GroupedBuffers())(q, k, v)
 
 
 def slow_eq6(q, k, v, k_ref, v_ref, index, heads, gamma):
@@ -145,18 +161,10 @@ def test_reference_features_concat_and_select():
         a.concat(ReferenceFeatures({("input", 4, 0): torch.randn(1, 7, 8)}))
 
 
-def test_token_grid_uses_ceil_halving():
-    assert token_grid(125 * 75, (125, 75)) == (125, 75)
-    assert token_grid(63 * 38, (125, 75)) == (63, 38)
-    assert token_grid(32 * 19, (125, 75)) == (32, 19)
-    with pytest.raises(ValueError):
-        token_grid(1000, (125, 75))
-
-
 @pytest.mark.parametrize("gamma", [1.0, [0.5, 3.0], [0.0, 2.0]])
 def test_grouped_fast_path_equals_slow_reference(gamma):
     """The extra-dimension formulation (no bias tensor) gives eq. 6-8."""
-    from anystory.reference import prepare_references, routed_reference_attention_fast
+    from anystory.fast.reference import prepare_references
     q, k, v, k_ref, v_ref, index, heads = _setup(seed=11)
     kl, vl = [k_ref[0, :3], k_ref[1]], [v_ref[0, :3], v_ref[1]]
     g = torch.tensor(gamma) if isinstance(gamma, list) else gamma
@@ -169,7 +177,7 @@ def test_grouped_fast_path_equals_slow_reference(gamma):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_grouped_fast_path_low_precision(dtype):
-    from anystory.reference import prepare_references, routed_reference_attention_fast
+    from anystory.fast.reference import prepare_references
     q, k, v, k_ref, v_ref, index, heads = _setup(seed=12, C=128, heads=2)  # 64-d heads as SDXL
     prep = prepare_references(k_ref.to(dtype), v_ref.to(dtype), heads, torch.tensor([1.5, 0.7]))
     fast = routed_reference_attention_fast(q.to(dtype), k.to(dtype), v.to(dtype), prep, index, heads)
@@ -179,8 +187,8 @@ def test_grouped_fast_path_low_precision(dtype):
 
 def test_buffered_fast_path_equals_unbuffered_across_shapes_and_routes():
     """Staging buffers are reused between calls: results must not depend on what was staged before."""
-    from anystory.attention import GroupedBuffers
-    from anystory.reference import prepare_references, routed_reference_attention_fast
+    from anystory.fast.grouped import GroupedBuffers
+    from anystory.fast.reference import prepare_references
     bufs = GroupedBuffers()
     for seed in (1, 2, 3):
         q, k, v, k_ref, v_ref, index, heads = _setup(seed=seed, L=12 if seed != 2 else 20)
@@ -195,7 +203,8 @@ def test_pinned_staging_hands_out_the_buffer_prepared_after_the_previous_take():
     slow page-locking is off the encode's path from the second subject on); distinct buffers every time;
     spares kept for the most recent sizes only; a failed background allocation falls back to one now."""
     import threading
-    from anystory.reference import PinnedStaging
+
+    from anystory.fast.transfer import PinnedStaging
     calls = []
 
     def alloc(numel, dtype):
@@ -227,7 +236,7 @@ def test_pinned_staging_hands_out_the_buffer_prepared_after_the_previous_take():
 def test_move_together_lands_in_the_staging_buffer():
     """To the CPU with a staging: all tensors are views of one buffer taken from it, with their values
     (the page-locked path itself needs a GPU; on the CPU the staging is not used)."""
-    from anystory.reference import PinnedStaging, move_together
+    from anystory.fast.transfer import PinnedStaging, move_together
     taken = []
     st = PinnedStaging(alloc=lambda n, dt: taken.append(n) or torch.zeros(n, dtype=dt))
     xs = [torch.randn(2, 3), torch.randn(4)]

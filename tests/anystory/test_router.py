@@ -4,9 +4,19 @@ import math
 import pytest
 import torch
 
-from anystory.attention import NEG
-from anystory.router import (LayerRouter, coarse_attention_bias, gumbel_maps, one_hot_maps, resize_index,
-                             route_index, routing_loss, soft_maps)
+from anystory.fast.router import fold_router, route_logits
+from anystory.fast.router import route as fast_route
+from anystory.paper.attention import NEG
+from anystory.paper.router import (
+    LayerRouter,
+    coarse_attention_bias,
+    gumbel_maps,
+    one_hot_maps,
+    resize_index,
+    route_index,
+    routing_loss,
+    soft_maps,
+)
 
 
 def slow_router(r: LayerRouter, z, R):
@@ -132,7 +142,7 @@ def test_prepared_route_equals_forward_argmax():
     z = torch.randn(2, 30, 24)
     R = torch.randn(1, 3, 16)
     want = r(z, R.expand(2, -1, -1)).argmax(1)
-    assert torch.equal(r.route(z, r.prepare(R)), want)
+    assert torch.equal(fast_route(r, z, fold_router(r, R)), want)
 
 
 def test_folded_route_logits_equal_forward():
@@ -143,11 +153,11 @@ def test_folded_route_logits_equal_forward():
     z = torch.randn(3, 50, 40)
     R = torch.randn(1, 4, 24)
     want = r(z, R.expand(3, -1, -1))
-    got = r.route_logits(z, r.prepare(R))
+    got = route_logits(r, z, fold_router(r, R))
     assert got.shape == (3, 4, 50)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one image"):  # per-image R would be merged silently
-        r.prepare(R.expand(2, -1, -1))
+        fold_router(r, R.expand(2, -1, -1))
 
 
 def test_folded_route_lets_a_route_without_tokens_see_all_tokens():
@@ -168,7 +178,7 @@ def test_folded_route_lets_a_route_without_tokens_see_all_tokens():
     R[0, :, 0] = torch.tensor([2.0, 1.0, -1.0])  # route 0 owns every token; routes 1 and 2 own none
     _, coarse = r(z, R, return_coarse=True)
     assert (coarse.argmax(1) == 0).all()
-    got = r.route_logits(z, r.prepare(R))
+    got = route_logits(r, z, fold_router(r, R))
     want, _ = slow_router(r, z, R)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     # with the empty routes' rows fully masked instead, the routes' refined features would differ

@@ -13,8 +13,8 @@ from PIL import Image
 from anystory import train as T
 from anystory.adapter import KIND_IPADAPTER_PLUS, KIND_NATIVE
 from anystory.layers import LayerLayout
+from anystory.paper.router import one_hot_maps, routing_loss, soft_maps
 from anystory.prepare import prepare_subject
-from anystory.router import one_hot_maps, routing_loss, soft_maps
 from anystory.synthetic import random_adapter
 
 

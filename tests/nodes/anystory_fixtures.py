@@ -80,6 +80,7 @@ class FakeClipVision:
 
     def __init__(self, width: int = CLIP_H, seed: int = 0):
         import torch
+
         import comfy.model_patcher
 
         g = torch.Generator().manual_seed(seed)
@@ -92,6 +93,7 @@ class FakeClipVision:
 
     def encode_image(self, image, crop=True):
         import torch
+
         import comfy.clip_vision
 
         self.seen.append(image.detach().clone())
@@ -128,6 +130,7 @@ def make_anystory(layout, kind: str = "anystory-sdxl", seed: int = 0, name: Opti
     in a ModelPatcher as AnyStoryModelLoader does. ``meta_device``: weights on the meta device (for
     refusal tests of layouts too big to materialise; no patcher then)."""
     import torch
+
     import comfy.model_patcher
 
     synthetic = pack_mod("anystory.synthetic")
@@ -137,7 +140,7 @@ def make_anystory(layout, kind: str = "anystory-sdxl", seed: int = 0, name: Opti
     if meta_device:
         with torch.device("meta"):
             adapter_mod = pack_mod("anystory.adapter")
-            encoder = pack_mod("anystory.encoder")
+            encoder = pack_mod("anystory.paper.encoder")
             subject = encoder.Resampler(dim=64, depth=1, heads=1, num_queries=TINY_TOKENS, embedding_dim=clip_dim)
             ad = adapter_mod.AnyStoryAdapter(subject, {s.ckpt_index: s.dim for s in layout}, kind=kind)
         return types_.AnyStoryModel(name or f"meta-{kind}", ad, None)
@@ -247,7 +250,7 @@ def env(harness, pack, temp_dir):
 # looking inside a patched MODEL
 # ------------------------------------------------------------------------------------------------
 def owner_of(patched):
-    """The ComfyRoutedPatch that AnyStoryApply installed on ``patched`` (found through its router patch)."""
+    """The SamplingDriver that AnyStoryApply installed on ``patched`` (found through its router patch)."""
     patches = patched.model_options.get("transformer_options", {}).get("patches", {})
     owners = [p.owner for p in patches.get("attn2_patch", []) if type(p).__name__ == "RouterPatch"]
     assert len(owners) == 1, f"expected one AnyStory router patch, found {len(owners)}"

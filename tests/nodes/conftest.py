@@ -51,8 +51,8 @@ def _load_harness():
 
 H = _load_harness()
 _AVAILABLE, _WHY = H.comfy_available()
-_SKIP_REASON = (f"{_WHY}: set COMFYUI_PATH (see ../shared/docs/TESTING.md) — ComfyUI tests skipped"
-                if not _AVAILABLE else "")
+_SKIP_REASON = (f"{_WHY}: set COMFYUI_PATH to a ComfyUI checkout (docs/DEVELOPMENT.md says how) — ComfyUI "
+                "tests skipped" if not _AVAILABLE else "")
 _SKIPPED_HERE = []
 
 

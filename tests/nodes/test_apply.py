@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from comfy_harness import load_module  # registered by tests/nodes/conftest.py
-
-
-
 
 F = load_module("anystory_fixtures", Path(__file__).with_name("anystory_fixtures.py"))
 env = F.env  # module-scoped fixture (tiny model, adapter, two encoded subjects)
@@ -380,7 +376,7 @@ def test_learned_router_and_mixed_modes(env):
     decide where it covers (subject 1's left half) and the router elsewhere (subject 2's mask is black)."""
     import torch
 
-    src_mod = F.pack_mod("anystory.patch")
+    src_mod = F.pack_mod("anystory.routing")
     patched, routing = env.apply(router_mode="router", region_masks=None)
     out = env.sample(patched, _lat(), steps=2, seed=3)
     assert torch.isfinite(out).all() and routing.mode == "router"
@@ -418,6 +414,7 @@ class FakeIPAdapterAttn2:
 
     def __call__(self, q, k, v, extra_options):
         import torch
+
         import comfy.ldm.modules.attention as A
         FakeIPAdapterAttn2.calls[self.tag] += 1
         out = A.optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
@@ -657,7 +654,7 @@ def test_adapter_stays_out_of_sampling_without_the_learned_router(env, comfy):
     patched, _ = env.apply(eta=1.0, gamma=0.0)
     owner = F.owner_of(patched)
     assert patched.get_additional_models_with_key(owner.state_key) == []
-    assert set(owner.runtime._static_route_kv) == {s.key for s in env.layout}
+    assert set(owner.runtime.kv._static_route_kv) == {s.key for s in env.layout}
     out = env.sample(patched, _lat())
     assert not torch.equal(out, env.sample(env.model, _lat()))
 
@@ -689,12 +686,12 @@ def test_adapter_is_an_additional_model_of_the_patched_model(env, comfy):
 def test_sampling_releases_the_encoders_graphs(env):
     """The encoders' CUDA graphs (kept between the subjects of a prompt) are dropped when a sampling run
     with AnyStory starts: they add nothing to sampling's VRAM."""
-    refnet = F.pack_mod("nodes.refnet")
-    refnet.ENCODER_GRAPHS._entries["stand-in"] = ["a graph and its pool"]
+    state = F.pack_mod("nodes.state")
+    state.ENCODER_GRAPHS._entries["stand-in"] = ["a graph and its pool"]
     patched, _ = env.apply(eta=1.0, gamma=1.0)
-    assert "stand-in" in refnet.ENCODER_GRAPHS._entries  # applying alone keeps them (more subjects may follow)
+    assert "stand-in" in state.ENCODER_GRAPHS._entries  # applying alone keeps them (more subjects may follow)
     env.sample(patched, _lat(), steps=1, sampler="euler", scheduler="normal", seed=1)
-    assert "stand-in" not in refnet.ENCODER_GRAPHS._entries
+    assert "stand-in" not in state.ENCODER_GRAPHS._entries
 
 
 def test_recorder_buffer_is_made_before_the_second_steps_call(env, monkeypatch):
@@ -703,7 +700,7 @@ def test_recorder_buffer_is_made_before_the_second_steps_call(env, monkeypatch):
     after the first step; the recorded maps still cover every step."""
     patched, routing = env.apply(eta=1.0, gamma=1.0)
     events = []
-    pv = F.pack_mod("anystory.preview")
+    pv = F.pack_mod("anystory.fast.slab")
     orig_reserve, orig_keep = pv.StepSlab.reserve, pv.StepSlab.keep
 
     def reserve(self, step):

@@ -12,11 +12,7 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import load_module  # registered by tests/nodes/conftest.py
-
-
-
 
 F = load_module("anystory_fixtures", Path(__file__).with_name("anystory_fixtures.py"))
 temp_dir = F.temp_dir
@@ -299,12 +295,14 @@ def test_reference_pass_through_a_cuda_graph_gives_the_eager_features(env):
     """The ReferenceNet pass replayed from its CUDA graph (kept across encodes) gives capture_features'
     eager output for every new subject, and is captured anew when the weights move."""
     import copy
+
     import torch
     refnet = F.pack_mod("nodes.refnet")
-    graphs = F.pack_mod("anystory.graphs").ForwardGraphs(enabled=True, min_vram_gb=0)
+    graphs = F.pack_mod("anystory.fast.graphs").ForwardGraphs(enabled=True, min_vram_gb=0)
     unet = copy.deepcopy(env.model.model.diffusion_model).cuda()
-    orig = refnet.ENCODER_GRAPHS
-    refnet.ENCODER_GRAPHS = graphs
+    state = F.pack_mod("nodes.state")
+    orig = state.ENCODER_GRAPHS
+    state.ENCODER_GRAPHS = graphs
     try:
         with torch.inference_mode():
             for i in range(4):
@@ -323,7 +321,7 @@ def test_reference_pass_through_a_cuda_graph_gives_the_eager_features(env):
                 torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)
             assert graphs.stats["capture"] == 2
     finally:
-        refnet.ENCODER_GRAPHS = orig
+        state.ENCODER_GRAPHS = orig
 
 
 @needs_cuda
@@ -331,14 +329,16 @@ def test_clip_vision_through_a_cuda_graph_gives_encode_image(comfy, monkeypatch)
     """ComfyUI's CLIP vision model (a small config of the real class) through the graphed path equals its
     own encode_image, subject after subject."""
     import json
+
     import torch
+
     import comfy.clip_model
     import comfy.clip_vision
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.ops
-    enc = F.pack_mod("nodes.encode")
-    refnet = F.pack_mod("nodes.refnet")
+    enc = F.pack_mod("nodes.clip")
+    state = F.pack_mod("nodes.state")
     cfg = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json").read_text())
     cfg.update(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4, projection_dim=32)
 
@@ -360,7 +360,7 @@ def test_clip_vision_through_a_cuda_graph_gives_encode_image(comfy, monkeypatch)
         for p in cv.model.parameters():
             p.normal_(0, 0.05)
     monkeypatch.setattr(mm, "load_model_gpu", lambda patcher: None)
-    monkeypatch.setattr(refnet, "ENCODER_GRAPHS", F.pack_mod("anystory.graphs").ForwardGraphs(enabled=True, min_vram_gb=0))
+    monkeypatch.setattr(state, "ENCODER_GRAPHS", F.pack_mod("anystory.fast.graphs").ForwardGraphs(enabled=True, min_vram_gb=0))
     with torch.inference_mode():
         for i in range(4):
             img = torch.rand(1, 224, 224, 3, generator=torch.Generator().manual_seed(i))
@@ -371,7 +371,7 @@ def test_clip_vision_through_a_cuda_graph_gives_encode_image(comfy, monkeypatch)
             px = comfy.clip_vision.clip_preprocess(img.cuda(), crop=False).half()
             torch.testing.assert_close(got, cv.model(pixel_values=px, intermediate_output=-2)[1].float(),
                                        atol=1e-3, rtol=1e-3)  # graph vs eager kernels
-        assert refnet.ENCODER_GRAPHS.stats == {"eager": 1, "capture": 1, "replay": 2}
+        assert state.ENCODER_GRAPHS.stats == {"eager": 1, "capture": 1, "replay": 2}
         monkeypatch.setenv("ANYSTORY_CLIP_FP32", "1")
         got = enc.clip_features(cv, img)  # fp32 compute, as encode_image (another input dtype: captured anew)
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)

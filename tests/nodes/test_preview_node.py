@@ -7,11 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import load_module  # registered by tests/nodes/conftest.py
-
-
-
 
 F = load_module("anystory_fixtures", Path(__file__).with_name("anystory_fixtures.py"))
 env = F.env

@@ -24,7 +24,6 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import load_module as _load  # registered by tests/nodes/conftest.py
 
 HERE = Path(__file__).resolve().parent
@@ -71,6 +70,7 @@ def write_bad_files(base: Path, files: dict) -> dict:
     import numpy as np
     import torch
     from PIL import Image, ImageDraw
+
     import anystory.synthetic as syn
 
     models = base / "models"
@@ -155,6 +155,7 @@ def write_bad_files(base: Path, files: dict) -> dict:
 def sd15_unet_state_dict() -> dict:
     """Zeros with the key names and shapes of a small SD1.5 UNet (one level of 320 channels, context 768)."""
     import torch
+
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -805,7 +806,7 @@ def test_fp16_overflow_is_a_clear_error_and_leaves_nothing(harness, pack, temp_d
     with pytest.raises(F.pack_mod("nodes.types").AnyStoryError) as e:
         env16.sample(patched, lat, steps=2)
     assert "NaN or infinite" in str(e.value) and "--force-fp32" in str(e.value)
-    assert F.owner_of(patched).runtime._run == {}
+    assert F.owner_of(patched).runtime.run is None
     ok = env16.sample(env16.apply()[0], lat, steps=2)
     assert torch.isfinite(ok).all()
 
@@ -813,6 +814,7 @@ def test_fp16_overflow_is_a_clear_error_and_leaves_nothing(harness, pack, temp_d
 def test_flux_class_model_is_refused_in_process(env, comfy, pack):
     """The Flux MODEL class itself (tiny config, ComfyUI's model_base.Flux) — as the server test, without a file."""
     import torch
+
     import comfy.supported_models as sm
     cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
            "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
@@ -829,6 +831,7 @@ def test_interrupted_sampling_leaves_no_state(env, comfy):
     """In-process: an interrupt raised from the sampler callback mid-run empties the per-run caches and ends the
     recorder's run; the same patched MODEL then samples exactly like a fresh one."""
     import torch
+
     import comfy.model_management as mm
     patched, routing = env.apply()
     owner = F.owner_of(patched)
@@ -836,7 +839,7 @@ def test_interrupted_sampling_leaves_no_state(env, comfy):
     fresh = env.sample(env.apply()[0], lat, steps=4, seed=2)
 
     def cb(step, x0, x, total):
-        assert owner.runtime._run, "the run caches should be live during sampling"
+        assert owner.runtime.run is not None, "the run caches should be live during sampling"
         if step == 1:
             raise mm.InterruptProcessingException()
 
@@ -845,7 +848,7 @@ def test_interrupted_sampling_leaves_no_state(env, comfy):
     with pytest.raises(mm.InterruptProcessingException):
         comfy.sample.sample(patched, noise, 4, 5.0, "euler", "normal", env.pos, env.neg, latent, callback=cb,
                             disable_pbar=True, seed=2)
-    assert owner.runtime._run == {} and owner._run_hw is None
+    assert owner.runtime.run is None and owner._run_hw is None
     assert torch.equal(env.sample(patched, lat, steps=4, seed=2), fresh)
 
 
@@ -876,6 +879,7 @@ def test_pack_reads_files_only_safely_and_uses_no_network_module():
 def test_no_outgoing_connection_during_a_whole_run(env, pack, monkeypatch):
     """Encode + apply + sample with every non-loopback connection failing."""
     import socket
+
     import torch
     tried = []
     real = socket.socket.connect
@@ -919,7 +923,9 @@ def test_no_tensors_or_patches_accumulate_over_many_runs(env):
     one interrupted) leave the number of live tensors and of AnyStory objects unchanged."""
     import gc
     import warnings
+
     import torch
+
     import comfy.model_management as mm
 
     def ours(o):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import load_module as _load  # registered by tests/nodes/conftest.py
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import load_module as _load  # registered by tests/nodes/conftest.py
 
 HERE = Path(__file__).resolve().parent
@@ -227,6 +226,7 @@ def test_lora_before_and_after_anystory_uses_the_patched_weights(env, harness):
 # ------------------------------------------------------------------------------------------------
 def _stub_control(value):
     import torch
+
     import comfy.controlnet
 
     class StubControl(comfy.controlnet.ControlBase):

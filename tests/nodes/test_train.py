@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import load_module as _load  # registered by tests/nodes/conftest.py
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +60,7 @@ class ColourClip(F.FakeClipVision):
 
     def encode_image(self, image, crop=True):
         import torch
+
         import comfy.clip_vision
 
         x = image[..., :3].float()

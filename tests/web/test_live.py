@@ -14,7 +14,6 @@ import types
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import load_module  # registered by tests/nodes/conftest.py
 
 NODES_DIR = Path(__file__).resolve().parents[1] / "nodes"

@@ -1,76 +1,22 @@
-"""Attention primitives shared by the router, eq. 5 and eq. 6-8.
+"""Grouped attention without a bias tensor: the routing masks of eq. 5 and eq. 6-8 carried in extra
+head dimensions, so the routed attentions keep torch's fused kernels (no ``attn_mask``).
 
-Tensors follow ComfyUI's attention convention: q, k, v are ``[B, L, heads·dim_head]``. An additive
-``bias`` is broadcast to ``[B, heads, Lq, Lk]`` (``[B, 1, Lq, Lk]`` is the usual shape) and must be a
-float tensor in q's dtype; excluded positions use the finite :data:`NEG` rather than −∞, so rows never
-turn into NaN and fp16 stays exact (exp(−1e4) underflows to 0 in every float format).
+Routed attention (eq. 5 with one-hot maps, eq. 6-8) has a bias of a special form: key j belongs to a
+group g(j) (a route, a subject's references) or is shared (g = −1); query u belongs to one group r(u)
+(or none). bias[u, j] = 0 for shared keys, offset[g] if r(u) = g(j), −∞ otherwise. Such a bias is an
+inner product of small vectors, so it can ride along in E extra head dimensions of q and k:
 
-Every function that attends takes an ``attn_fn(q, k, v, heads, mask=None)`` so ComfyUI's backends can
-be passed in; :func:`sdpa` is the default and honours ``mask`` on every device.
+    q_e(u) = [1, one-hot(r(u)), 1, 0…],  k_e(j) = [−M, M·one-hot(g(j)), offset_g/scale, 0…]  (shared: 0)
+    scale·(q_e·k_e) = −M·scale + M·scale·[r(u)=g(j)] + offset = offset or −M·scale  (M·scale = 512: exp → 0)
+
+The paper forms (anystory.paper.injection / .reference) build the same bias densely; the tests hold
+these functions to them.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-
-NEG = -1.0e4  # "−∞" of every bias: exp(NEG - max) == 0 in fp16, bf16 and fp32
-
-AttnFn = Callable[..., torch.Tensor]
-
-
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, L, H·D] → [B, H, L, D]"""
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, L, D] → [B, L, H·D]"""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-         mask: Optional[torch.Tensor] = None, scale: Optional[float] = None, **_) -> torch.Tensor:
-    """softmax(Q Kᵀ/√d + mask) V through torch's scaled_dot_product_attention; [B, L, H·D] in and out."""
-    if mask is not None:
-        if mask.ndim == 2:
-            mask = mask[None, None]
-        elif mask.ndim == 3:
-            mask = mask[:, None]
-        mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
-                                         attn_mask=mask, scale=scale)
-    return merge_heads(out)
-
-
-def attention_reference(q, k, v, heads, mask=None, scale=None):
-    """The plain, slow formula in fp32 (for tests and as the definition every fast path must meet)."""
-    dtype = q.dtype
-    q, k, v = (split_heads(t.float(), heads) for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = q @ k.transpose(-1, -2) * scale
-    if mask is not None:
-        if mask.ndim == 2:
-            mask = mask[None, None]
-        elif mask.ndim == 3:
-            mask = mask[:, None]
-        logits = logits + mask.float()
-    return merge_heads(logits.softmax(-1) @ v).to(dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# Grouped attention without a bias tensor
-# ------------------------------------------------------------------------------------------------
-# Routed attention (eq. 5 with one-hot maps, eq. 6-8) has a bias of a special form: key j belongs to a
-# group g(j) (a route, a subject's references) or is shared (g = −1); query u belongs to one group
-# r(u) (or none). bias[u, j] = 0 for shared keys, offset[g] if r(u) = g(j), −∞ otherwise. Such a bias is
-# an inner product of small vectors, so it can ride along in E extra head dimensions of q and k:
-#   q_e(u) = [1, one-hot(r(u)), 1, 0…],  k_e(j) = [−M, M·one-hot(g(j)), offset_g/scale, 0…]  (shared: 0)
-# scale·(q_e·k_e) = −M·scale + M·scale·[r(u)=g(j)] + offset = offset or −M·scale (M·scale = 512: exp → 0).
-# No [B, L, Lk] tensor is built and the attention keeps the flash kernels (no attn_mask).
 
 GROUP_BIG = 512.0  # exp(−512) = 0 in every float format; small enough to keep fp32 logits exact to ~1e-4
 

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Callable, Optional
 
 import torch
 
-from .attention import autograd_records
+from .grouped import autograd_records
 
 log = logging.getLogger("anystory")
 
@@ -190,7 +191,7 @@ def _module_is_static(owner: torch.nn.Module, device: torch.device) -> Optional[
     weights."""
     ptrs = []
     add = ptrs.append
-    for mod in owner.modules():  # one pass, ≈ 1-2 ms of host time for the 1 680 tensors of an SDXL UNet
+    for mod in owner.modules():  # one pass over the module tree (the only host cost of the check)
         # (the instance's and its class's dicts: a getattr that misses costs nn.Module an exception)
         if mod.__dict__.get("weight_function") or mod.__dict__.get("bias_function") \
                 or getattr(type(mod), "weight_function", None) or getattr(type(mod), "bias_function", None):
@@ -208,10 +209,10 @@ class ForwardGraphs:
     """CUDA graphs of whole encoder forwards (the ReferenceNet pass, CLIP vision), kept across encodes.
 
     Subject encoding runs a UNet and a ViT on one image at a fixed size (every subject is cropped to 512²
-    and 224²): thousands of small launches, so the host sets the pace (≈ 55 ms for the ReferenceNet pass
-    whose GPU work takes ≈ 12 ms on an H200). A forward ``fn(*inputs)`` runs eagerly the first time a
-    ``key`` is seen, is captured the second time (on a side stream, into a private memory pool) and is
-    replayed after that, its inputs copied into the graph's own input buffers.
+    and 224²): thousands of small launches, so the host sets the pace (several times the GPU work of the
+    ReferenceNet pass; bench/README.md has the measurements). A forward ``fn(*inputs)`` runs eagerly the
+    first time a ``key`` is seen, is captured the second time (on a side stream, into a private memory
+    pool) and is replayed after that, its inputs copied into the graph's own input buffers.
 
     - The graph bakes in the addresses of ``owner``'s weights. It is replayed only while every parameter
       and buffer of ``owner`` lies where it lay at capture, on the inputs' device, with no weight computed
@@ -261,7 +262,6 @@ class ForwardGraphs:
 
     def run(self, key, fn: Callable, inputs: tuple, owner: torch.nn.Module):
         """fn(*inputs) (any nest of tensors and plain values) through the key's graph, or eagerly."""
-        import weakref
         if key in self._failed or not self._usable(inputs):
             self.stats["eager"] += 1
             return fn(*inputs)

@@ -1,0 +1,36 @@
+"""The model-family seam of the nodes: which family (SDXL; FLUX.1 when its package is present) an
+ANYSTORY value and a ComfyUI MODEL belong to. Each family provides ``owns(anystory)``,
+``owns_model(model)``, ``check_model(model, anystory)``, ``encode(...)`` and ``apply(...)``; the node
+classes call these and never branch on the family themselves."""
+from __future__ import annotations
+
+from .sdxl import SDXL
+from .types import AnyStoryError, AnyStoryModel
+
+FAMILIES = [SDXL]
+
+
+def register(family) -> None:
+    """Add a model family (e.g. FLUX.1) after the built-in ones."""
+    if all(f.name != family.name for f in FAMILIES):
+        FAMILIES.append(family)
+
+
+def family_of(anystory: AnyStoryModel):
+    for fam in FAMILIES:
+        if fam.owns(anystory):
+            return fam
+    raise AnyStoryError(f"{anystory.name} is not an AnyStory model this version of the pack can run")
+
+
+def family_for(anystory: AnyStoryModel, model=None):
+    """The family of ``anystory``; with ``model``, also checks that the MODEL is of the same family (a
+    clear error naming both when it is not)."""
+    fam = family_of(anystory)
+    if model is not None and not fam.owns_model(model):
+        other = next((f for f in FAMILIES if f.owns_model(model)), None)
+        if other is not None:  # a model of a family the pack knows: name both
+            raise AnyStoryError(f"{anystory.name} is an AnyStory {fam.name} model, but the connected MODEL is "
+                                f"{other.name}: load a {fam.name} checkpoint, or pick the AnyStory {other.name} "
+                                "file in AnyStoryModelLoader.")
+    return fam  # the family's own check_model says what else is wrong with the MODEL
