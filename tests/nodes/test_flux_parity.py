@@ -94,3 +94,67 @@ def test_parity_with_authors(mods, flux_model, weights, name):
             assert not maps, f"{name} step {step}: routing maps where the authors have none"
     print(f"\n{name}: max |Δ| noise {worst['noise']:.2e}, blocks {worst['blocks']:.2e}, "
           f"{worst['maps']} routing maps identical")
+
+
+# ------------------------------------------------------------------------------------------------
+# the comparison above detects a wrong piece (each fault below must be caught by a wide margin)
+# ------------------------------------------------------------------------------------------------
+def _errors(mods, model, weights, name, **over):
+    """(max |Δ| of the noise predictions over the steps, number of routing maps that differ)."""
+    worst, bad_maps = 0.0, 0
+    for step, golden, v, _, maps in replay(mods, model, weights, name, **over):
+        worst = max(worst, (v - golden[f"step{step}.noise_pred"]).abs().max().item())
+        for key, val in golden.items():
+            if key.startswith(f"step{step}.") and key.endswith(".routing"):
+                part = key.split(".")[1]
+                got = maps.get(("double" if part.startswith("double") else "single", int(part[6])))
+                bad_maps += int(got is None or not torch.equal(got.float(), val))
+    return worst, bad_maps
+
+
+def test_fault_ref_lora_on_image_stream_is_detected(mods, flux_model, weights, comfy):
+    """The ref LoRA loaded as an ordinary ComfyUI LoRA (so it also changes the image/text streams)."""
+    import comfy.sd
+    raw = torch.load(str(ff.GOLDEN / "anystory_flux_tiny.bin"), weights_only=True, map_location="cpu")
+    lora_sd = {k: v for k, v in raw["ref"].items() if ".ff.net.0.proj." not in k}
+    with_lora, _ = comfy.sd.load_lora_for_models(flux_model, None, lora_sd, 1.0, 0)
+    comfy.model_management.load_models_gpu([with_lora])
+    try:
+        err, _ = _errors(mods, with_lora, weights, "case_2s_router1_cache0")
+    finally:
+        comfy.model_management.unload_all_models()
+    assert err > 100 * ATOL, f"ref LoRA on the image stream went unnoticed (max |Δ| {err:.2e})"
+
+
+def test_fault_routing_mask_dropped_is_detected(mods, flux_model, weights, monkeypatch):
+    blocks = mods["patch"].double_block_forward.__globals__
+    real = blocks["attention_bias"]
+    monkeypatch.setitem(blocks, "attention_bias",
+                        lambda layout, b, dt, dev, ref_mask=None, ref_shift=0.0, rmap=None:
+                        real(layout, b, dt, dev, ref_mask, ref_shift, None))
+    err, bad_maps = _errors(mods, flux_model, weights, "case_2s_router1_cache0")
+    assert err > 100 * ATOL, f"dropping the routing mask went unnoticed (max |Δ| {err:.2e})"
+
+
+def test_fault_wrong_position_delta_is_detected(mods, flux_model, weights):
+    err, _ = _errors(mods, flux_model, weights, "case_1s_router0_cache0", position_delta=(0, 0))
+    assert err > 100 * ATOL, f"a wrong reference position_delta went unnoticed (max |Δ| {err:.2e})"
+
+
+def test_fault_router_lora_missing_changes_maps(mods, flux_model, weights):
+    import dataclasses
+    no_router = dataclasses.replace(weights, router_lora={})
+    err, bad_maps = _errors(mods, flux_model, no_router, "case_2s_router1_cache0")
+    assert err > 100 * ATOL and bad_maps > 0, (err, bad_maps)
+
+
+def test_input_model_unchanged_and_inactive_steps_plain(mods, flux_model, weights):
+    """The input MODEL keeps no patch; a step outside every window is plain FLUX."""
+    assert "patches_replace" not in flux_model.model_options.get("transformer_options", {})
+    golden, meta = ff.case("case_2s_router1_cache0")
+    inp = ff.inputs()
+    x = ff.step_latents(inp, golden, STEPS)[3]
+    sigma = (inp["timesteps"][3] / 1000).reshape(1)
+    args = (ff.unpack(x, 16, 16), sigma, inp["prompt_embeds"], inp["pooled"], torch.tensor([3.5]), inp["sigmas"])
+    plain = ff.pack(ff.call_model(flux_model, *args))
+    _close(plain, golden["step3.noise_pred"], "plain FLUX at step 3")
