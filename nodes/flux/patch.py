@@ -179,7 +179,7 @@ class FluxAnyStoryPatch:
         to[STATE_KEY] = st
         to[MODEL_KEY] = dm
         out = executor(x, timestep, context, y, guidance, ref_latents, control, to, **kwargs)
-        if st.maps is not None:
+        if st.maps:
             self.maps[step] = {k: v.detach() for k, v in st.maps.items()}
         return out
 

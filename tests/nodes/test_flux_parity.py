@@ -158,3 +158,53 @@ def test_input_model_unchanged_and_inactive_steps_plain(mods, flux_model, weight
     args = (ff.unpack(x, 16, 16), sigma, inp["prompt_embeds"], inp["pooled"], torch.tensor([3.5]), inp["sigmas"])
     plain = ff.pack(ff.call_model(flux_model, *args))
     _close(plain, golden["step3.noise_pred"], "plain FLUX at step 3")
+
+
+# ------------------------------------------------------------------------------------------------
+# a ComfyUI sampler run (comfy.sample.sample_custom, euler on the authors' sigmas, cfg 1, FLUX guidance in the cond)
+# ------------------------------------------------------------------------------------------------
+def _sample(comfy, model, inp, meta):
+    import comfy.sample
+    import comfy.samplers
+    cond = [[inp["prompt_embeds"], {"pooled_output": inp["pooled"], "guidance": meta["guidance_scale"]}]]
+    noise = ff.unpack(inp["latents_packed"], 16, 16)
+    out = comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.sampler_object("euler"), inp["sigmas"],
+                                     cond, cond, torch.zeros_like(noise), disable_pbar=True, seed=0)
+    lf = model.model.latent_format
+    return ff.pack((out - lf.shift_factor) * lf.scale_factor)
+
+
+@pytest.mark.parametrize("name", ["case_2s_router1_cache1", "case_1s_router0_cache0"])
+def test_sampler_run_matches_authors_final_latent(mods, flux_model, weights, comfy, name):
+    golden, meta = ff.case(name)
+    inp = ff.inputs()
+    subs = ff.subjects(mods["subject"].FluxSubject, meta["subjects"], inp, with_router=meta["router"])
+    patched, patch = mods["patch"].apply_anystory_flux(flux_model, weights, subs, ff.settings(
+        mods["patch"].FluxSettings, meta))
+    got = _sample(comfy, patched, inp, meta)
+    want = golden["final_latents_packed"]
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, f"{name}: sampled latent max |Δ| {err:.2e}"
+    assert sorted(patch.maps) == ([0, 1, 2] if meta["router"] else [])
+    assert patch._ref_cache == []  # the reference cache lives for one run
+    plain = _sample(comfy, flux_model, inp, meta)
+    assert (plain - want).abs().max().item() > 100 * err + 1e-3  # AnyStory did change the result
+
+
+def test_bf16_model_runs_close_to_fp32(mods, weights, comfy):
+    """bf16 weights (ComfyUI casts per call): the patch runs in bf16 and stays near the fp32 result."""
+    model16 = ff.tiny_flux(comfy, dtype=torch.bfloat16)
+    golden, meta = ff.case("case_2s_router1_cache0")
+    inp = ff.inputs()
+    subs = ff.subjects(mods["subject"].FluxSubject, 2, inp)
+    patched, _ = mods["patch"].apply_anystory_flux(model16, weights, subs, ff.settings(mods["patch"].FluxSettings,
+                                                                                        meta))
+    x = ff.step_latents(inp, golden, STEPS)[1]
+    sigma = (inp["timesteps"][1] / 1000).reshape(1)
+    v = ff.call_model(patched, ff.unpack(x, 16, 16).bfloat16(), sigma, inp["prompt_embeds"].bfloat16(),
+                      inp["pooled"].bfloat16(), torch.tensor([3.5]), inp["sigmas"])
+    assert v.dtype == torch.bfloat16 and torch.isfinite(v).all()
+    ref = golden["step1.noise_pred"]
+    rel = ((ff.pack(v.float()) - ref).norm() / ref.norm()).item()
+    assert rel < 0.05, f"bf16 relative error {rel:.3f}"
+    assert next(model16.model.diffusion_model.parameters()).dtype == torch.bfloat16
