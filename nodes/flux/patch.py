@@ -56,7 +56,7 @@ class FluxSettings:
     ref_start_at: float = 0.0
     ref_end_at: float = 1.0
     enable_ref_cache: bool = True
-    enable_router: bool = True
+    enable_router: bool = False  # AnyStoryFluxPipeline.generate's default; switch on for 2+ subjects
     record_maps: bool = False
 
 
