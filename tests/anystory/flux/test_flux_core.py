@@ -1,0 +1,177 @@
+"""AnyStory FLUX core (no ComfyUI): the file reader and its conversion, the LoRA semantics, the subject encoders
+against the authors' outputs (goldens), the routing map and attention bias against the authors' formulas."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from anystory.flux import checkpoint as ckpt
+from anystory.flux.encoder import SubjectEncoder, siglip_token_mask
+from anystory.flux.lora import REF_SITES, ROUTER_SITES, LoraWeight, StreamLoRA, lora_targets, parse_peft_lora, peft_alpha
+from anystory.flux.routing import TokenLayout, attention_bias, routing_map
+
+REPO = Path(__file__).resolve().parents[3]
+GOLDEN = REPO / "tests" / "goldens" / "flux"
+BIN = GOLDEN / "anystory_flux_tiny.bin"
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return ckpt.load_flux_checkpoint(str(BIN))
+
+
+# --- the file ------------------------------------------------------------------------------------
+def test_reads_the_released_layout(weights):
+    assert (weights.depth, weights.depth_single) == (2, 2)
+    assert len(weights.ref_lora) == 1 + 2 * 7 + 2 * 6 and len(weights.router_lora) == 1 + 2 * 6 + 2 * 6
+    assert set(weights.routing) == {("double", 0), ("double", 1), ("single", 0), ("single", 1)}
+    w = weights.ref_lora["transformer_blocks.0.attn.to_q"]
+    assert w.rank == 4 and w.scale == 0.5 and w.bias is None          # α = 2 from the .alpha keys
+    r = weights.router_lora["transformer_blocks.1.attn.add_k_proj"]
+    assert r.scale == 1.0 and r.bias is not None                       # no α keys: α = rank → 1
+    q = weights.routing[("single", 1)]["q"]
+    assert q.rank == 128 and q.bias is not None and q.scale == 1.0
+    assert "gate_proj.weight" in weights.redux and "redux_up_lora_A.weight" in weights.router_embedder
+    assert "AnyStory FLUX" in weights.describe()
+
+
+def test_safetensors_conversion_round_trip(tmp_path, weights):
+    out = tmp_path / "anystory_flux.safetensors"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_anystory_flux.py"), str(BIN), str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "anystory-flux" and json.loads(meta["alpha.ref"]) == 2.0
+    back = ckpt.load_flux_checkpoint(str(out))
+    assert back.alphas == weights.alphas
+    for name, w in weights.ref_lora.items():
+        b = back.ref_lora[name]
+        assert torch.equal(b.down, w.down) and torch.equal(b.up, w.up) and b.scale == w.scale
+    assert all(torch.equal(back.redux[k], v) for k, v in weights.redux.items())
+
+
+def _raises(path, *needles):
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_flux_checkpoint(str(path))
+    msg = str(e.value)
+    for n in ("Found:", "Expected:", "Fix:") + needles:
+        assert n in msg, msg
+    return msg
+
+
+def test_refuses_other_files_naming_what_was_found(tmp_path):
+    flat = tmp_path / "ip-adapter.safetensors"
+    save_file({"image_proj.latents": torch.zeros(1, 16, 8)}, str(flat))
+    _raises(flat, "format=None", "image_proj.latents")
+    sdxl = tmp_path / "anystory_sdxl.bin"
+    torch.save({"image_proj": {"a": torch.zeros(1)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(1)}}, sdxl)
+    _raises(sdxl, "image_proj")
+    code = tmp_path / "evil.bin"
+    with open(code, "wb") as f:
+        pickle.dump({"ref": print}, f)
+    _raises(code, "weights_only")
+    _raises(tmp_path / "x.gguf", "no such file")
+    raw = torch.load(str(BIN), weights_only=True)
+    del raw["router"]["router_embedder.gate_proj.weight"]
+    raw["ref"]["transformer.x_embedder.lora_magnitude_vector"] = torch.zeros(4)
+    bad = tmp_path / "damaged.bin"
+    torch.save(raw, bad)
+    msg = _raises(bad, "DoRA", "router_embedder: missing ['gate_proj.weight']")
+    assert "damaged.bin" in msg
+
+
+# --- LoRA semantics --------------------------------------------------------------------------------
+def test_peft_alpha_follows_the_authors_loader():
+    r4 = {"a.lora_A.weight": torch.zeros(4, 3), "a.lora_B.weight": torch.zeros(5, 4),
+          "b.lora_A.weight": torch.zeros(8, 3), "b.lora_B.weight": torch.zeros(5, 8)}
+    assert peft_alpha(r4) == 4.0                     # no alphas: the first lora_B's rank
+    loras, problems = parse_peft_lora(r4)
+    assert not problems and loras["a"].scale == 1.0 and loras["b"].scale == 0.5
+    with_alpha = dict(r4, **{"a.alpha": torch.tensor(2.0), "b.alpha": torch.tensor(2.0), "c.alpha": torch.tensor(6.)})
+    assert peft_alpha(with_alpha) == 2.0             # the most common α for every module
+
+
+def test_lora_delta_and_targets_on_fused_weights():
+    g = torch.Generator().manual_seed(0)
+    w = LoraWeight(torch.randn(2, 6, generator=g), torch.randn(6, 2, generator=g), torch.randn(6, generator=g), 0.5)
+    x = torch.randn(3, 6, generator=g)
+    assert torch.allclose(w.delta(x), (x @ w.down.T @ w.up.T + w.bias) * 0.5)
+    key_map = {"transformer.transformer_blocks.0.attn.to_k": ("diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                                                              (0, 6, 6)),
+               "transformer.x_embedder": "diffusion_model.img_in.weight"}
+    placed, ignored = lora_targets({"transformer_blocks.0.attn.to_k": w, "transformer_blocks.0.ff.net.0.proj": w,
+                                    "x_embedder": w}, REF_SITES, 1, 0, key_map)
+    assert ignored == ["transformer_blocks.0.ff.net.0.proj"]      # never enabled by the authors' code
+    base = torch.zeros(3, 18)
+    out = placed.apply("double_blocks.0.img_attn.qkv", x, base)
+    assert torch.equal(out[:, :6], base[:, :6]) and torch.allclose(out[:, 6:12], w.delta(x))
+    assert torch.equal(base, torch.zeros(3, 18))                   # the module output is not changed in place
+    assert "img_in" in placed and len(placed) == 2
+    assert set(ROUTER_SITES["double"]).isdisjoint(REF_SITES["double"])
+
+
+# --- subject encoders vs the authors' outputs -----------------------------------------------------------
+def test_subject_and_router_tokens_match_authors(weights):
+    inp = load_file(str(GOLDEN / "inputs.safetensors"))
+    wts = load_file(str(GOLDEN / "weights.safetensors"))
+    base = {k[len("redux."):]: v for k, v in wts.items() if k.startswith("redux.")}
+    redux, router = SubjectEncoder(base, weights.redux, 9), SubjectEncoder(base, weights.router_embedder, 3)
+    for k in (0, 1):
+        f, m = inp[f"subject{k}.siglip"], inp[f"subject{k}.token_mask"]
+        e, r = redux(f, m), router(f, m)
+        assert e.shape == (1, 81, 32) and r.shape == (1, 9, 32)
+        assert torch.allclose(e, inp[f"subject{k}.redux_tokens"], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(r, inp[f"subject{k}.router_tokens"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="lack"):
+        SubjectEncoder({}, weights.redux, 9)
+
+
+def test_token_mask_pools_like_the_authors():
+    mask = torch.zeros(1, 384, 384)
+    mask[:, :20, :20] = 1
+    tm = siglip_token_mask(mask)
+    assert tm.shape == (1, 729, 1) and tm.sum() == 4  # 20 px of 384 touch 2 of 27 cells per side
+
+
+# --- routing ---------------------------------------------------------------------------------------
+def _authors_bias(lay, ref_mask, ref_shift, rmap, heads=2):
+    """The dense [b, heads, q, k] mask of the authors' separable_scaled_dot_product_attention (their formulas)."""
+    b = rmap.shape[0]
+    P, T, E, R = lay.prompt, lay.text, lay.queries, lay.keys
+    m = torch.zeros(b, heads, E, R)
+    m[:, :, :E, E:R] += ref_shift
+    m[:, :, :E, E:R] += (ref_mask.transpose(-1, -2).unsqueeze(1) - 1.0) * 100.0
+    red = rmap.unsqueeze(2).repeat((1, 1, lay.redux // lay.num_conds, 1)).flatten(1, 2)
+    m[:, :, T:E, P:T] += ((red.unsqueeze(1) - 1) * 100.0).transpose(2, 3)
+    ref = rmap.unsqueeze(2).repeat((1, 1, lay.ref // lay.num_conds, 1)).flatten(1, 2)
+    m[:, :, T:E, E:R] += ((ref.unsqueeze(1) - 1) * 100.0).transpose(2, 3)
+    return m
+
+
+def test_attention_bias_equals_the_authors_dense_mask():
+    g = torch.Generator().manual_seed(3)
+    lay = TokenLayout(prompt=5, redux=2 * 4, image=6, ref=2 * 3, num_conds=2)
+    rmap = torch.zeros(1, 2, 6).scatter_(1, torch.randint(0, 2, (1, 1, 6), generator=g), 1.0)
+    ref_mask = (torch.rand(1, 6, 1, generator=g) > 0.3).float()
+    got = attention_bias(lay, 1, torch.float32, "cpu", ref_mask, 0.5, rmap)
+    assert got.shape == (1, 1, lay.queries, lay.keys)
+    assert torch.equal(got.expand(1, 2, -1, -1), _authors_bias(lay, ref_mask, 0.5, rmap))
+    assert attention_bias(lay, 1, torch.float32, "cpu") is None
+
+
+def test_routing_map_is_one_hot_argmax():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, 2 * 9, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
+    m = routing_map(q, k, 2)
+    assert m.shape == (1, 2, 10) and torch.equal(m.sum(1), torch.ones(1, 10))
+    logits = torch.einsum("bnd,bld->bnl", q.view(1, 2, 2, 9, 8).mean((1, 3)), k.mean(1))
+    assert torch.equal(m.argmax(1), logits.argmax(1))
