@@ -1,10 +1,13 @@
 """comfyui-anystory: AnyStory (arXiv 2501.09503) subject personalization as ComfyUI nodes."""
-try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ImportError as e:  # imported outside ComfyUI (e.g. by pytest's rootdir conftest)
-    if "comfy" not in str(e) and "folder_paths" not in str(e):
-        raise
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+if __package__:  # imported as a package: by ComfyUI (custom_nodes/<folder>), or by pytest from the repo root
+    try:
+        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    except ImportError as e:  # imported outside ComfyUI (e.g. by pytest's rootdir conftest)
+        if "comfy" not in str(e) and "folder_paths" not in str(e):
+            raise
+# else: loaded as a plain file (pytest in a checkout whose folder name is no Python identifier, e.g.
+# "comfyui-anystory"): there is no package to import the nodes from, and the tests do not need them here
 
 WEB_DIRECTORY = "./web"
 
