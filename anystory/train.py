@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from .adapter import KIND_NATIVE, AnyStoryAdapter
 from .attention import sdpa
+from .checkpoint.io import atomic_write
 from .encoder import Resampler
 from .injection import routed_cross_attention_sum
 from .layers import LayerLayout, discover_layout
@@ -1079,15 +1080,7 @@ def save_training_state(path, adapter: AnyStoryAdapter, optimizer: torch.optim.O
                 "seed": int(config.seed) if config is not None else 0},
         "extra": dict(extra or {}),
     }
-    p = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
-    tmp = f"{p}.tmp-{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_training_state(path) -> dict:
