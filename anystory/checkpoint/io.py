@@ -12,14 +12,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .diagnosis import CheckpointError, _Source
+from .diagnosis import REDOWNLOAD, CheckpointError, Slot, Source
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".bin", ".pt", ".pth")
 
 
 # ------------------------------------------------------------------------------------------------
-# reading files (safetensors or weights-only torch.load; never arbitrary unpickling)
+# reading (safetensors, or weights-only torch.load: never arbitrary unpickling)
 # ------------------------------------------------------------------------------------------------
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -30,20 +30,19 @@ _ST_DTYPES = {
 }
 
 
-def _safetensors_header(p: str, src: _Source, role: str, expected: str) -> tuple[dict, dict]:
-    """Parse and check the header without reading tensors: (``{key: meta tensor}``, metadata).
+TRUNCATED = "a truncated or corrupted file"
+REDOWNLOAD_PARTIAL = "re-download or re-create the file (a partial download is the usual cause)"
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
-    Detects truncation (the header's data offsets must cover the file exactly) and pickles that were
-    renamed ``.safetensors``."""
-    def corrupt(why: str) -> CheckpointError:
-        return src.fail(role, f"a truncated or corrupted safetensors file ({why})", expected,
-                        "re-download or re-create the file (a partial download is the usual cause)")
 
-    size = os.path.getsize(p)
+def _header_json(p: str, size: int, src: Source, slot: Slot) -> tuple[int, object, bytes]:
+    """(header length n, the parsed header — or None when n does not fit the file, or the decode error —,
+    the first 8 bytes)."""
     with open(p, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise corrupt(f"only {size} bytes, smaller than a safetensors header")
+            raise src.fail(slot, f"{TRUNCATED} (only {size} bytes)", REDOWNLOAD_PARTIAL,
+                           f"{size} bytes, smaller than a safetensors header")
         n = int.from_bytes(head, "little")
         header = None
         if 0 < n <= min(size - 8, 200 * 2 ** 20):
@@ -51,15 +50,27 @@ def _safetensors_header(p: str, src: _Source, role: str, expected: str) -> tuple
                 header = json.loads(f.read(n).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 header = e
+    return n, header, head
+
+
+def safetensors_header(p: str, src: Source, slot: Slot) -> tuple[dict, dict]:
+    """Parse and check the header without reading tensors: (``{key: meta tensor}``, metadata).
+
+    Detects truncation (the header's data offsets must cover the file exactly) and pickles that were
+    renamed ``.safetensors``."""
+    def corrupt(why: str) -> CheckpointError:
+        return src.fail(slot, TRUNCATED, REDOWNLOAD_PARTIAL, f"safetensors: {why}")
+
+    size = os.path.getsize(p)
+    n, header, head = _header_json(p, size, src, slot)
     if not isinstance(header, dict):
-        if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
-            raise src.fail(role, "a PyTorch pickle/zip file with a .safetensors name", expected,
+        if head.startswith(PICKLE_MAGIC):
+            raise src.fail(slot, "a PyTorch pickle/zip file with a .safetensors name",
                            "rename it to .bin (it is then read weights-only) or convert it to safetensors")
         if header is None:
             raise corrupt(f"the header claims {n} bytes but the file has {size}")
         if isinstance(header, Exception):
             raise corrupt(f"unreadable header: {header}")
-    if not isinstance(header, dict):
         raise corrupt("the header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
     shapes, end = {}, 0
@@ -71,12 +82,11 @@ def _safetensors_header(p: str, src: _Source, role: str, expected: str) -> tuple
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise corrupt(f"malformed tensor entry: {e}") from None
     if 8 + n + end != size:
-        got = size - 8 - n
-        raise corrupt(f"the header describes {end} bytes of tensor data, the file holds {got}")
+        raise corrupt(f"the header describes {end} bytes of tensor data, the file holds {size - 8 - n}")
     return shapes, {str(k): str(v) for k, v in meta.items()}
 
 
-def _torch_load(p: str, src: _Source, role: str, expected: str, mmap: bool = False):
+def torch_load(p: str, src: Source, slot: Slot, mmap: bool = False):
     """``torch.load(p, map_location="cpu", weights_only=True)`` — the only way a pickle is ever read."""
     def load(use_mmap: bool):
         kw = {"mmap": True} if use_mmap else {}
@@ -97,25 +107,23 @@ def _torch_load(p: str, src: _Source, role: str, expected: str, mmap: bool = Fal
         why = why.group(1) if why else msg.splitlines()[0] if msg else type(e).__name__
         if re.search(r"Unsupported (global|operand|class)|GLOBAL ", msg):
             obj = re.search(r"GLOBAL (\S+)", msg)
-            detail = f" (it references {obj.group(1)})" if obj else f" ({why[:160]})"
-            raise src.fail(role, "refused: not a weights-only file — it contains pickled Python objects beyond "
-                           f"tensors and dicts{detail}, which could run code, so it was not loaded", expected,
-                           "convert it to safetensors from a trusted source, or download the .safetensors "
-                           "version of the file") from None
-        raise src.fail(role, f"a truncated or corrupted PyTorch file ({why[:200]})", expected,
-                       "re-download or re-create the file") from None
+            ref = f" (it references {obj.group(1)})" if obj else ""
+            raise src.fail(slot, f"a file with pickled Python objects that could run code{ref}, so it was refused "
+                           "unread", "download the .safetensors version of the file, or convert it to safetensors "
+                           "from a trusted source", f"not a weights-only file: {obj.group(0) if obj else why[:200]}"
+                           ) from None
+        raise src.fail(slot, TRUNCATED, REDOWNLOAD, f"PyTorch file: {why[:200]}") from None
     except Exception as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise src.fail(role, f"a truncated or corrupted PyTorch file ({first})", expected,
-                       "re-download or re-create the file (or use its .safetensors version)") from None
+        raise src.fail(slot, TRUNCATED, f"{REDOWNLOAD} (or use its .safetensors version)",
+                       f"PyTorch file: {first}") from None
 
 
-def _flatten(obj, src: _Source, role: str, expected: str) -> dict:
+def flatten(obj, src: Source, slot: Slot) -> dict:
     """Nested dicts of tensors → flat ``{"a.b.c": tensor}``; non-tensor leaves (counters, strings)
     are ignored."""
     if not isinstance(obj, Mapping):
-        raise src.fail(role, f"a file holding a {type(obj).__name__}, not a dict of tensors", expected,
-                       "use a weights file (a dict of tensors)")
+        raise src.fail(slot, f"a file holding a {type(obj).__name__}, not weights", "pick a weights file")
     out: dict = {}
 
     def walk(o, prefix):
@@ -130,37 +138,39 @@ def _flatten(obj, src: _Source, role: str, expected: str) -> dict:
     return out
 
 
-def _read(path, role: str, expected: str, shapes_only: bool = False) -> tuple[dict, dict, _Source]:
+def read_weights(path, slot: Slot, shapes_only: bool = False) -> tuple[dict, dict, Source]:
     """Read a file: (flat ``{key: tensor}``, metadata, source). With ``shapes_only`` the tensors are
     meta tensors (safetensors) or memory-mapped (torch zip files) — nothing large is read."""
     if path is None or (isinstance(path, str) and not path):
-        raise CheckpointError(f"AnyStory: no file given for {role}. Fix: pick a file.")
-    src = _Source.of(path)
+        raise CheckpointError(f"AnyStory: no file was given for {slot.role} — pick a file.", expected=slot.expected)
+    src = Source.of(path)
     p = src.path
     if not os.path.exists(p):
-        raise src.fail(role, "missing: there is no such file", expected,
+        raise src.fail(slot, "not there (no such file)",
                        "check the name, and put the file in ComfyUI/models/anystory (or models/ipadapter)")
     if os.path.isdir(p):
-        raise src.fail(role, "a directory, not a file", expected, "pick the weights file itself")
+        raise src.fail(slot, "a directory, not a file", "pick the weights file itself")
     ext = os.path.splitext(p)[1].lower()
     if ext in SAFETENSORS_EXTENSIONS:
-        shapes, meta = _safetensors_header(p, src, role, expected)
+        shapes, meta = safetensors_header(p, src, slot)
         if shapes_only:
             return shapes, meta, src
         try:
             sd = load_file(p, device="cpu")
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise src.fail(role, f"a truncated or corrupted safetensors file ({e})", expected,
-                           "re-download or re-create the file") from None
+            raise src.fail(slot, TRUNCATED, REDOWNLOAD, f"safetensors: {e}") from None
         return sd, meta, src
     if ext in PICKLE_EXTENSIONS:
-        obj = _torch_load(p, src, role, expected, mmap=shapes_only)
-        return _flatten(obj, src, role, expected), {}, src
-    raise src.fail(role, f"a file with the unsupported extension '{ext or '(none)'}'", expected,
+        obj = torch_load(p, src, slot, mmap=shapes_only)
+        return flatten(obj, src, slot), {}, src
+    raise src.fail(slot, f"a file with the unsupported extension '{ext or '(none)'}'",
                    "use a .safetensors file (or an IP-Adapter .bin/.pt/.pth, read weights-only)")
 
 
-def _prepare_for_save(sd: Mapping) -> dict:
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+def prepare_for_save(sd: Mapping) -> dict:
     """Detached, contiguous CPU tensors that share no storage (safetensors refuses shared tensors)."""
     out, seen = {}, set()
     for k, v in sd.items():
@@ -188,9 +198,9 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
-def _atomic_save(tensors: dict, path, meta: dict, role: str) -> None:
+def save_safetensors(tensors: dict, path, meta: dict, slot: Slot) -> None:
+    """Write ``tensors`` (from :func:`prepare_for_save`) and string metadata as safetensors, atomically."""
     p = os.path.abspath(os.fspath(path))
     if os.path.splitext(p)[1].lower() not in SAFETENSORS_EXTENSIONS:
-        raise _Source.of(p).fail(role, "a target name without the .safetensors extension", "a .safetensors path",
-                                 "name the file *.safetensors")
+        raise Source.of(p).fail(slot, "a target name without the .safetensors extension", "name the file *.safetensors")
     atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta))

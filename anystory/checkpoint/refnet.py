@@ -1,4 +1,13 @@
-"""The ReferenceNet file."""
+"""The ReferenceNet file: identify, load, save, and build one from an SDXL UNet.
+
+The ReferenceNet (paper §3.2) is a copy of the UNet without cross-attention that sees the subject's
+latent plus its mask and gives G_i^l, the hidden states entering self-attention of every layer l, for the
+routed reference attention (eq. 6-8). Its file (``anystory_sdxl_refnet.safetensors``,
+``format=anystory-sdxl-refnet``) holds ``refnet.*`` in ComfyUI/ldm UNet names, without any
+``transformer_blocks.*.attn2.*`` / ``norm2.*``, and ``input_blocks.0.0.weight`` of 320×5×3×3 (4 latent
+channels + the subject mask; 4 channels only when the metadata says ``refnet_in_channels=4``). It stays a
+separate, optional file: without it the SDXL MODEL itself serves as ReferenceNet ("shared" mode).
+"""
 from __future__ import annotations
 
 import re
@@ -9,15 +18,12 @@ from typing import Optional
 import torch
 
 from ..layers import LayerLayout, layout_from_state_dict
-from .diagnosis import (CONV_IN, FORMAT_REFNET, FORMAT_VERSION, REFNET_PREFIX, SDXL_CONTEXT_DIM, UNET_PREFIX,
-                        _CROSS_ATTN, _DIFFUSERS_UNET_ROOTS, _REFNET_EXPECTED, _REFNET_FIX, _REFNET_ROLE, _UNET_ROOTS,
-                        _check_version, _first, _fmt_shape, _meta_int, _some, _Source)
-from .io import _atomic_save, _prepare_for_save, _read
+from .diagnosis import (CONV_IN, CROSS_ATTN, DIFFUSERS_UNET_ROOTS, FORMAT_REFNET, FORMAT_VERSION, REDOWNLOAD, REFNET,
+                        REFNET_FOREIGN, REFNET_PREFIX, SDXL_CONTEXT_DIM, UNET_PREFIX, UNET_ROOTS, UNET_SOURCE, Facts,
+                        Source, diagnose, first_key, meta_int, shape_str, some_keys, str_meta)
+from .io import prepare_for_save, read_weights, save_safetensors
 
 
-# ------------------------------------------------------------------------------------------------
-# ReferenceNet
-# ------------------------------------------------------------------------------------------------
 @dataclass
 class RefNetWeights:
     """The ReferenceNet's weights: an SDXL-family UNet without cross-attention that maps the subject's
@@ -37,68 +43,42 @@ class RefNetWeights:
         return layout_from_state_dict(self.state_dict)
 
 
-def _identify_refnet(sd: Mapping, meta: Mapping, src: _Source) -> tuple[int, int]:
+def identify_refnet(sd: Mapping, meta: Optional[Mapping], src: Source) -> tuple[int, int]:
     """Check a ``refnet.*`` state dict (shapes only): returns (in_channels, number of transformer blocks)."""
-    role, exp, fix = _REFNET_ROLE, _REFNET_EXPECTED, _REFNET_FIX
-    meta = {str(k): str(v) for k, v in (meta or {}).items()}
-    if not sd:
-        raise src.fail(role, "empty (no tensors)", exp, fix)
-    keys = list(sd)
-    outside = [k for k in keys if not k.startswith(REFNET_PREFIX)]
-    if outside:
-        if len(outside) == len(keys):
-            if _first(keys, lambda k: k.startswith(("subject_proj.", "image_proj.", "ip_adapter.", "router."))):
-                found = "an adapter file (subject_proj/image_proj/ip_adapter keys), not a ReferenceNet"
-                fix2 = "pick it as the AnyStory model (adapter), and " + fix
-            elif _first(keys, lambda k: k.startswith(UNET_PREFIX) or k.startswith(_UNET_ROOTS)):
-                k = _first(keys, lambda k: bool(_CROSS_ATTN.search(k))) or outside[0]
-                found = (f"a normal SD/SDXL UNet or checkpoint (e.g. key '{k}', no refnet.* keys; it has "
-                         "cross-attention and a 4-channel conv_in)")
-                fix2 = fix
-            else:
-                found = f"not a ReferenceNet (keys such as {_some(keys)})"
-                fix2 = fix
-            raise src.fail(role, found, exp, fix2)
-        raise src.fail(role, f"a file with keys outside refnet.* ({_some(outside)})", exp, fix)
-    fmt = meta.get("format", "")
-    if fmt.startswith("anystory") and fmt != FORMAT_REFNET:
-        raise src.fail(role, f"a file whose metadata says format={fmt}", exp, fix)
-    _check_version(meta, src, role, exp)
+    meta = str_meta(meta)
+    diagnose(REFNET_FOREIGN, Facts(sd, meta, src, REFNET))
     inner = {k[len(REFNET_PREFIX):]: v for k, v in sd.items()}
-    cross = [k for k in inner if _CROSS_ATTN.search(k)]
-    if cross:
-        raise src.fail(role, f"a UNet with cross-attention weights (e.g. 'refnet.{cross[0]}', {len(cross)} "
-                       "attn2/norm2 tensors)", exp,
-                       "rebuild it with build_refnet_state_dict(), which drops attn2/norm2; " + fix)
     conv = inner.get(CONV_IN)
-    if conv is None:
-        raise src.fail(role, "a file without conv_in ('refnet.input_blocks.0.0.weight' is missing)", exp, fix)
-    if conv.ndim != 4:
-        raise src.fail(role, f"a file whose conv_in 'refnet.input_blocks.0.0.weight' has shape {_fmt_shape(conv)}",
-                       exp, fix)
+    if conv is None or conv.ndim != 4:
+        why = (f"conv_in 'refnet.{CONV_IN}' has shape {shape_str(conv)}" if conv is not None
+               else f"a file without conv_in ('refnet.{CONV_IN}' is missing)")
+        raise src.damaged(REFNET, "a ReferenceNet file", why, f"{REDOWNLOAD}, or {REFNET.fix}")
     cin = int(conv.shape[1])
-    meta_cin = _meta_int(meta, "refnet_in_channels", src, role, exp)
+    meta_cin = meta_int(meta, "refnet_in_channels", src, REFNET)
     if meta_cin is not None and meta_cin != cin:
-        raise src.fail(role, f"a file whose metadata says refnet_in_channels={meta_cin} but whose conv_in takes "
-                       f"{cin} channels ({_fmt_shape(conv)})", exp, "re-create the file with save_refnet")
+        raise src.fail(REFNET, "a ReferenceNet whose metadata does not match its weights (edited or damaged)",
+                       REDOWNLOAD, f"metadata refnet_in_channels={meta_cin} but conv_in takes {cin} channels "
+                       f"({shape_str(conv)})")
     if not (cin == 5 or (cin == 4 and meta_cin == 4)):
-        raise src.fail(role, f"a file whose conv_in 'refnet.input_blocks.0.0.weight' is {_fmt_shape(conv)} "
-                       f"({cin} input channels; a ReferenceNet takes 5 = 4 latent + 1 mask, or 4 when its "
-                       "metadata says refnet_in_channels=4)", exp, fix)
-    bad = _first(inner, lambda k: not inner[k].is_floating_point())
+        raise src.fail(REFNET, "a UNet whose input does not take the latent and the subject mask (not a "
+                       "ReferenceNet made for AnyStory)", None, f"conv_in 'refnet.input_blocks.0.0.weight' is "
+                       f"{shape_str(conv)} ({cin} input channels; a ReferenceNet takes 5 = 4 latent + 1 mask, or 4 "
+                       "when its metadata says refnet_in_channels=4)")
+    bad = first_key(inner, lambda k: not inner[k].is_floating_point())
     if bad:
-        raise src.fail(role, f"a file with a non-float tensor 'refnet.{bad}'", exp, fix)
-    n = len(layout_from_state_dict({k: v for k, v in inner.items()}))
+        raise src.fail(REFNET, "a quantised file (integer weights)", None, f"non-float tensor 'refnet.{bad}'")
+    n = len(layout_from_state_dict(inner))
     if n == 0:
-        raise src.fail(role, "a UNet without transformer blocks (no transformer_blocks.N.attn1.to_q.weight)", exp, fix)
+        raise src.fail(REFNET, "a UNet without attention blocks, not a ReferenceNet", None,
+                       "a UNet without transformer blocks (no transformer_blocks.N.attn1.to_q.weight)")
     return cin, n
 
 
 def load_refnet(path, device="cpu", dtype: Optional[torch.dtype] = None) -> RefNetWeights:
     """Load a native ReferenceNet file (safetensors, ``refnet.*`` keys). The returned state dict has
     the ``refnet.`` prefix removed, ready for a ComfyUI/ldm UNet without attn2."""
-    sd, meta, src = _read(path, _REFNET_ROLE, _REFNET_EXPECTED)
-    cin, _ = _identify_refnet(sd, meta, src)
+    sd, meta, src = read_weights(path, REFNET)
+    cin, _ = identify_refnet(sd, meta, src)
     out = {k[len(REFNET_PREFIX):]: v.to(device=device, dtype=dtype) if dtype is not None else v.to(device)
            for k, v in sd.items()}
     m = dict(meta)
@@ -109,17 +89,35 @@ def load_refnet(path, device="cpu", dtype: Optional[torch.dtype] = None) -> RefN
 def save_refnet(state_dict: dict, path, meta: Optional[dict] = None) -> None:
     """Write a ReferenceNet (keys without ``refnet.``; a prefix already there is kept once) as
     safetensors with metadata format=anystory-sdxl-refnet, version, refnet_in_channels, layers."""
-    src = _Source.of(path)
-    tensors = _prepare_for_save({(k if k.startswith(REFNET_PREFIX) else REFNET_PREFIX + k): v
-                                 for k, v in state_dict.items()})
+    src = Source.of(path)
+    tensors = prepare_for_save({(k if k.startswith(REFNET_PREFIX) else REFNET_PREFIX + k): v
+                                for k, v in state_dict.items()})
     conv = tensors.get(REFNET_PREFIX + CONV_IN)
     m = {str(k): str(v) for k, v in (meta or {}).items()}
     m.update(format=FORMAT_REFNET, version=str(FORMAT_VERSION))
     if conv is not None and conv.ndim == 4:
         m["refnet_in_channels"] = str(int(conv.shape[1]))
-    _, n = _identify_refnet(tensors, m, src)
+    _, n = identify_refnet(tensors, m, src)
     m["layers"] = str(n)
-    _atomic_save(tensors, path, m, _REFNET_ROLE)
+    save_safetensors(tensors, path, m, REFNET)
+
+
+def _unet_items(unet_sd: Mapping, src: Source) -> dict:
+    """The UNet tensors of a UNet or whole-checkpoint state dict, without the ``model.diffusion_model.`` prefix."""
+    if any(k.startswith(REFNET_PREFIX) for k in unet_sd):
+        raise src.fail(UNET_SOURCE, "already a ReferenceNet",
+                       "load it as it is: pick it as refnet_name in AnyStory Model Loader", "refnet.* keys")
+    if any(k.startswith(UNET_PREFIX) for k in unet_sd):
+        items = {k[len(UNET_PREFIX):]: v for k, v in unet_sd.items() if k.startswith(UNET_PREFIX)}
+    else:
+        items = {k: v for k, v in unet_sd.items() if k.startswith(UNET_ROOTS)}
+    items = {k: v for k, v in items.items() if torch.is_tensor(v)}
+    if not items:
+        k = first_key(unet_sd, lambda k: k.startswith(DIFFUSERS_UNET_ROOTS))
+        if k:
+            raise src.fail(UNET_SOURCE, "a diffusers-format UNet", None, f"diffusers key '{k}'")
+        raise src.fail(UNET_SOURCE, "not a UNet", None, f"keys such as {some_keys(unet_sd)}")
+    return items
 
 
 def build_refnet_state_dict(unet_sd: dict, name: str = "<state dict>") -> dict:
@@ -131,36 +129,21 @@ def build_refnet_state_dict(unet_sd: dict, name: str = "<state dict>") -> dict:
     ``…transformer_blocks.N.attn2.*`` and ``…transformer_blocks.N.norm2.*`` dropped and conv_in
     (``input_blocks.0.0.weight``) widened from C×4×3×3 to C×5×3×3 with a zero 5th (mask) channel, so the
     ReferenceNet initially equals the UNet on the image channels. Other tensors are shared, not copied."""
-    src = _Source(name)
-    role = "the source of a ReferenceNet"
-    exp = "an SDXL-family UNet state dict in ComfyUI/ldm names (input_blocks.0.0.weight …)"
-    fix = "pass the UNet (or whole checkpoint) state dict of an SDXL model"
-    if any(k.startswith(REFNET_PREFIX) for k in unet_sd):
-        raise src.fail(role, "already a ReferenceNet (refnet.* keys)", exp, "use load_refnet on it")
-    if any(k.startswith(UNET_PREFIX) for k in unet_sd):
-        items = {k[len(UNET_PREFIX):]: v for k, v in unet_sd.items() if k.startswith(UNET_PREFIX)}
-    else:
-        items = {k: v for k, v in unet_sd.items() if k.startswith(_UNET_ROOTS)}
-    items = {k: v for k, v in items.items() if torch.is_tensor(v)}
-    if not items:
-        k = _first(unet_sd, lambda k: k.startswith(_DIFFUSERS_UNET_ROOTS))
-        if k:
-            raise src.fail(role, f"a diffusers-format UNet (e.g. key '{k}')", exp,
-                           "use the single-file (ComfyUI/ldm) SDXL checkpoint")
-        raise src.fail(role, f"not a UNet (keys such as {_some(unet_sd)})", exp, fix)
+    src = Source(name)
+    items = _unet_items(unet_sd, src)
     conv = items.get(CONV_IN)
     if conv is None or conv.ndim != 4:
-        raise src.fail(role, "a UNet without a 4-D conv_in (input_blocks.0.0.weight)", exp, fix)
+        raise src.damaged(UNET_SOURCE, "a UNet", "no 4-D conv_in (input_blocks.0.0.weight)")
     if conv.shape[1] != 4:
-        raise src.fail(role, f"a UNet whose conv_in is {_fmt_shape(conv)} ({conv.shape[1]} input channels; an "
-                       "SDXL UNet takes 4 latent channels)", exp, fix)
+        raise src.fail(UNET_SOURCE, "not a plain SDXL UNet (its input does not take the 4 latent channels)", None,
+                       f"conv_in is {shape_str(conv)} ({conv.shape[1]} input channels; an SDXL UNet takes 4)")
     if conv.shape[0] == 320:  # real-size model: refuse SD1.x/SD2.x by their context width
         ctx = {int(v.shape[1]) for k, v in items.items() if re.search(r"attn2\.to_k\.weight$", k) and v.ndim == 2}
         other = sorted(ctx - {SDXL_CONTEXT_DIM})
         if other and other[0] in (768, 1024):
             base = "SD1.x" if other[0] == 768 else "SD2.x"
-            raise src.fail(role, f"an {base} UNet (cross-attention context width {other[0]})", exp, fix)
-    out = {k: v for k, v in items.items() if not _CROSS_ATTN.search(k)}
+            raise src.fail(UNET_SOURCE, f"an {base} UNet", None, f"cross-attention context width {other[0]}")
+    out = {k: v for k, v in items.items() if not CROSS_ATTN.search(k)}
     wide = torch.zeros((conv.shape[0], 5, *conv.shape[2:]), dtype=conv.dtype, device=conv.device)
     wide[:, :4] = conv
     out[CONV_IN] = wide
