@@ -175,7 +175,8 @@ def _plan_router(plan: AdapterPlan, sd: Mapping, meta: Mapping, src: Source) -> 
     heads = heads if heads is not None else max(1, rdim // 64)
     if heads <= 0 or rdim % heads:
         raise src.fail(ADAPTER, "an AnyStory model whose metadata does not fit its router", REDOWNLOAD,
-                       f"router_dim {rdim} and metadata router_heads={heads} (router_dim must be divisible by the heads)")
+                       f"router_dim {rdim} and metadata router_heads={heads} (router_dim must be divisible by "
+                       "the heads)")
     plan.router_dim, plan.router_heads, plan.with_router = rdim, heads, True
 
 

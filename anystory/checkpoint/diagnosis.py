@@ -245,7 +245,8 @@ def _is_flux(k: str) -> bool:
 
 
 def _is_faceid(k: str) -> bool:
-    return ("faceid" in k.lower() or "perceiver_resampler" in k or k.startswith(("image_proj.proj.0.", "image_proj.proj.2."))
+    return ("faceid" in k.lower() or "perceiver_resampler" in k
+            or k.startswith(("image_proj.proj.0.", "image_proj.proj.2."))
             or (k.startswith("ip_adapter.") and "_lora." in k))
 
 
@@ -375,7 +376,8 @@ def _refnet_cross_attention(f: Facts):
 
 REFNET_FOREIGN = (
     Diagnosis(lambda f: not f.sd, "an empty file (no weights)", f"{REDOWNLOAD}, or " + REFNET.fix),
-    Diagnosis(lambda f: _outside_refnet(f, lambda k: k.startswith(ADAPTER_ROOTS)), "an adapter file, not a ReferenceNet",
+    Diagnosis(lambda f: _outside_refnet(f, lambda k: k.startswith(ADAPTER_ROOTS)),
+              "an adapter file, not a ReferenceNet",
               "pick it as the AnyStory model (model_name), and here a native anystory_sdxl_refnet.safetensors or "
               "none (the SDXL MODEL connected to AnyStory Subject Encode then serves as ReferenceNet)",
               "adapter keys such as '{key}', no refnet.* keys"),

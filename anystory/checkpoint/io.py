@@ -1,4 +1,15 @@
-"""Reading and writing weight files: safetensors headers, weights-only torch.load, atomic saves."""
+"""Reading and writing the weight files (the AnyStory model with E_i's QFormer, Ŵ_k^l / Ŵ_v^l and the
+router; the ReferenceNet), safely.
+
+- safetensors: the header is parsed and checked against the file size before any tensor is read, so a
+  partial download or a pickle renamed ``.safetensors`` is told apart from a foreign file; with
+  ``shapes_only`` the tensors are meta tensors (nothing large is read);
+- pickles (``.bin``/``.pt``/``.pth``, the official IP-Adapter layout): only ever through
+  ``torch.load(..., weights_only=True)`` — nothing here unpickles code; nested dicts are flattened;
+- writing: tensors made contiguous CPU copies that share no storage, then an atomic save
+  (:func:`atomic_write`: temp file beside the target, then rename), which the router training also
+  uses for its resumable state.
+"""
 from __future__ import annotations
 
 import json

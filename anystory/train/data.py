@@ -39,6 +39,68 @@ class SampleFiles:
     caption: Optional[Path] = None
 
 
+def _classify(root: Path) -> tuple[dict, list]:
+    """The folder's files: ({stem: SampleFiles} of the target images, [(stem, kind, index, path)] of the
+    masks, label images, reference crops and captions)."""
+    by_stem: dict[str, SampleFiles] = {}
+    extra: list[tuple[str, str, Optional[int], Path]] = []
+    for p in sorted(p for p in root.iterdir() if p.is_file()):
+        ext = p.suffix.lower()
+        if ext == ".txt":
+            extra.append((p.stem, "caption", None, p))
+            continue
+        if ext not in IMAGE_EXTENSIONS:
+            continue
+        m = _SUFFIX.match(p.stem)
+        if m:
+            kind = "labels" if m.group("labels") else m.group("kind")
+            extra.append((m.group("stem"), kind, int(m.group("idx")) if m.group("idx") else None, p))
+        else:
+            if p.stem in by_stem:
+                raise DatasetError(f"two target images named {p.stem!r} ({by_stem[p.stem].image.name}, {p.name}); "
+                                   "give each image its own name")
+            by_stem[p.stem] = SampleFiles(p.stem, p)
+    return by_stem, extra
+
+
+def _attach(by_stem: dict, extra: list, root: Path) -> dict:
+    """Give each target its caption, label image and reference crops; returns {stem: {i: mask path}}."""
+    masks: dict[str, dict[int, Path]] = {}
+    for stem, kind, idx, p in extra:
+        s = by_stem.get(stem)
+        if s is None:
+            if kind in ("mask", "ref", "labels"):
+                raise DatasetError(f"{p.name}: there is no target image {stem}.png/.jpg for it in {root}")
+            continue
+        if kind == "caption":
+            s.caption = p
+        elif kind == "labels":
+            s.labels = p
+        elif kind == "mask":
+            masks.setdefault(stem, {})[idx] = p
+        else:
+            s.refs[idx] = p
+    return masks
+
+
+def _set_masks(s: SampleFiles, ms: dict) -> None:
+    """``s.masks`` from its numbered mask files ``ms`` ({i: path}), checked against its labels and refs."""
+    stem = s.name
+    if ms and s.labels is not None:
+        raise DatasetError(f"{stem}: give either {stem}_mask<i>.png files or one {stem}_labels.png, not both")
+    if ms:
+        want = list(range(len(ms)))
+        if sorted(ms) != want:
+            raise DatasetError(f"{stem}: mask files must be numbered 0…{len(ms) - 1} without gaps, found "
+                               f"{sorted(ms)}")
+        s.masks = [ms[i] for i in want]
+    if s.masks:
+        n = len(s.masks)
+        bad = [i for i in s.refs if i >= n]
+        if bad:
+            raise DatasetError(f"{stem}: reference crop(s) {bad} have no instance mask (instances 0…{n - 1})")
+
+
 def scan_dataset(root, require_instances: bool = True) -> list[SampleFiles]:
     """Parse a training folder (not recursive).
 
@@ -56,59 +118,14 @@ def scan_dataset(root, require_instances: bool = True) -> list[SampleFiles]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"training data folder {str(root)!r} does not exist or is not a folder")
-    files = sorted(p for p in root.iterdir() if p.is_file())
-    by_stem: dict[str, SampleFiles] = {}
-    extra: list[tuple[str, str, Optional[int], Path]] = []
-    for p in files:
-        ext = p.suffix.lower()
-        if ext == ".txt":
-            extra.append((p.stem, "caption", None, p))
-            continue
-        if ext not in IMAGE_EXTENSIONS:
-            continue
-        m = _SUFFIX.match(p.stem)
-        if m:
-            kind = "labels" if m.group("labels") else m.group("kind")
-            extra.append((m.group("stem"), kind, int(m.group("idx")) if m.group("idx") else None, p))
-        else:
-            if p.stem in by_stem:
-                raise DatasetError(f"two target images named {p.stem!r} ({by_stem[p.stem].image.name}, {p.name}); "
-                                   "give each image its own name")
-            by_stem[p.stem] = SampleFiles(p.stem, p)
-    masks: dict[str, dict[int, Path]] = {}
-    for stem, kind, idx, p in extra:
-        s = by_stem.get(stem)
-        if s is None:
-            if kind in ("mask", "ref", "labels"):
-                raise DatasetError(f"{p.name}: there is no target image {stem}.png/.jpg for it in {root}")
-            continue
-        if kind == "caption":
-            s.caption = p
-        elif kind == "labels":
-            s.labels = p
-        elif kind == "mask":
-            masks.setdefault(stem, {})[idx] = p
-        else:
-            s.refs[idx] = p
+    by_stem, extra = _classify(root)
+    masks = _attach(by_stem, extra, root)
     out, missing = [], []
     for stem, s in sorted(by_stem.items()):
-        ms = masks.get(stem, {})
-        if ms and s.labels is not None:
-            raise DatasetError(f"{stem}: give either {stem}_mask<i>.png files or one {stem}_labels.png, not both")
-        if ms:
-            want = list(range(len(ms)))
-            if sorted(ms) != want:
-                raise DatasetError(f"{stem}: mask files must be numbered 0…{len(ms) - 1} without gaps, found "
-                                   f"{sorted(ms)}")
-            s.masks = [ms[i] for i in want]
+        _set_masks(s, masks.get(stem, {}))
         if not s.masks and s.labels is None:
             missing.append(s.image.name)
             continue
-        n = len(s.masks) if s.masks else None
-        if n is not None:
-            bad = [i for i in s.refs if i >= n]
-            if bad:
-                raise DatasetError(f"{stem}: reference crop(s) {bad} have no instance mask (instances 0…{n - 1})")
         out.append(s)
     if missing and require_instances:
         raise DatasetError(

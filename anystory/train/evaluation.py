@@ -104,7 +104,8 @@ def evaluate_routing(trainer: RouterTrainer, samples: Sequence[TrainSample], enc
     return RoutingEval(per_layer, groups, order, {k: v / max(1, count) for k, v in sums.items()})
 
 
-def format_iou_table(results: dict, title: str = "routing IoU (per instance, mean over held-out images × timesteps)") -> str:
+def format_iou_table(results: dict,
+                     title: str = "routing IoU (per instance, mean over held-out images × timesteps)") -> str:
     """A text table: rows = layer groups (+ "all"), one column per named :class:`RoutingEval`."""
     names = list(results)
     order: list = []

@@ -6,9 +6,9 @@ the background). ComfyUI's ``attn2_patch`` (:class:`TrainRouterPatch`) runs the 
 n = norm2(x) → logits → straight-through Gumbel-softmax hard maps σ(M^l) (one-hot argmax in evaluation)
 and the layer's routing loss L_route against the ground-truth routes (:func:`instance_index` of the
 whole-instance masks on that layer's grid, :func:`layer_routing_loss`); the attn2 replace
-(:class:`TrainRoutedAttn2`) adds η·Σ_i σ(M_i^l) ⊙ Attn(Q, E_i Ŵ_k^l, E_i Ŵ_v^l) (eq. 5) to the text attention, with
-Ŵ and E frozen, so the gradient reaches the router through the maps. Both follow ComfyUI's
-``transformer_options`` protocol by duck typing (no ComfyUI import).
+(:class:`TrainRoutedAttn2`) adds η·Σ_i σ(M_i^l) ⊙ Attn(Q, E_i Ŵ_k^l, E_i Ŵ_v^l) (eq. 5) to the text
+attention, with Ŵ and E frozen, so the gradient reaches the router through the maps. Both follow
+ComfyUI's ``transformer_options`` protocol by duck typing (no ComfyUI import).
 """
 from __future__ import annotations
 

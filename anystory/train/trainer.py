@@ -410,8 +410,8 @@ class StepBatches:
     step gives exactly the data an uninterrupted run would have seen."""
 
     def __init__(self, dataset_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.sampler = DistributedSampler(_Sized(dataset_len), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                          drop_last=False)
+        self.sampler = DistributedSampler(_Sized(dataset_len), num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=False)
         self.batch_size = int(batch_size)
         per_rank = len(self.sampler)
         if per_rank < self.batch_size:

@@ -222,7 +222,8 @@ def test_full_width_checks_on_shapes(full_ipa):
     for w in ("to_k_ip", "to_v_ip"):
         bad[f"ip_adapter.1.{w}.weight"] = torch.empty(1280, 2048, dtype=torch.float16, device="meta")
     refused(lambda: adapter_from_state_dict(bad, name="wrong_width.safetensors"), "wrong_width.safetensors",
-            "another UNet than SDXL", "ip-adapter-plus_sdxl_vit-h", detail=("ip_adapter.1.to_k_ip is 1280×2048", "width 640"))
+            "another UNet than SDXL", "ip-adapter-plus_sdxl_vit-h",
+            detail=("ip_adapter.1.to_k_ip is 1280×2048", "width 640"))
     iid = dict(meta)
     iid["image_proj.proj_in.weight"] = torch.empty(1280, 512, dtype=torch.float16, device="meta")
     refused(lambda: adapter_from_state_dict(iid, name="ip-adapter.bin"), "ip-adapter.bin", "InstantID", detail=("512",))
@@ -352,7 +353,8 @@ def _case_files(tmp_path):
         fn(sd)
         add(name, sd, found, detail, meta)
 
-    damaged_ipa, damaged_native = ["an IP-Adapter file that is damaged or incomplete"], ["a native AnyStory file that is damaged"]
+    damaged_ipa = ["an IP-Adapter file that is damaged or incomplete"]
+    damaged_native = ["a native AnyStory file that is damaged or incomplete"]
     edit(ipa, "latents_2d.safetensors", damaged_ipa, ["image_proj.latents", "not 3-D"],
          lambda s: s.__setitem__("image_proj.latents", s["image_proj.latents"][0]))
     edit(ipa, "kv_mismatch.safetensors", damaged_ipa, ["to_k_ip 64×2048", "to_v_ip 128×2048"],
@@ -385,9 +387,11 @@ def _case_files(tmp_path):
          lambda s: [s.pop(k) for k in list(s) if k.startswith("routing_proj.")])
     edit(nat, "router_gap.safetensors", damaged_native, ["router missing for [3]"],
          lambda s: [s.pop(k) for k in list(s) if k.startswith("router.3.")])
-    edit(nat, "mixed.safetensors", ["mixes an AnyStory model and an IP-Adapter"], ["both subject_proj.* and image_proj.*"],
+    edit(nat, "mixed.safetensors", ["mixes an AnyStory model and an IP-Adapter"],
+         ["both subject_proj.* and image_proj.*"],
          lambda s: s.__setitem__("image_proj.latents", torch.zeros(1, 8, 64)))
-    edit(nat, "fmt_but_ipa.safetensors", ["damaged AnyStory model"], ["format=anystory-sdxl but which has no subject_proj"],
+    edit(nat, "fmt_but_ipa.safetensors", ["damaged AnyStory model"],
+         ["format=anystory-sdxl but which has no subject_proj"],
          lambda s: s.clear() or s.update(ipa), {"format": "anystory-sdxl"})
     return cases
 
@@ -546,7 +550,8 @@ def test_refnet_rejections(tmp_path, full_ipa):
     mixed = {"refnet." + k: v for k, v in ref.items()}
     mixed["subject_proj.latents"] = torch.zeros(1, 2, 4)
     p = write(tmp_path / "refnet_mixed.safetensors", mixed)
-    refused(lambda: load_refnet(p), p, "mixed with other weights", detail=("keys outside refnet.*", "subject_proj.latents"))
+    refused(lambda: load_refnet(p), p, "mixed with other weights",
+            detail=("keys outside refnet.*", "subject_proj.latents"))
     p = write(tmp_path / "refnet_fmt.safetensors", {"refnet." + k: v for k, v in ref.items()},
               {"format": "anystory-sdxl"})
     refused(lambda: load_refnet(p), p, "another kind of AnyStory file", detail=("format=anystory-sdxl",))
@@ -575,9 +580,11 @@ def test_build_refnet_rejections():
     done = build_refnet_state_dict(_unet_sd())
     refused(lambda: build_refnet_state_dict({"refnet." + k: v for k, v in done.items()}), "<state dict>",
             "already a ReferenceNet", "refnet_name")
-    refused(lambda: build_refnet_state_dict(done), "<state dict>", "not a plain SDXL UNet", detail=("5 input channels",))
+    refused(lambda: build_refnet_state_dict(done), "<state dict>", "not a plain SDXL UNet",
+            detail=("5 input channels",))
     sd15 = _unet_sd(width=320, ctx=768)
-    refused(lambda: build_refnet_state_dict(sd15, name="v1-5.safetensors"), "v1-5.safetensors", "SD1.x UNet", detail=("768",))
+    refused(lambda: build_refnet_state_dict(sd15, name="v1-5.safetensors"), "v1-5.safetensors", "SD1.x UNet",
+            detail=("768",))
     refused(lambda: build_refnet_state_dict({"foo": torch.zeros(1)}), "<state dict>", "not a UNet", detail=("'foo'",))
 
 
@@ -593,5 +600,6 @@ def test_refusal_evidence_goes_to_the_log_not_the_message(tmp_path, caplog):
 
 def test_no_file_given():
     for empty in (None, ""):
-        with pytest.raises(CheckpointError, match=r"^AnyStory: no file was given for the AnyStory model — pick a file\.$"):
+        with pytest.raises(CheckpointError) as ei:
             load_adapter(empty)
+        assert str(ei.value) == "AnyStory: no file was given for the AnyStory model — pick a file."
