@@ -1,10 +1,13 @@
-"""Checkpoint loading/saving (DESIGN.md §2-§3): native AnyStory SDXL, IP-Adapter Plus SDXL ViT-H (real
-full shapes, .safetensors and weights-only .bin), ReferenceNet, and every refusal with a message that
-names the file and what was found. All files are made here; nothing is downloaded."""
+"""Checkpoint loading/saving: native AnyStory SDXL, IP-Adapter Plus SDXL ViT-H (real full shapes,
+.safetensors and weights-only .bin), ReferenceNet, and every refusal: one sentence that names the file,
+says what it is and what to do, with the evidence (key names, shapes) in the error's ``detail`` and the
+log. All files are made here; nothing is downloaded."""
 from __future__ import annotations
 
 import builtins
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -73,19 +76,29 @@ def write(path, sd: dict, meta: dict | None = None) -> str:
     return path
 
 
-def refused(fn, path_or_name: str, *found: str) -> str:
-    """Call ``fn``; it must raise CheckpointError whose message names the file and each ``found``."""
+def refused(fn, path_or_name: str, *words: str, detail: tuple = ()) -> CheckpointError:
+    """Call ``fn``; it must raise CheckpointError whose message is ONE sentence "AnyStory: cannot use '<file>'
+    as <role>: it is <what> — <fix>." (then the full path once, for a file) containing each of ``words``,
+    with no key names or shapes in it; each of ``detail`` (the evidence) must be in the error's ``detail``."""
     with pytest.raises(CheckpointError) as ei:
         fn()
-    msg = str(ei.value)
+    e = ei.value
+    msg = str(e)
     base = os.path.basename(path_or_name)
-    assert f"'{base}'" in msg, msg
+    assert msg.startswith(f"AnyStory: cannot use '{base}' as "), msg
+    sentence = msg
     if os.path.isabs(path_or_name):
-        assert msg.count(path_or_name) == 1, msg  # full path exactly once
-    for f in found:
-        assert f in msg, f"{f!r} not in: {msg}"
-    assert "Expected" in msg and "Fix:" in msg, msg
-    return msg
+        assert msg.count(path_or_name) == 1 and msg.endswith(f" (file: {path_or_name})"), msg  # full path once
+        sentence = msg[: -len(f" (file: {path_or_name})")]
+    assert sentence.endswith(".") and f"it is {e.found} — " in sentence, msg
+    assert not re.search(r"[.!?]\s+[A-Z]", sentence[:-1]), f"more than one sentence: {msg}"
+    rest = sentence.replace(f"'{base}'", "")
+    assert "×" not in rest and not re.search(r"'[\w-]+(\.[\w*-]+)+'", rest), f"key names or shapes in: {msg}"
+    for w in words:
+        assert w in sentence, f"{w!r} not in: {msg}"
+    for d in detail:
+        assert d in e.detail, f"{d!r} not in the detail: {e.detail!r} ({msg})"
+    return e
 
 
 def assert_state_equal(a: dict, b: dict):
@@ -224,13 +237,15 @@ def test_full_width_checks_on_shapes(full_ipa):
     for w in ("to_k_ip", "to_v_ip"):
         bad[f"ip_adapter.1.{w}.weight"] = torch.empty(1280, 2048, dtype=torch.float16, device="meta")
     refused(lambda: adapter_from_state_dict(bad, name="wrong_width.safetensors"), "wrong_width.safetensors",
-            "ip_adapter.1.to_k_ip is 1280×2048", "width 640")
+            "another UNet than SDXL", "ip-adapter-plus_sdxl_vit-h",
+            detail=("ip_adapter.1.to_k_ip is 1280×2048", "width 640"))
     iid = dict(meta)
     iid["image_proj.proj_in.weight"] = torch.empty(1280, 512, dtype=torch.float16, device="meta")
-    refused(lambda: adapter_from_state_dict(iid, name="ip-adapter.bin"), "ip-adapter.bin", "InstantID", "512")
+    refused(lambda: adapter_from_state_dict(iid, name="ip-adapter.bin"), "ip-adapter.bin", "InstantID", detail=("512",))
     vitl = dict(meta)
     vitl["image_proj.proj_in.weight"] = torch.empty(1280, 1024, dtype=torch.float16, device="meta")
-    refused(lambda: adapter_from_state_dict(vitl, name="kolors_plus.bin"), "kolors_plus.bin", "1024-d image features")
+    refused(lambda: adapter_from_state_dict(vitl, name="kolors_plus.bin"), "kolors_plus.bin", "another image encoder",
+            "CLIP ViT-L", detail=("1024-d image features",))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,7 +279,7 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path, bomb, ext):
     payload["extra"] = bomb()
     path = write(tmp_path / f"ip-adapter-plus_sdxl_vit-h{ext}", payload)
     for fn in (lambda: load_adapter(path), lambda: inspect_file(path)):
-        refused(fn, path, "not a weights-only file", "convert it to safetensors")
+        refused(fn, path, "could run code", "refused", "convert it to safetensors", detail=("not a weights-only file",))
     assert not getattr(builtins, "_anystory_reduce_ran", False)
     assert not getattr(builtins, "_anystory_setstate_ran", False)
 
@@ -302,95 +317,107 @@ def _native_file_sd() -> dict:
 
 
 def _case_files(tmp_path):
-    """(file name, contents or writer, metadata, expected fragments) for every refusal."""
+    """(file name, contents, metadata, words of the message, fragments of the detail) for every refusal."""
     small = tiny_layout()
     ipa = tiny_ipa_sd()
     nat = _native_file_sd()
     cases = []
 
-    def add(name, sd, found, meta=None):
-        cases.append((name, sd, meta, found))
+    def add(name, sd, found, detail, meta=None):
+        cases.append((name, sd, meta, found, detail))
 
-    add("ip-adapter-plus_sd15.safetensors", sd15_ipadapter_plus_state_dict(), ["SD1.5", "768", "1..31"])
-    add("ip-adapter-plus_sd15.bin", nested(sd15_ipadapter_plus_state_dict()), ["SD1.5", "768"])
+    add("ip-adapter-plus_sd15.safetensors", sd15_ipadapter_plus_state_dict(),
+        ["SD1.5 IP-Adapter", "do not fit SDXL", "ip-adapter-plus_sdxl_vit-h"], ["768", "1..31"])
+    add("ip-adapter-plus_sd15.bin", nested(sd15_ipadapter_plus_state_dict()), ["SD1.5"], ["768"])
     add("ip-adapter_sdxl_vit-h.safetensors", ipadapter_nonplus_state_dict(sdxl_layout()),
-        ["non-Plus SDXL IP-Adapter", "image_proj.proj"])
+        ["non-Plus SDXL IP-Adapter", "Plus (Resampler)"], ["image_proj.proj"])
     add("ip-adapter_sd15.safetensors", ipadapter_nonplus_state_dict(sd15_layout(), context_dim=768),
-        ["non-Plus SD1.5 IP-Adapter"])
-    add("ip-adapter-faceid_sdxl.bin", nested(ipadapter_faceid_state_dict(small)), ["FaceID", "image_proj.proj.0"])
-    add("ip-adapter-faceid-plusv2_sdxl.safetensors", ipadapter_faceid_state_dict(small, plus=True), ["FaceID"])
+        ["non-Plus SD1.5 IP-Adapter"], ["no image_proj.latents"])
+    add("ip-adapter-faceid_sdxl.bin", nested(ipadapter_faceid_state_dict(small)), ["FaceID", "InsightFace"],
+        ["image_proj.proj.0"])
+    add("ip-adapter-faceid-plusv2_sdxl.safetensors", ipadapter_faceid_state_dict(small, plus=True), ["FaceID"],
+        ["FaceID key"])
     lora_only = dict(ipa)
     lora_only["ip_adapter.0.to_q_lora.down.weight"] = torch.zeros(4, 64)
-    add("plus_with_lora.safetensors", lora_only, ["FaceID", "to_q_lora"])
+    add("plus_with_lora.safetensors", lora_only, ["FaceID"], ["to_q_lora"])
     named = dict(ipa)
     named["image_proj.faceid_marker"] = torch.zeros(1)
-    add("some_faceid.safetensors", named, ["FaceID", "faceid"])
-    add("flux-ip-adapter.safetensors", flux_ipadapter_state_dict(), ["Flux", "ip_adapter_double_stream"])
-    add("flux1-dev.safetensors", {"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)}, ["Flux", "double_blocks."])
+    add("some_faceid.safetensors", named, ["FaceID"], ["faceid_marker"])
+    add("flux-ip-adapter.safetensors", flux_ipadapter_state_dict(), ["Flux", "do not fit SDXL"],
+        ["ip_adapter_double_stream"])
+    add("flux1-dev.safetensors", {"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)}, ["Flux"],
+        ["double_blocks."])
     ckpt = _unet_sd()
     ckpt["first_stage_model.encoder.conv_in.weight"] = torch.zeros(2, 3, 3, 3)
     ckpt["conditioner.embedders.0.transformer.x"] = torch.zeros(2)
-    add("sd_xl_base_1.0.safetensors", ckpt, ["whole SD/SDXL checkpoint", "model.diffusion_model."])
+    add("sd_xl_base_1.0.safetensors", ckpt, ["whole SD/SDXL checkpoint", "Load Checkpoint"], ["model.diffusion_model."])
     add("anystory_sdxl_refnet.safetensors",
-        {"refnet." + k: v for k, v in build_refnet_state_dict(_unet_sd()).items()}, ["ReferenceNet", "refnet."],
-        {"format": FORMAT_REFNET})
-    add("my_lora.safetensors", {"lora_unet_input_blocks_4_1.lora_down.weight": torch.zeros(4, 4)}, ["LoRA"])
+        {"refnet." + k: v for k, v in build_refnet_state_dict(_unet_sd()).items()},
+        ["ReferenceNet file", "ReferenceNet slot"], ["refnet."], {"format": FORMAT_REFNET})
+    add("my_lora.safetensors", {"lora_unet_input_blocks_4_1.lora_down.weight": torch.zeros(4, 4)},
+        ["LoRA", "LoRA loader"], ["lora_unet_"])
     add("clip_vision_h.safetensors", {"vision_model.embeddings.class_embedding": torch.zeros(4)},
-        ["CLIP vision model"])
-    add("random.safetensors", {"foo.bar": torch.zeros(3)}, ["not a known adapter layout", "foo.bar"])
-    add("empty.safetensors", {}, ["empty"])
-    add("empty.bin", {}, ["empty"])
+        ["CLIP vision model", "Load CLIP Vision"], ["vision_model."])
+    add("random.safetensors", {"foo.bar": torch.zeros(3)}, ["not a known adapter file"],
+        ["not a known adapter layout", "foo.bar"])
+    add("empty.safetensors", {}, ["empty"], [])
+    add("empty.bin", {}, ["empty"], [])
 
-    def edit(base, name, found, fn, meta=None):
+    def edit(base, name, found, detail, fn, meta=None):
         sd = dict(base)
         fn(sd)
-        add(name, sd, found, meta)
+        add(name, sd, found, detail, meta)
 
-    edit(ipa, "latents_2d.safetensors", ["image_proj.latents", "not 3-D"],
+    damaged_ipa = ["an IP-Adapter file that is damaged or incomplete"]
+    damaged_native = ["a native AnyStory file that is damaged or incomplete"]
+    edit(ipa, "latents_2d.safetensors", damaged_ipa, ["image_proj.latents", "not 3-D"],
          lambda s: s.__setitem__("image_proj.latents", s["image_proj.latents"][0]))
-    edit(ipa, "kv_mismatch.safetensors", ["to_k_ip 64×2048", "to_v_ip 128×2048"],
+    edit(ipa, "kv_mismatch.safetensors", damaged_ipa, ["to_k_ip 64×2048", "to_v_ip 128×2048"],
          lambda s: s.__setitem__("ip_adapter.3.to_v_ip.weight", torch.zeros(128, 2048)))
-    edit(ipa, "no_v.safetensors", ["no 'ip_adapter.3.to_v_ip.weight'"],
+    edit(ipa, "no_v.safetensors", damaged_ipa, ["no 'ip_adapter.3.to_v_ip.weight'"],
          lambda s: s.pop("ip_adapter.3.to_v_ip.weight"))
-    edit(ipa, "gap.safetensors", ["missing [3]"],
+    edit(ipa, "gap.safetensors", damaged_ipa, ["missing [3]"],
          lambda s: [s.pop(f"ip_adapter.3.{w}.weight") for w in ("to_k_ip", "to_v_ip")])
-    edit(ipa, "even.safetensors", ["unexpected [8]"],
+    edit(ipa, "even.safetensors", damaged_ipa, ["unexpected [8]"],
          lambda s: [s.__setitem__(f"ip_adapter.8.{w}.weight", torch.zeros(64, 2048)) for w in ("to_k_ip", "to_v_ip")])
-    edit(ipa, "k_3d.safetensors", ["'ip_adapter.1.to_k_ip.weight' has shape 64×2048×1"],
+    edit(ipa, "k_3d.safetensors", damaged_ipa, ["'ip_adapter.1.to_k_ip.weight' has shape 64×2048×1"],
          lambda s: s.__setitem__("ip_adapter.1.to_k_ip.weight", torch.zeros(64, 2048, 1)))
-    edit(ipa, "no_proj.safetensors", ["ip_adapter.* weights but no image projection"],
+    edit(ipa, "no_proj.safetensors", ["incomplete IP-Adapter"], ["ip_adapter.* weights but no image projection"],
          lambda s: [s.pop(k) for k in list(s) if k.startswith("image_proj.")])
-    edit(ipa, "no_layers.safetensors", ["no ip_adapter.N.to_k_ip.weight"],
-         lambda s: [s.pop(k) for k in list(s) if k.startswith("ip_adapter.")])
-    edit(ipa, "no_proj_out.safetensors", ["'image_proj.proj_out.weight' is missing"],
+    edit(ipa, "no_layers.safetensors", ["an IP-Adapter file without its per-layer weights"],
+         ["no ip_adapter.N.to_k_ip.weight"], lambda s: [s.pop(k) for k in list(s) if k.startswith("ip_adapter.")])
+    edit(ipa, "no_proj_out.safetensors", damaged_ipa, ["'image_proj.proj_out.weight' is missing"],
          lambda s: s.pop("image_proj.proj_out.weight"))
-    edit(ipa, "bad_ff.safetensors", ["wrong shapes", "image_proj.layers.0.1.3.weight"],
+    edit(ipa, "bad_ff.safetensors", damaged_ipa, ["wrong shapes", "image_proj.layers.0.1.3.weight"],
          lambda s: s.__setitem__("image_proj.layers.0.1.3.weight", torch.zeros(64, 100)))
-    edit(ipa, "int.safetensors", ["non-float tensor 'image_proj.proj_in.bias'"],
+    edit(ipa, "int.safetensors", ["quantised"], ["non-float tensor 'image_proj.proj_in.bias'"],
          lambda s: s.__setitem__("image_proj.proj_in.bias", torch.zeros(64, dtype=torch.int8)))
-    edit(nat, "extra_key.safetensors", ["unexpected", "router.1.extra.weight"],
+    edit(nat, "extra_key.safetensors", damaged_native, ["unexpected", "router.1.extra.weight"],
          lambda s: s.__setitem__("router.1.extra.weight", torch.zeros(2)), {"format": "anystory-sdxl"})
-    edit(nat, "meta_m.safetensors", ["subject_tokens=64", "have 8"], lambda s: None,
-         {"format": "anystory-sdxl", "subject_tokens": "64"})
-    edit(nat, "newer.safetensors", ["format version 2"], lambda s: None, {"format": "anystory-sdxl", "version": "2"})
-    edit(nat, "router_only.safetensors", ["without the routing QFormer"],
+    edit(nat, "meta_m.safetensors", ["metadata does not match its weights"], ["subject_tokens=64", "have 8"],
+         lambda s: None, {"format": "anystory-sdxl", "subject_tokens": "64"})
+    edit(nat, "newer.safetensors", ["newer format (version 2)", "update comfyui-anystory"], ["format version 2"],
+         lambda s: None, {"format": "anystory-sdxl", "version": "2"})
+    edit(nat, "router_only.safetensors", ["incomplete AnyStory model"], ["without the routing QFormer"],
          lambda s: [s.pop(k) for k in list(s) if k.startswith("routing_proj.")])
-    edit(nat, "router_gap.safetensors", ["router missing for [3]"],
+    edit(nat, "router_gap.safetensors", damaged_native, ["router missing for [3]"],
          lambda s: [s.pop(k) for k in list(s) if k.startswith("router.3.")])
-    edit(nat, "mixed.safetensors", ["both subject_proj.* and image_proj.*"],
+    edit(nat, "mixed.safetensors", ["mixes an AnyStory model and an IP-Adapter"],
+         ["both subject_proj.* and image_proj.*"],
          lambda s: s.__setitem__("image_proj.latents", torch.zeros(1, 8, 64)))
-    edit(nat, "fmt_but_ipa.safetensors", ["format=anystory-sdxl but which has no subject_proj"],
+    edit(nat, "fmt_but_ipa.safetensors", ["damaged AnyStory model"],
+         ["format=anystory-sdxl but which has no subject_proj"],
          lambda s: s.clear() or s.update(ipa), {"format": "anystory-sdxl"})
     return cases
 
 
 def test_rejections(tmp_path):
     n = 0
-    for name, sd, meta, found in _case_files(tmp_path):
+    for name, sd, meta, found, detail in _case_files(tmp_path):
         path = write(tmp_path / name, sd, meta)
-        refused(lambda: load_adapter(path), path, *found)
+        refused(lambda: load_adapter(path), path, *found, detail=tuple(detail))
         if name.endswith(".safetensors") and "refnet" not in name:  # the cheap UI path refuses the same
-            refused(lambda: inspect_file(path), path, *found)        # files (a ReferenceNet it describes)
+            refused(lambda: inspect_file(path), path, *found, detail=tuple(detail))  # (a ReferenceNet it describes)
         n += 1
     assert n >= 35
 
@@ -402,13 +429,14 @@ def test_rejections_of_broken_files(tmp_path, full_ipa):
         head = f.read(3_000_000)
     trunc = tmp_path / "ip-adapter-plus_sdxl_vit-h.safetensors"
     trunc.write_bytes(head)
-    refused(lambda: load_adapter(trunc), str(trunc), "truncated or corrupted", "re-download or re-create")
+    refused(lambda: load_adapter(trunc), str(trunc), "truncated or corrupted", "re-download or re-create",
+            detail=("the header describes",))
     refused(lambda: inspect_file(trunc), str(trunc), "truncated or corrupted")
     with open(full_ipa["bin"], "rb") as f:
         head = f.read(3_000_000)
     tb = tmp_path / "ip-adapter-plus_sdxl_vit-h.bin"
     tb.write_bytes(head)
-    refused(lambda: load_adapter(tb), str(tb), "truncated or corrupted", "re-download")
+    refused(lambda: load_adapter(tb), str(tb), "truncated or corrupted", "re-download", detail=("PyTorch file",))
     # garbage, tiny, and a pickle renamed .safetensors
     g = tmp_path / "garbage.safetensors"
     g.write_bytes(b"this is not a safetensors file at all" * 10)
@@ -418,7 +446,7 @@ def test_rejections_of_broken_files(tmp_path, full_ipa):
     refused(lambda: load_adapter(t), str(t), "truncated or corrupted", "only 3 bytes")
     p = tmp_path / "renamed.safetensors"
     torch.save(nested(tiny_ipa_sd()), p)
-    refused(lambda: load_adapter(p), str(p), "PyTorch pickle/zip file with a .safetensors name")
+    refused(lambda: load_adapter(p), str(p), "PyTorch pickle/zip file with a .safetensors name", "rename it to .bin")
     # legacy (non-zip) torch file, truncated
     leg = tmp_path / "legacy.pt"
     torch.save(nested(tiny_ipa_sd()), leg, _use_new_zipfile_serialization=False)
@@ -495,10 +523,11 @@ def test_refnet_round_trip(tmp_path):
     assert inspect_file(path) == {"kind": FORMAT_REFNET, "layers": 3, "subject_tokens": 0, "has_router": False,
                                   "file": "anystory_sdxl_refnet.safetensors", "in_channels": 5}
     # the ReferenceNet is refused as an adapter, and an adapter as a ReferenceNet
-    refused(lambda: load_adapter(path), str(path), "ReferenceNet file")
+    refused(lambda: load_adapter(path), str(path), "ReferenceNet file", "ReferenceNet slot", detail=("refnet.",))
     ap = tmp_path / "anystory_sdxl.safetensors"
     save_adapter(tiny_adapter(), ap)
-    refused(lambda: load_refnet(ap), str(ap), "an adapter file")
+    refused(lambda: load_refnet(ap), str(ap), "an adapter file", "pick it as the AnyStory model",
+            detail=("adapter keys such as",))
 
 
 def test_refnet_four_channels_only_with_metadata(tmp_path):
@@ -507,36 +536,40 @@ def test_refnet_four_channels_only_with_metadata(tmp_path):
     ref4["input_blocks.0.0.weight"] = ref["input_blocks.0.0.weight"][:, :4].contiguous()
     pre = {"refnet." + k: v for k, v in ref4.items()}
     no_meta = write(tmp_path / "refnet4.safetensors", pre, {"format": FORMAT_REFNET})
-    refused(lambda: load_refnet(no_meta), no_meta, "4 input channels", "32×4×3×3")
+    refused(lambda: load_refnet(no_meta), no_meta, "does not take the latent and the subject mask",
+            detail=("4 input channels", "32×4×3×3"))
     ok = write(tmp_path / "refnet4_ok.safetensors", pre, {"format": FORMAT_REFNET, "refnet_in_channels": "4"})
     assert load_refnet(ok).in_channels == 4
     save_refnet(ref4, tmp_path / "saved4.safetensors")  # save_refnet records the 4 channels it writes
     assert load_refnet(tmp_path / "saved4.safetensors").in_channels == 4
     lie = write(tmp_path / "refnet_lie.safetensors", {"refnet." + k: v for k, v in ref.items()},
                 {"format": FORMAT_REFNET, "refnet_in_channels": "4"})
-    refused(lambda: load_refnet(lie), lie, "refnet_in_channels=4", "takes 5 channels")
+    refused(lambda: load_refnet(lie), lie, "metadata does not match its weights",
+            detail=("refnet_in_channels=4", "takes 5 channels"))
 
 
 def test_refnet_rejections(tmp_path, full_ipa):
     unet = _unet_sd()
     normal = write(tmp_path / "sd_xl_base_1.0.safetensors", unet)
-    refused(lambda: load_refnet(normal), normal, "normal SD/SDXL UNet", "attn2")
+    refused(lambda: load_refnet(normal), normal, "normal SD/SDXL UNet", "anystory_sdxl_refnet.safetensors",
+            detail=("attn2",))
     with_attn2 = write(tmp_path / "refnet_attn2.safetensors", {"refnet." + k[len(PREFIX):]: v for k, v in unet.items()})
-    refused(lambda: load_refnet(with_attn2), with_attn2, "cross-attention weights", "attn2")
+    refused(lambda: load_refnet(with_attn2), with_attn2, "cross-attention weights", detail=("attn2",))
     ref = build_refnet_state_dict(unet)
     no_conv = {"refnet." + k: v for k, v in ref.items() if k != "input_blocks.0.0.weight"}
     p = write(tmp_path / "refnet_noconv.safetensors", no_conv, {"format": FORMAT_REFNET})
-    refused(lambda: load_refnet(p), p, "without conv_in")
+    refused(lambda: load_refnet(p), p, "ReferenceNet file that is damaged", detail=("without conv_in",))
     no_blocks = {"refnet." + k: v for k, v in ref.items() if "transformer_blocks" not in k}
     p = write(tmp_path / "refnet_noblocks.safetensors", no_blocks)
-    refused(lambda: load_refnet(p), p, "without transformer blocks")
+    refused(lambda: load_refnet(p), p, "without attention blocks", detail=("without transformer blocks",))
     mixed = {"refnet." + k: v for k, v in ref.items()}
     mixed["subject_proj.latents"] = torch.zeros(1, 2, 4)
     p = write(tmp_path / "refnet_mixed.safetensors", mixed)
-    refused(lambda: load_refnet(p), p, "keys outside refnet.*", "subject_proj.latents")
+    refused(lambda: load_refnet(p), p, "mixed with other weights",
+            detail=("keys outside refnet.*", "subject_proj.latents"))
     p = write(tmp_path / "refnet_fmt.safetensors", {"refnet." + k: v for k, v in ref.items()},
               {"format": "anystory-sdxl"})
-    refused(lambda: load_refnet(p), p, "format=anystory-sdxl")
+    refused(lambda: load_refnet(p), p, "another kind of AnyStory file", detail=("format=anystory-sdxl",))
     p = tmp_path / "refnet.bin"
     torch.save({"refnet." + k: v for k, v in ref.items()}, p)
     # a .bin ReferenceNet is read weights-only, and accepted
@@ -547,20 +580,41 @@ def test_refnet_rejections(tmp_path, full_ipa):
     trunc = tmp_path / "refnet_trunc.safetensors"
     trunc.write_bytes(data[: len(data) // 2])
     refused(lambda: load_refnet(trunc), str(trunc), "truncated or corrupted")
-    refused(lambda: load_refnet(full_ipa["safetensors"]), full_ipa["safetensors"], "an adapter file")
+    refused(lambda: load_refnet(full_ipa["safetensors"]), full_ipa["safetensors"], "an adapter file",
+            detail=("image_proj.",))
     # save_refnet validates too
     target = tmp_path / "bad_refnet.safetensors"
-    refused(lambda: save_refnet({k[len(PREFIX):]: v for k, v in unet.items()}, target), str(target), "attn2")
+    refused(lambda: save_refnet({k[len(PREFIX):]: v for k, v in unet.items()}, target), str(target),
+            "cross-attention", detail=("attn2",))
     assert not target.exists()
 
 
 def test_build_refnet_rejections():
     refused(lambda: build_refnet_state_dict({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, name="unet_d"),
-            "unet_d", "diffusers-format UNet")
+            "unet_d", "diffusers-format UNet", detail=("down_blocks.0",))
     done = build_refnet_state_dict(_unet_sd())
     refused(lambda: build_refnet_state_dict({"refnet." + k: v for k, v in done.items()}), "<state dict>",
-            "already a ReferenceNet")
-    refused(lambda: build_refnet_state_dict(done), "<state dict>", "5 input channels")
+            "already a ReferenceNet", "refnet_name")
+    refused(lambda: build_refnet_state_dict(done), "<state dict>", "not a plain SDXL UNet",
+            detail=("5 input channels",))
     sd15 = _unet_sd(width=320, ctx=768)
-    refused(lambda: build_refnet_state_dict(sd15, name="v1-5.safetensors"), "v1-5.safetensors", "SD1.x UNet", "768")
-    refused(lambda: build_refnet_state_dict({"foo": torch.zeros(1)}), "<state dict>", "not a UNet")
+    refused(lambda: build_refnet_state_dict(sd15, name="v1-5.safetensors"), "v1-5.safetensors", "SD1.x UNet",
+            detail=("768",))
+    refused(lambda: build_refnet_state_dict({"foo": torch.zeros(1)}), "<state dict>", "not a UNet", detail=("'foo'",))
+
+
+def test_refusal_evidence_goes_to_the_log_not_the_message(tmp_path, caplog):
+    path = write(tmp_path / "ip-adapter-plus_sd15.safetensors", sd15_ipadapter_plus_state_dict())
+    with caplog.at_level(logging.WARNING, logger="anystory"):
+        e = refused(lambda: load_adapter(path), path, "SD1.5 IP-Adapter", detail=("768",))
+    assert "768" not in str(e) and "ip_adapter" not in str(e)
+    logged = [r.getMessage() for r in caplog.records if r.name == "anystory"]
+    assert any(path in m and e.detail in m for m in logged), logged
+    assert e.found == "an SD1.5 IP-Adapter" and e.path == path and "ip_adapter.N.to_k_ip" in e.expected
+
+
+def test_no_file_given():
+    for empty in (None, ""):
+        with pytest.raises(CheckpointError) as ei:
+            load_adapter(empty)
+        assert str(ei.value) == "AnyStory: no file was given for the AnyStory model — pick a file."

@@ -1,0 +1,268 @@
+"""The training-mode UNet hooks: routing active at every cross-attention layer l, differentiable in the
+router's maps, plus gradient checkpointing of the UNet.
+
+Per UNet call a :class:`RoutingState` holds the routes of every batch row (E_i and R_i, i = 1…N+1, the last
+the background). ComfyUI's ``attn2_patch`` (:class:`TrainRouterPatch`) runs the router of layer l on
+n = norm2(x) → logits → straight-through Gumbel-softmax hard maps σ(M^l) (one-hot argmax in evaluation)
+and the layer's routing loss L_route against the ground-truth routes (:func:`instance_index` of the
+whole-instance masks on that layer's grid, :func:`layer_routing_loss`); the attn2 replace
+(:class:`TrainRoutedAttn2`) adds η·Σ_i σ(M_i^l) ⊙ Attn(Q, E_i Ŵ_k^l, E_i Ŵ_v^l) (eq. 5) to the text
+attention, with Ŵ and E frozen, so the gradient reaches the router through the maps. Both follow
+ComfyUI's ``transformer_options`` protocol by duck typing (no ComfyUI import).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..adapter import AnyStoryAdapter
+from ..layers import LayerLayout, block_key
+from ..paper.attention import sdpa
+from ..paper.injection import routed_cross_attention_sum
+from ..paper.router import gumbel_maps, one_hot_maps, routing_loss, soft_maps
+
+STATE_KEY = "anystory_train_state"
+
+
+# ================================================================================================
+# ground-truth routes and the routing loss of one layer
+# ================================================================================================
+def instance_index(masks: torch.Tensor, hw: tuple, threshold: float = 0.5) -> torch.Tensor:
+    """Whole-instance masks [N, H, W] → the ground-truth route index [h·w] on a layer grid: the instance
+    covering the largest part of a cell when that part is ≥ ``threshold``, else the background (N)."""
+    n = masks.shape[0]
+    h, w = int(hw[0]), int(hw[1])
+    if n == 0:
+        return torch.zeros(h * w, dtype=torch.long, device=masks.device)
+    cov = F.interpolate(masks[None].float(), size=(h, w), mode="area")[0].flatten(1)  # [N, L]
+    best, arg = cov.max(0)
+    return torch.where(best >= threshold, arg, torch.full_like(arg, n))
+
+
+def layer_routing_loss(logits: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+    """L_route of one layer for a group of samples with the same number of routes K:
+    :func:`routing_loss` between softmax(logits) [b, K, L] and one-hot(target) (subjects only, 1/N)."""
+    K = logits.shape[1]
+    return routing_loss(soft_maps(logits), one_hot_maps(target_index, K), K - 1)
+
+
+# ================================================================================================
+# the training-mode UNet hooks (ComfyUI's transformer_options protocol, duck-typed)
+# ================================================================================================
+@dataclass
+class RouteGroup:
+    """Rows of the batch with the same number of routes K = N+1 (last = background)."""
+
+    rows: torch.Tensor          # [b] long
+    E: torch.Tensor             # [b, K, m, 2048] (frozen)
+    R: torch.Tensor             # [b, K, 2048] (trainable graph)
+    masks: Optional[list]       # b × [N, H, W] instance masks, or None
+    full: bool = False          # rows == all rows in order
+
+    @property
+    def K(self) -> int:
+        return self.E.shape[1]
+
+
+class RoutingState:
+    """Per UNet call: the routes of every row and what the layers computed (maps for eq. 5, routing
+    losses, and in eval mode the predicted / ground-truth route index per layer)."""
+
+    def __init__(self, E: list, R: list, masks: Optional[list], mode: str = "train", tau: float = 1.0,
+                 eta: float = 1.0):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.mode = mode
+        self.tau = float(tau)
+        self.eta = float(eta)
+        self.batch = len(E)
+        by_k: dict[int, list] = {}
+        for b, e in enumerate(E):
+            by_k.setdefault(e.shape[0], []).append(b)
+        self.groups: list[RouteGroup] = []
+        for K, rows in sorted(by_k.items()):
+            r = torch.tensor(rows, dtype=torch.long, device=E[0].device)
+            self.groups.append(RouteGroup(r, torch.stack([E[b] for b in rows]), torch.stack([R[b] for b in rows]),
+                                          [masks[b] for b in rows] if masks is not None else None,
+                                          full=rows == list(range(self.batch))))
+        self.order = torch.cat([g.rows for g in self.groups])
+        self.inverse = torch.argsort(self.order)
+        self.maps: dict = {}
+        self.losses: dict = {}
+        self.pred: dict = {}        # key → (hw, pred [B, L], gt [B, L] or None, K per row)
+        self._targets: dict = {}
+        self._kv: dict = {}
+
+    def targets(self, gi: int, hw: tuple, device) -> Optional[torch.Tensor]:
+        g = self.groups[gi]
+        if g.masks is None:
+            return None
+        key = (gi, tuple(hw))
+        hit = self._targets.get(key)
+        if hit is None:
+            hit = torch.stack([instance_index(m.to(device), hw) for m in g.masks])
+            self._targets[key] = hit
+        return hit
+
+    def gather(self, x: torch.Tensor, gi: int) -> torch.Tensor:
+        g = self.groups[gi]
+        return x if g.full else x.index_select(0, g.rows.to(x.device))
+
+    def scatter(self, parts: list) -> torch.Tensor:
+        if len(parts) == 1 and self.groups[0].full:
+            return parts[0]
+        return torch.cat(parts).index_select(0, self.inverse.to(parts[0].device))
+
+    def routing_loss(self) -> torch.Tensor:
+        """Mean over layers of the per-layer routing loss (0 when no layer had masks)."""
+        if not self.losses:
+            return torch.zeros(())
+        return torch.stack([v.float() for v in self.losses.values()]).mean()
+
+
+class TrainRouterPatch:
+    """attn2_patch: the router of layer l on n = norm2(x) → logits → σ(M^l) (Gumbel hard maps in training,
+    one-hot argmax in eval) stored in the state for the attn2 replace; routing loss of the layer."""
+
+    def __init__(self, adapter: AnyStoryAdapter, layout: LayerLayout):
+        self.adapter = adapter
+        self.layout = layout
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, n, context, value, extra_options):
+        state: Optional[RoutingState] = extra_options.get(STATE_KEY)
+        if state is None or "block" not in extra_options:
+            return n, context, value
+        key = block_key(extra_options)
+        spec = self.layout.get(key)
+        shape = extra_options.get("activations_shape")
+        if spec is None or shape is None:
+            return n, context, value
+        hw = (int(shape[-2]), int(shape[-1]))
+        if hw[0] * hw[1] != n.shape[1] or n.shape[0] != state.batch:
+            raise RuntimeError(f"AnyStory training: layer {key} got {n.shape[0]}×{n.shape[1]} tokens, expected "
+                               f"{state.batch}×{hw[0] * hw[1]} (another patch re-tiles tokens?)")
+        router = self.adapter.router[str(spec.ckpt_index)]
+        maps, loss, preds, gts = [], n.new_zeros((), dtype=torch.float32), [], []
+        with_loss = False
+        for gi, g in enumerate(state.groups):
+            z = state.gather(n, gi)
+            logits = router(z, g.R)                                   # [b, K, L] fp32
+            if state.mode == "train":
+                m = gumbel_maps(logits, tau=state.tau, hard=True)
+            else:
+                m = one_hot_maps(logits.argmax(1), g.K)
+            maps.append(m)
+            tgt = state.targets(gi, hw, n.device)
+            if tgt is not None:
+                loss = loss + layer_routing_loss(logits, tgt) * g.rows.numel()
+                with_loss = True
+            if state.mode == "eval":
+                preds.append(logits.argmax(1))
+                gts.append(tgt)
+        state.maps[key] = maps
+        if with_loss:
+            state.losses[key] = loss / state.batch
+        if state.mode == "eval":
+            pred = state.scatter(preds)
+            gt = state.scatter(gts) if all(t is not None for t in gts) else None
+            ks = torch.empty(state.batch, dtype=torch.long)
+            for g in state.groups:
+                ks[g.rows.cpu()] = g.K
+            state.pred[key] = (hw, pred, gt, ks)
+        return n, context, value
+
+
+class TrainRoutedAttn2:
+    """attn2 replace: text attention + η·Σ_i σ(M_i) ⊙ Attn(Q, E_i Ŵ_k, E_i Ŵ_v) (eq. 5, the sum form,
+    differentiable in the maps). Ŵ and E are frozen; the gradient reaches the router through the maps."""
+
+    def __init__(self, adapter: AnyStoryAdapter, spec):
+        self.adapter = adapter
+        self.spec = spec
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        out = sdpa(q, k, v, heads)
+        state: Optional[RoutingState] = extra_options.get(STATE_KEY)
+        if state is None or self.spec.key not in state.maps:
+            return out
+        maps = state.maps[self.spec.key]
+        kv = state._kv.get(self.spec.key)
+        if kv is None:
+            ip = self.adapter.ip_adapter[str(self.spec.ckpt_index)]
+            kv = []
+            with torch.no_grad():
+                for g in state.groups:
+                    E = g.E.to(ip.to_k_ip.weight.dtype)
+                    kv.append((ip.to_k_ip(E), ip.to_v_ip(E)))                  # [b, K, m, C]
+            state._kv[self.spec.key] = kv
+        parts = []
+        for gi, (m, (kr, vr)) in enumerate(zip(maps, kv)):
+            qg = state.gather(q, gi)
+            parts.append(routed_cross_attention_sum(qg, kr.to(q.dtype), vr.to(q.dtype), m, heads, eta=state.eta))
+        return out + state.scatter(parts).to(out.dtype)
+
+
+def transformer_options(patch: TrainRouterPatch, replaces: dict, state: RoutingState) -> dict:
+    """ComfyUI's transformer_options for one UNet call with the training hooks."""
+    return {"patches": {"attn2_patch": [patch]}, "patches_replace": {"attn2": dict(replaces)}, STATE_KEY: state}
+
+
+# ================================================================================================
+# gradient checkpointing of a ComfyUI/ldm UNet (no change to ComfyUI: instance-level forward wrappers)
+# ================================================================================================
+CHECKPOINTED_MODULES = ("SpatialTransformer", "ResBlock")
+
+
+def _checkpointed(fn, copy_options: bool):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        if copy_options:  # SpatialTransformer(x, context, transformer_options): freeze block/index for recompute
+            if len(args) >= 3:
+                args = tuple(args[:2]) + (dict(args[2]),) + tuple(args[3:])
+            elif "transformer_options" in kwargs:
+                kwargs = dict(kwargs, transformer_options=dict(kwargs["transformer_options"]))
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(unet: nn.Module, enabled: bool = True, modules: Sequence[str] = CHECKPOINTED_MODULES):
+    """Recompute the activations of every SpatialTransformer and ResBlock of ``unet`` in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant, RNG state preserved so the Gumbel noise is replayed).
+    ComfyUI's BasicTransformerBlock ignores its ``checkpoint`` flag and ResBlock's own flag takes the
+    frozen parameters as inputs of a re-entrant function, so the wrappers are put on the module
+    instances for the duration of the ``with`` block, then removed."""
+    if not enabled:
+        yield
+        return
+    done = []
+    for m in unet.modules():
+        name = type(m).__name__
+        if name in modules:
+            had = "forward" in m.__dict__
+            old = m.__dict__.get("forward")
+            m.forward = _checkpointed(m.forward, copy_options=name == "SpatialTransformer")
+            done.append((m, had, old))
+    try:
+        yield
+    finally:
+        for m, had, old in done:
+            if had:
+                m.forward = old
+            else:
+                del m.forward
