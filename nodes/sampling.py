@@ -7,10 +7,13 @@ Installed on a ``model.clone()`` only (:meth:`SamplingDriver.install`):
   call the model once per step, else read from the device: one host sync), step index, start/end window,
   and which conditioning uuids are positive (cond) or negative (uncond);
 - DIFFUSION_MODEL wrapper: once per model call → a fresh CallState (the maps of this call only), which
-  the family's hooks (SDXL: nodes/sdxl_hooks.py) find in ``transformer_options``.
+  the family's hooks (SDXL: nodes/sdxl_hooks.py; FLUX: nodes/flux/patch.py) find in ``transformer_options``;
+  a runtime with ``run_call`` runs the call itself (FLUX appends its subject tokens to the text there). The
+  wrapper reads its arguments by the diffusion model's own signature (a UNet's and FLUX's differ).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ class StepInfo:
     cond_uuids: Optional[set]
     latent_hw: Optional[tuple]
     labels: Optional[dict] = None  # uuid → {label: token positions} (AnyStoryTextEncode)
+    steps: Optional[int] = None  # steps of the run (len(sample_sigmas) − 1) when the sampler gives them
 
 
 class SamplingDriver:
@@ -166,20 +170,25 @@ class SamplingDriver:
                         cond_uuids.add(e.get("uuid"))
                         if e.get(LABELS_KEY) is not None:
                             labels[e.get("uuid")] = e[LABELS_KEY]
-        if self.runtime.routing.needs_labels and not labels:
+        if getattr(getattr(self.runtime, "routing", None), "needs_labels", False) and not labels:
             raise AnyStoryError(
                 "AnyStory's attention router needs to know where the subjects' words are in the positive prompt: "
                 "encode the positive prompt with 'AnyStory Text Encode' (instead of CLIPTextEncode), or give "
                 "region_masks and use router_mode 'masks'.")
-        info = StepInfo(active, step, cond_uuids, tuple(x.shape[-2:]), labels)
+        info = StepInfo(active, step, cond_uuids, tuple(x.shape[-2:]), labels,
+                        steps=len(host) - 1 if host is not None else None)
         mo = dict(model_options)
         mo["transformer_options"] = dict(to)
         mo["transformer_options"][self.step_key] = info
         return executor(x, timestep, mo, seed)
 
-    def diffusion_model(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def diffusion_model(self, executor, *args, **kwargs):
+        bound = _bind(executor, args, kwargs)
+        a = bound.arguments
+        transformer_options = a.get("transformer_options") or {}
         if transformer_options.get("anystory_capture"):
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return executor(*args, **kwargs)
+        x = a["x"]
         info: Optional[StepInfo] = transformer_options.get(self.step_key)
         cou = list(transformer_options.get("cond_or_uncond") or [0])
         uuids = transformer_options.get("uuids")
@@ -194,7 +203,10 @@ class SamplingDriver:
         if x.shape[0] % len(cou):
             active = False
         call = CallState(chunks_from_roles(roles, x.shape[0] // len(cou)), active=active,
-                         step=info.step if info is not None else 0)
+                         step=info.step if info is not None else 0,
+                         steps=info.steps if info is not None else None)
+        if uuids is not None and len(uuids) == len(cou):
+            call.uuids = list(uuids)
         if info is not None and info.labels and uuids is not None and len(uuids) == len(cou):
             call.labels = []
             for u, is_cond in zip(uuids, roles):
@@ -202,9 +214,13 @@ class SamplingDriver:
                 call.labels.append(None if tag is None else [list(tag.get(lab, [])) for lab in self.subject_labels])
         to = dict(transformer_options)
         to[self.state_key] = call
+        a["transformer_options"] = to
         self.runtime.begin_call(call)
         try:
-            return executor(x, timesteps, context, y, control, to, **kwargs)
+            run_call = getattr(self.runtime, "run_call", None)
+            if run_call is not None:
+                return run_call(executor, bound, call)
+            return executor(*bound.args, **bound.kwargs)
         finally:
             call.index.clear()
             call.last_index = None
@@ -217,3 +233,21 @@ class SamplingDriver:
         model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, self.state_key, self.diffusion_model)
         if additional_models:
             model.set_additional_models(self.state_key, additional_models)
+
+
+_SIGNATURES: dict = {}
+
+
+def _bind(executor, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """The arguments of a DIFFUSION_MODEL call by name, from the wrapped ``_forward``'s own signature (a UNet's
+    is (x, timesteps, context, y, control, transformer_options), FLUX's (x, timestep, context, y, guidance,
+    ref_latents, control, transformer_options))."""
+    fn = getattr(executor, "original", None)
+    key = getattr(fn, "__func__", fn)
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        sig = _SIGNATURES[key] = inspect.signature(fn)
+    bound = sig.bind(*args, **kwargs)
+    if "transformer_options" not in bound.arguments:
+        bound.arguments["transformer_options"] = {}
+    return bound

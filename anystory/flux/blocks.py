@@ -7,7 +7,8 @@ Streams through a block (the authors' ``block_forward`` / ``single_block_forward
 
 - **image / text** (text = prompt + Redux subject tokens while those are active): FLUX as is, except that the joint
   attention also sees the **reference keys/values** of this block (from the reference pass,
-  :mod:`anystory.flux.reference`) under the bias of :func:`anystory.flux.routing.attention_bias`;
+  :mod:`anystory.flux.reference`) under the bias of :func:`anystory.flux.routing.attention_bias`, carried in extra
+  head dimensions (:mod:`anystory.flux.fast`: no bias tensor; the keys ref_mask hides are left out);
 - **routing tokens** (9 per subject): the text-side weights (double) / joint weights (single) with the
   ``router_lora``, the same modulation vector as the image; they attend to [image keys, routing keys]. From them and
   the image tokens the block's routing map M is computed (:func:`anystory.flux.routing.routing_map`).
@@ -22,8 +23,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .fast import KeyPlan, joint_attention, query_extras
 from .lora import StreamLoRA, call
-from .routing import TokenLayout, attention_bias, routing_map
+from .routing import routing_map
 
 __all__ = ["RouterStream", "FluxCallState", "apply_rope", "double_block_forward", "single_block_forward",
            "modulation", "modulate", "split_heads", "merge_heads", "sdpa"]
@@ -41,10 +43,14 @@ class RouterStream:
 class FluxCallState:
     """What the AnyStory blocks of ONE model call need (made per call by the ComfyUI patch).
 
-    prompt_len: text tokens before the Redux tokens; redux_len: Redux tokens in the text (n·81, 0 when inactive);
-    ref_kv: per block (double blocks first, then single) the reference (k, v), b × heads × n·Lr × d, or None;
-    ref_mask: b × n·Lr × 1 (or None); router: the routing stream or None; routing: the per-block routing-map LoRA
-    {("double"|"single", i): {"q", "k"}}; maps: where routing maps are recorded ({("double"|"single", i): M}) or None.
+    prompt_len: text tokens before the Redux tokens; redux_len: Redux tokens in the text (0 when inactive);
+    ref_kv: per block (double blocks first, then single) the visible reference (k, v), b × heads × keys × d, or
+    None; plan: the keys of the joint attention and what each may be seen by (:class:`anystory.flux.fast.KeyPlan`);
+    key_extra: their extra head dimensions [keys, E], None when no bias applies (the plain joint attention);
+    null_rows: [b] bool, rows that see no subject (negative prompt) or None; router: the routing stream or None
+    (when set, image queries see only their routed subject); routing: the per-block routing-map LoRA
+    {("double"|"single", i): {"q", "k"}}; maps: where routing maps are recorded ({("double"|"single", i): M}) or
+    None.
     """
 
     num_conds: int
@@ -52,12 +58,14 @@ class FluxCallState:
     redux_len: int
     depth: int
     ref_kv: Optional[list] = None
-    ref_mask: Optional[torch.Tensor] = None
-    ref_shift: float = 0.0
+    plan: Optional[KeyPlan] = None
+    key_extra: Optional[torch.Tensor] = None
+    null_rows: Optional[torch.Tensor] = None
     router: Optional[RouterStream] = None
     router_lora: Optional[StreamLoRA] = None
     routing: dict = field(default_factory=dict)
     maps: Optional[dict] = None
+    cache: dict = field(default_factory=dict)
 
     def ref_for(self, kind: str, index: int):
         if self.ref_kv is None:
@@ -160,15 +168,22 @@ def double_block_forward(block, index: int, img, txt, vec, pe, st: FluxCallState
 
 
 def _joint_attention(q, k, v, st: FluxCallState, kind: str, index: int, text_len: int, img_len: int, rmap):
+    """Queries [text, image] over keys [text, image, visible reference] with the AnyStory bias carried in extra
+    head dimensions (:mod:`anystory.flux.fast`; the authors' dense mask is :func:`anystory.flux.routing.
+    attention_bias`)."""
     ref = st.ref_for(kind, index)
-    ref_len = 0
     if ref is not None:
         k, v = torch.cat((k, ref[0].to(k)), 2), torch.cat((v, ref[1].to(v)), 2)
-        ref_len = ref[0].shape[2]
-    layout = TokenLayout(text_len - st.redux_len, st.redux_len, img_len, ref_len, st.num_conds)
-    bias = attention_bias(layout, q.shape[0], q.dtype, q.device, st.ref_mask if ref_len else None, st.ref_shift,
-                          rmap)
-    return sdpa(q, k, v, bias)
+    if st.key_extra is None:
+        return joint_attention(q, k, v)
+    routed = rmap is not None and st.num_conds > 1
+    qe = None if routed else st.cache.get("q_extra")
+    if qe is None:
+        qe = query_extras(text_len, img_len, st.num_conds, q.shape[0], q.dtype, q.device, rmap if routed else None,
+                          st.null_rows)
+        if not routed:
+            st.cache["q_extra"] = qe
+    return joint_attention(q, k, v, qe, st.key_extra)
 
 
 # ------------------------------------------------------------------------------------------------

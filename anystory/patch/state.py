@@ -37,12 +37,14 @@ class RoutingInputs:
 @dataclass
 class CallState:
     """Per model call (one sampler step, one cond/uncond batch). chunks: (row slice, is_cond) in batch
-    order; step: sampler step index; active: AnyStory acts in this call (start/end window, no cropped
+    order; step: sampler step index (of ``steps``); active: AnyStory acts in this call (start/end window, no cropped
     area)."""
 
     chunks: list
     active: bool = True
     step: int = 0
+    steps: Optional[int] = None  # steps of the run when the sampler gives them
+    uuids: Optional[list] = None  # conditioning uuid per chunk, when ComfyUI gives them
     last_index: Optional[torch.Tensor] = None  # [B, L] route index of the previous layer, all rows
     last_hw: Optional[tuple] = None
     index: dict = field(default_factory=dict)  # layer key → [B, L] route index of this call

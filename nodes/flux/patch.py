@@ -2,41 +2,51 @@
 
 - ``transformer_options["patches_replace"]["dit"][("double_block", i)]`` / ``("single_block", i)`` (set with
   ``ModelPatcher.set_model_patch_replace``): every block runs :func:`anystory.flux.blocks.double_block_forward` /
-  ``single_block_forward`` while AnyStory is active in the step, else the block (or the replace that was there
+  ``single_block_forward`` while AnyStory acts in the call, else the block (or the replace that was there
   before) as usual;
-- DIFFUSION_MODEL wrapper (``ModelPatcher.add_wrapper_with_key``, ``comfy.patcher_extension.WrappersMP``), once per
-  model call: finds the step in ``transformer_options["sample_sigmas"]``, appends the scaled Redux tokens to the text
-  conditioning while they are active (the authors concatenate them before ``context_embedder``: ComfyUI's ``txt_in``
-  and zero text ids do the same), prepares the routing stream and the reference keys/values, and hands the blocks
-  a :class:`anystory.flux.blocks.FluxCallState` in a copy of ``transformer_options``;
-- OUTER_SAMPLE wrapper: the reference cache lives for one sampling run.
+- the family-independent :class:`nodes.sampling.SamplingDriver` (OUTER_SAMPLE, PREDICT_NOISE and DIFFUSION_MODEL
+  wrappers) drives :class:`FluxAnyStoryPatch` as its runtime: a run begins and ends (the reference cache and the
+  recorder live for one run), each step's index comes from the run's schedule without a host sync (σ from the
+  call count), the start/end percent window and the cond/uncond rows are the driver's. Per model call
+  (:meth:`FluxAnyStoryPatch.run_call`) the scaled Redux tokens are appended to the text conditioning while they
+  are active (the authors concatenate them before ``context_embedder``: ComfyUI's ``txt_in`` and zero text ids do
+  the same), the routing stream and the reference keys/values are prepared, and the blocks get a
+  :class:`anystory.flux.blocks.FluxCallState` in a copy of ``transformer_options``.
 
 The model's weights are never touched: every projection is the model's own module call (comfy.ops casting, fp8,
 LoRA weight patches, offloading), the AnyStory LoRAs are deltas on the extra streams' outputs. LoRA targets are
 placed with ComfyUI's key map (``comfy.lora.model_lora_keys_unet``, which uses ``comfy.utils.flux_to_diffusers``).
 
 Step windows follow the authors: with N = len(sample_sigmas) − 1 steps, a window [a, b) covers the steps i with
-int(N·a + 0.5) ≤ i < int(N·b + 0.5); a model call without ``sample_sigmas`` counts as step 0 of 1.
+int(N·a + 0.5) ≤ i < int(N·b + 0.5); a model call outside a sampler (no PREDICT_NOISE) finds its step in
+``transformer_options["sample_sigmas"]`` (one host sync), or counts as step 0 of 1.
+
+Beyond the authors' ``generate``: per subject a Redux gain (multiplies ``redux_scale``; 0 leaves its Redux tokens
+out) and a reference gain g (adds ln g to ``ref_shift`` on its reference keys; 0 leaves its references out), both
+1 by default; rows of a negative prompt (CFG > 1) see no subject (plain FLUX), as the SDXL family routes them to
+the background.
 """
 from __future__ import annotations
 
 import logging
+import math
+import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 import comfy.lora
-import comfy.patcher_extension as pe
 
 from ...anystory.flux.blocks import FluxCallState, RouterStream, double_block_forward, single_block_forward
 from ...anystory.flux.checkpoint import AnyStoryFluxWeights
+from ...anystory.flux.fast import KeyPlan, extra_dims, visible_reference
 from ...anystory.flux.lora import REF_SITES, ROUTER_SITES, lora_targets
 from ...anystory.flux.reference import flux_vec, ref_position_ids, reference_kv, router_stream_input
 from ...anystory.flux.subject import FluxSubject
+from ..sampling import SamplingDriver
 
 log = logging.getLogger("anystory")
-STATE_KEY = "anystory_flux_state"
 MODEL_KEY = "anystory_flux_model"  # the FLUX module of the call, for the block replaces
 
 
@@ -56,8 +66,8 @@ class FluxSettings:
     ref_start_at: float = 0.0
     ref_end_at: float = 1.0
     enable_ref_cache: bool = True
-    enable_router: bool = False  # AnyStoryFluxPipeline.generate's default; switch on for 2+ subjects
-    record_maps: bool = False
+    enable_router: bool = False  # AnyStoryFluxPipeline.generate's default; their demo switches it on for 2+ subjects
+    record_maps: bool = False    # keep the one-hot maps per step in FluxAnyStoryPatch.maps (tests, debugging)
 
 
 def _window(n_steps: int, start: float, end: float, step: int) -> bool:
@@ -65,7 +75,8 @@ def _window(n_steps: int, start: float, end: float, step: int) -> bool:
 
 
 def step_of(transformer_options: dict, timestep: torch.Tensor) -> tuple[int, int]:
-    """(step index, number of steps) of a model call from the run's ``sample_sigmas``."""
+    """(step index, number of steps) of a model call from the run's ``sample_sigmas`` (reads σ on the host: for
+    model calls outside a sampler run; within one the SamplingDriver gives the step)."""
     ss = transformer_options.get("sample_sigmas")
     if ss is None:
         return 0, 1
@@ -78,12 +89,22 @@ def step_of(transformer_options: dict, timestep: torch.Tensor) -> tuple[int, int
     return max(0, sum(1 for s in host[:-1] if s > sigma) - 1), len(host) - 1  # a sampler's intermediate call
 
 
+class _NoLabels:
+    """The driver asks the routing whether it needs label positions (SDXL's attention router): FLUX never."""
+
+    needs_labels = False
+
+
 class FluxAnyStoryPatch:
-    """Everything one AnyStory FLUX apply installs; survives ModelPatcher.clone() by reference."""
+    """The runtime of one AnyStory FLUX apply (driven by a SamplingDriver); survives ModelPatcher.clone() by
+    reference. ``redux_gains`` / ``ref_gains``: per subject (module docstring), default 1."""
+
+    routing = _NoLabels()
 
     def __init__(self, weights: AnyStoryFluxWeights, subjects: Sequence[FluxSubject], key_map: dict,
                  depth: int, depth_single: int, settings: Optional[FluxSettings] = None,
-                 position_delta: Optional[Sequence[int]] = None):
+                 position_delta: Optional[Sequence[int]] = None, redux_gains: Optional[Sequence[float]] = None,
+                 ref_gains: Optional[Sequence[float]] = None, recorder=None):
         if not subjects:
             raise AnyStoryFluxError("AnyStory FLUX got no subjects: encode at least one subject")
         if (weights.depth, weights.depth_single) != (depth, depth_single):
@@ -92,20 +113,37 @@ class FluxAnyStoryPatch:
                 f"MODEL has {depth} + {depth_single}: use it with FLUX.1-dev (19 + 38 blocks)")
         self.weights = weights
         self.subjects = list(subjects)
+        n = len(self.subjects)
         self.settings = settings or FluxSettings()
         self.depth, self.depth_single = depth, depth_single
         self.position_delta = position_delta
+        self.redux_gains = [float(g) for g in (redux_gains if redux_gains is not None else [1.0] * n)]
+        gains = [float(g) for g in (ref_gains if ref_gains is not None else [1.0] * n)]
+        if len(self.redux_gains) != n or len(gains) != n:
+            raise AnyStoryFluxError(f"{n} subjects need {n} Redux and reference gains")
+        self.ref_gains = [g if s.ref_tokens is not None else 0.0 for g, s in zip(gains, self.subjects)]
+        self.recorder = recorder
+        self.key = uuid.uuid4().hex[:10]
+        self.state_key = f"anystory_flux_state_{self.key}"
         self.ref_lora, self.ignored_ref = lora_targets(weights.ref_lora, REF_SITES, depth, depth_single, key_map)
         self.router_lora, self.ignored_router = lora_targets(weights.router_lora, ROUTER_SITES, depth, depth_single,
                                                              key_map)
         if self.ignored_ref or self.ignored_router:
             log.info("AnyStory FLUX: LoRA modules the authors never enable, left out: %s",
                      ", ".join((self.ignored_ref + self.ignored_router)[:8]))
-        routers = [s.router_tokens is None for s in self.subjects]
-        if self.settings.enable_router and any(routers):
+        if self.settings.enable_router and any(s.router_tokens is None for s in self.subjects):
             raise AnyStoryFluxError("enable_router is on but a subject has no routing tokens: encode it with the "
                                     "router embedder or switch the router off")
-        self._ref_cache: list = []  # [(y, guidance, dtype, device, kv)]
+        # the reference stream: subjects with references and a gain > 0, their visible tokens (host tensors)
+        self.ref_subjects = [j for j, g in enumerate(self.ref_gains) if g > 0]
+        lengths = [self.subjects[j].ref_tokens.shape[1] for j in self.ref_subjects]
+        masks = [self.subjects[j].ref_mask for j in self.ref_subjects]
+        keep, owner = visible_reference(masks, lengths, self.settings.enable_ref_mask)
+        self.ref_keep = keep
+        self.ref_key_subjects = [self.ref_subjects[i] for i in owner]
+        self.ref_key_gain_offsets = [math.log(self.ref_gains[j]) for j in self.ref_key_subjects]
+        self._ref_cache: list = []  # [(key, kv)] for the current run
+        self._run: dict = {}        # per-run device copies and key extras
         self.maps: dict = {}        # step → {(kind, i): routing map} when settings.record_maps
 
     def __deepcopy__(self, memo):
@@ -114,98 +152,226 @@ class FluxAnyStoryPatch:
     def to(self, *args, **kwargs):
         return self
 
+    @property
+    def num_subjects(self) -> int:
+        return len(self.subjects)
+
     # --- installation ------------------------------------------------------------------------------
-    def install(self, model) -> None:
-        key = f"anystory_flux_{id(self)}"
+    def install(self, model, driver: SamplingDriver, additional_models: Optional[list] = None) -> None:
         replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        if any(isinstance(r, (_DoubleReplace, _SingleReplace)) for r in replaces.values()):
+            raise AnyStoryFluxError("this MODEL is already patched by an AnyStory FLUX Apply: chain all subjects "
+                                    "into one AnyStory Apply (one per MODEL)")
         for i in range(self.depth):
-            prev = replaces.get(("double_block", i))
-            model.set_model_patch_replace(_DoubleReplace(self, i, prev), "dit", "double_block", i)
+            model.set_model_patch_replace(_DoubleReplace(self, i, replaces.get(("double_block", i))), "dit",
+                                          "double_block", i)
         for i in range(self.depth_single):
-            prev = replaces.get(("single_block", i))
-            model.set_model_patch_replace(_SingleReplace(self, i, prev), "dit", "single_block", i)
-        model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, key, self.diffusion_model)
-        model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, key, self.outer_sample)
+            model.set_model_patch_replace(_SingleReplace(self, i, replaces.get(("single_block", i))), "dit",
+                                          "single_block", i)
+        driver.install(model, additional_models or [])
 
     def release(self) -> None:
         self._ref_cache = []
+        self._run = {}
         self.ref_lora.release()
         self.router_lora.release()
 
-    # --- wrappers ----------------------------------------------------------------------------------
-    def outer_sample(self, executor, *args, **kwargs):
-        self._ref_cache = []
+    # --- run level (SamplingDriver) ------------------------------------------------------------------
+    def begin_run(self, sigmas=None, **meta) -> None:
+        self.release()  # cast copies of an earlier run may sit on a device the weights have left since
         self.maps = {}
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            self._ref_cache = []
+        if self.recorder is not None:
+            self.recorder.begin_run(sigmas=sigmas, **meta)
 
-    def diffusion_model(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                        transformer_options={}, **kwargs):
+    def end_run(self, **meta) -> None:
+        self.release()
+        if self.recorder is not None:
+            self.recorder.end_run(**meta)
+
+    def begin_call(self, call) -> None:
+        if self.recorder is not None and call.active:
+            self.recorder.reserve(call.step)
+
+    # --- one model call ----------------------------------------------------------------------------
+    def run_call(self, executor, bound, call):
+        a = bound.arguments
+        x, timestep, context = a["x"], a["timestep"], a["context"]
+        to = a["transformer_options"]
         s = self.settings
-        step, n_steps = step_of(transformer_options, timestep)
-        redux_on = _window(n_steps, s.redux_start_at, s.redux_end_at, step)
-        ref_on = _window(n_steps, s.ref_start_at, s.ref_end_at, step)
-        if not (redux_on or ref_on):
-            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
-        if kwargs.get("attention_mask") is not None:
+        if call.steps is not None:
+            step, n_steps = call.step, call.steps
+        else:
+            step, n_steps = step_of(to, timestep)
+        redux = [j for j, g in enumerate(self.redux_gains) if g * s.redux_scale != 0]
+        redux_on = bool(redux) and _window(n_steps, s.redux_start_at, s.redux_end_at, step)
+        ref_on = bool(self.ref_subjects) and _window(n_steps, s.ref_start_at, s.ref_end_at, step)
+        if not (call.active and call.any_cond and (redux_on or ref_on)):
+            return executor(*bound.args, **bound.kwargs)
+        extra = a.get("kwargs") or {}
+        if extra.get("attention_mask") is not None:
             raise AnyStoryFluxError("AnyStory FLUX does not support a text attention mask on the conditioning: remove "
                                     "the attention mask (e.g. from a Redux/area node) or AnyStory Apply")
+        if a.get("ref_latents") is not None:
+            raise AnyStoryFluxError("AnyStory FLUX does not combine with reference latents (ReferenceLatent / "
+                                    "Kontext): remove them or AnyStory Apply")
         dm = executor.class_obj
         b, dtype, dev = x.shape[0], x.dtype, x.device
-        prompt_len = context.shape[1]
-        if redux_on:
-            tokens = torch.cat([sub.redux_tokens for sub in self.subjects], 1) * s.redux_scale
-            context = torch.cat([context, tokens.to(device=dev, dtype=context.dtype).expand(b, -1, -1)], 1)
+        y, guidance = a.get("y"), a.get("guidance")
         if y is None:
             y = torch.zeros((b, dm.params.vec_in_dim), device=dev, dtype=dtype)
-        st = FluxCallState(num_conds=len(self.subjects), prompt_len=prompt_len,
-                           redux_len=context.shape[1] - prompt_len, depth=self.depth,
-                           ref_shift=float(s.ref_shift) if ref_on else 0.0, routing=self.weights.routing,
-                           router_lora=self.router_lora, maps={} if s.record_maps else None)
+        prompt_len = context.shape[1]
+        redux_subjects = []
+        if redux_on:
+            tokens = self._device("redux", dev, context.dtype, lambda: torch.cat(
+                [self.subjects[j].redux_tokens * (s.redux_scale * self.redux_gains[j]) for j in redux], 1))
+            context = torch.cat([context, tokens.expand(b, -1, -1)], 1)
+            for j in redux:
+                redux_subjects += [j] * self.subjects[j].redux_tokens.shape[1]
+            a["context"] = context
+        null_rows = self._null_rows(call, b, dev)
+        st = FluxCallState(num_conds=self.num_subjects, prompt_len=prompt_len, redux_len=len(redux_subjects),
+                           depth=self.depth, routing=self.weights.routing, router_lora=self.router_lora,
+                           null_rows=null_rows)
+        record = s.record_maps or (self.recorder is not None and getattr(self.recorder, "enabled", True))
+        if record:
+            st.maps = {}
+        ref_keys, offsets = [], []
         if ref_on:
-            st.ref_kv = self._reference(dm, y, guidance, b, dtype, dev)
-            if s.enable_ref_mask:
-                st.ref_mask = torch.cat([self._mask_of(sub) for sub in self.subjects], 1).to(dev).expand(b, -1, -1)
-        elif s.ref_shift != 0:
-            st.ref_shift = 0.0  # no reference keys: the authors' shift applies to an empty slice
+            st.ref_kv = self._reference(dm, y, guidance, b, dtype, dev, call)
+            ref_keys = self.ref_key_subjects
+            offsets = [s.ref_shift + o for o in self.ref_key_gain_offsets]
         if s.enable_router:
-            tokens = torch.cat([sub.router_tokens for sub in self.subjects], 1).to(device=dev, dtype=dtype)
+            tokens = self._device("router", dev, dtype, lambda: torch.cat([sub.router_tokens for sub in self.subjects],
+                                                                         1))
             hidden = router_stream_input(dm, tokens.expand(b, -1, -1), self.router_lora)
             ids = torch.zeros((b, tokens.shape[1], 3), device=dev, dtype=dtype)
             st.router = RouterStream(hidden, dm.pe_embedder(ids))
-        to = dict(transformer_options)
-        to[STATE_KEY] = st
+        h_len, w_len = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
+        plan = KeyPlan(prompt_len, redux_subjects, h_len * w_len, ref_keys, offsets, self.num_subjects)
+        if plan.needs_extras(routed=st.router is not None, null_rows=null_rows is not None):
+            st.plan = plan
+            D = dm.params.hidden_size // dm.params.num_heads
+            st.key_extra = self._key_extra(plan, D, dtype, dev)
+        to = dict(to)
+        to[self.state_key] = st
         to[MODEL_KEY] = dm
-        out = executor(x, timestep, context, y, guidance, ref_latents, control, to, **kwargs)
+        a["transformer_options"] = to
+        out = executor(*bound.args, **bound.kwargs)
         if st.maps:
-            self.maps[step] = {k: v.detach() for k, v in st.maps.items()}
+            self._record(st.maps, step, call, (h_len, w_len))
+        elif st.maps is not None and self.num_subjects == 1:
+            self._record_one(step, call, (h_len, w_len), dev)
         return out
 
-    @staticmethod
-    def _mask_of(sub: FluxSubject) -> torch.Tensor:
-        if sub.ref_mask is not None:
-            return sub.ref_mask.float()
-        return torch.ones(1, sub.ref_tokens.shape[1], 1)
+    def _device(self, name: str, dev, dtype, make):
+        """A per-run device copy (made once per run: a pageable host→device copy waits for the device)."""
+        key = (name, dev, dtype)
+        t = self._run.get(key)
+        if t is None:
+            t = self._run[key] = make().to(device=dev, dtype=dtype)
+        return t
 
-    def _reference(self, dm, y, guidance, b, dtype, dev) -> list:
-        """Per-block reference (k, v) for this batch: from the run's cache when on, else computed now."""
+    def _null_rows(self, call, b: int, dev):
+        """[b] bool of the rows that see no subject (uncond chunks), or None when every row is cond."""
+        if all(c for _, c in call.chunks):
+            return None
+        key = ("null", b, dev, tuple((sl.start, sl.stop, c) for sl, c in call.chunks))
+        t = self._run.get(key)
+        if t is None:
+            host = torch.zeros(b, dtype=torch.bool)
+            for sl, c in call.chunks:
+                if not c:
+                    host[sl] = True
+            t = self._run[key] = host.to(dev)
+        return t
+
+    def _key_extra(self, plan: KeyPlan, head_dim: int, dtype, dev):
+        key = ("kx", plan.prompt, tuple(plan.redux_subjects), plan.image, tuple(plan.ref_subjects),
+               tuple(plan.ref_offsets), head_dim, dtype, dev)
+        t = self._run.get(key)
+        if t is None:
+            t = self._run[key] = plan.extras(head_dim, dtype, dev)
+        return t
+
+    def _record(self, maps: dict, step: int, call, hw: tuple) -> None:
+        """The recorder gets the route index of the first positive chunk's rows (one row per image); the
+        settings' ``record_maps`` keeps the one-hot maps of every row."""
+        if self.settings.record_maps:
+            self.maps[step] = {k: v.detach() for k, v in maps.items()}
+        rec = self.recorder
+        if rec is None or not getattr(rec, "enabled", True):
+            return
+        rows = next((sl for sl, c in call.chunks if c), None)
+        if rows is None:
+            return
+        source = None
+        for kind, i in sorted(maps, key=lambda k: (k[0] != "double", k[1])):
+            idx = maps[(kind, i)][rows].argmax(1).to(torch.uint8)
+            if source is None:
+                source = torch.zeros_like(idx)
+            rec.record(step, (kind, i), hw, idx, source)
+
+    def _record_one(self, step: int, call, hw: tuple, dev) -> None:
+        """One subject without the router: every image token sees that subject — its (trivial) map, so the
+        preview and the live map show where AnyStory acted."""
+        rec = self.recorder
+        rows = next((sl for sl, c in call.chunks if c), None)
+        if rec is None or not getattr(rec, "enabled", True) or rows is None:
+            return
+        idx = self._device(("one", rows.stop - rows.start, hw), dev, torch.uint8,
+                           lambda: torch.zeros(rows.stop - rows.start, hw[0] * hw[1]))
+        for i in range(self.depth):
+            rec.record(step, ("double", i), hw, idx, idx)
+        for i in range(self.depth_single):
+            rec.record(step, ("single", i), hw, idx, idx)
+
+    def _reference(self, dm, y, guidance, b, dtype, dev, call) -> list:
+        """Per-block reference (k, v) of the visible reference tokens for this batch, b × heads × keys × d: the
+        reference pass runs once per run for the first positive prompt's pooled vector and guidance (the
+        authors' ``cache_ref``; a run over several prompts computes it per prompt), every step when the ref
+        cache is off."""
+        rows = next((sl for sl, c in call.chunks if c), slice(0, b))
+        r0 = rows.start
+        cond_uuid = call.uuids[[sl for sl, _ in call.chunks].index(rows)] if call.uuids else None
+        yr = y[r0:r0 + 1]
+        gr = None if guidance is None else guidance.reshape(-1)[r0:r0 + 1] if guidance.numel() > 1 else guidance
+        kv = None
         if self.settings.enable_ref_cache:
-            for cy, cg, cdt, cdev, kv in self._ref_cache:
-                if cdt == dtype and cdev == dev and cy.shape == y.shape and torch.equal(cy, y) and (
-                        (cg is None and guidance is None) or (cg is not None and guidance is not None
-                                                              and torch.equal(cg, guidance))):
-                    return kv
-        tokens = torch.cat([sub.ref_tokens for sub in self.subjects], 1).to(device=dev, dtype=dtype)
-        ids = torch.cat([ref_position_ids(*sub.ref_hw, self.position_delta, device=dev) for sub in self.subjects])
-        ref_pe = dm.pe_embedder(ids.to(dtype)[None].expand(b, -1, -1))
-        vec_ref = flux_vec(dm, torch.zeros(b, device=dev, dtype=torch.float32), y, guidance, dtype)
-        kv = reference_kv(dm, tokens.expand(b, -1, -1), ref_pe, vec_ref, self.ref_lora, len(self.subjects))
-        if self.settings.enable_ref_cache:
-            self._ref_cache.append((y.clone(), None if guidance is None else guidance.clone(), dtype, dev, kv))
-            del self._ref_cache[:-4]
-        return kv
+            for key, cached in self._ref_cache:
+                if key[0] != dtype or key[1] != dev:
+                    continue
+                if cond_uuid is not None:
+                    if key[2] == cond_uuid:
+                        kv = cached
+                elif key[2] is None and torch.equal(key[3], yr) and (
+                        (key[4] is None and gr is None) or (key[4] is not None and gr is not None
+                                                            and torch.equal(key[4], gr))):
+                    kv = cached  # a model call outside a sampler run: compared by value (a host sync)
+                if kv is not None:
+                    break
+        if kv is None:
+            kv = self._reference_pass(dm, yr, gr, dtype, dev)
+            if self.settings.enable_ref_cache:
+                self._ref_cache.append(((dtype, dev, cond_uuid, None if cond_uuid else yr.clone(),
+                                         None if (cond_uuid or gr is None) else gr.clone()), kv))
+                del self._ref_cache[:-4]
+                self.ref_lora.release()  # cast copies of the ref LoRA: not needed again this run
+        if b == 1:
+            return kv
+        return [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv]
+
+    def _reference_pass(self, dm, y, guidance, dtype, dev) -> list:
+        subs = [self.subjects[j] for j in self.ref_subjects]
+        tokens = self._device("ref_tokens", dev, dtype, lambda: torch.cat([sub.ref_tokens for sub in subs], 1))
+        ids = self._device("ref_ids", dev, dtype, lambda: torch.cat(
+            [ref_position_ids(*sub.ref_hw, self.position_delta) for sub in subs]))
+        ref_pe = dm.pe_embedder(ids[None])
+        vec_ref = flux_vec(dm, torch.zeros(1, device=dev, dtype=torch.float32), y, guidance, dtype)
+        kv = reference_kv(dm, tokens, ref_pe, vec_ref, self.ref_lora, len(subs))
+        keep = self._device("ref_keep", dev, torch.long, lambda: self.ref_keep)
+        if keep.numel() == tokens.shape[1]:
+            return kv
+        return [(k.index_select(2, keep), v.index_select(2, keep)) for k, v in kv]
 
 
 class _DoubleReplace:
@@ -213,10 +379,11 @@ class _DoubleReplace:
         self.owner, self.index, self.previous = owner, index, previous
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        st = (args.get("transformer_options") or {}).get(STATE_KEY)
+        to = args.get("transformer_options") or {}
+        st = to.get(self.owner.state_key)
         if st is None:
             return self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
-        block = args["transformer_options"][MODEL_KEY].double_blocks[self.index]
+        block = to[MODEL_KEY].double_blocks[self.index]
         img, txt = double_block_forward(block, self.index, args["img"], args["txt"], args["vec"], args["pe"], st)
         return {"img": img, "txt": txt}
 
@@ -226,24 +393,38 @@ class _SingleReplace:
         self.owner, self.index, self.previous = owner, index, previous
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        st = (args.get("transformer_options") or {}).get(STATE_KEY)
+        to = args.get("transformer_options") or {}
+        st = to.get(self.owner.state_key)
         if st is None:
             return self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
-        block = args["transformer_options"][MODEL_KEY].single_blocks[self.index]
+        block = to[MODEL_KEY].single_blocks[self.index]
         x = single_block_forward(block, self.index, args["img"], args["vec"], args["pe"], st,
                                  st.prompt_len + st.redux_len)
         return {"img": x}
 
 
 def apply_anystory_flux(model, weights: AnyStoryFluxWeights, subjects: Sequence[FluxSubject],
-                        settings: Optional[FluxSettings] = None, position_delta: Optional[Sequence[int]] = None):
-    """A patched ``model.clone()`` and its :class:`FluxAnyStoryPatch` (the input MODEL is not changed)."""
+                        settings: Optional[FluxSettings] = None, position_delta: Optional[Sequence[int]] = None,
+                        redux_gains: Optional[Sequence[float]] = None, ref_gains: Optional[Sequence[float]] = None,
+                        recorder=None, start_percent: float = 0.0, end_percent: float = 1.0,
+                        additional_models: Optional[list] = None, labels: Optional[list] = None):
+    """A patched ``model.clone()`` and its :class:`FluxAnyStoryPatch` (the input MODEL is not changed).
+    ``start_percent`` / ``end_percent``: the sampling progress outside which AnyStory does not act (on top of
+    the settings' step windows); ``additional_models``: patchers ComfyUI loads with the MODEL (the AnyStory
+    weights)."""
     dm = getattr(model.model, "diffusion_model", None)
     if dm is None or not hasattr(dm, "double_blocks") or not hasattr(dm, "single_blocks"):
         raise AnyStoryFluxError(f"AnyStory FLUX needs a FLUX MODEL, got {type(dm).__name__}: load FLUX.1-dev")
     m = model.clone()
     key_map = comfy.lora.model_lora_keys_unet(m.model, {})
     patch = FluxAnyStoryPatch(weights, subjects, key_map, len(dm.double_blocks), len(dm.single_blocks), settings,
-                              position_delta)
-    patch.install(m)
+                              position_delta, redux_gains, ref_gains, recorder)
+    ms = m.get_model_object("model_sampling")
+    driver = SamplingDriver(patch, ms.percent_to_sigma(start_percent), ms.percent_to_sigma(end_percent), patch.key,
+                            subject_labels=labels)
+    patch.install(m, driver, additional_models)
     return m, patch
+
+
+__all__ = ["AnyStoryFluxError", "FluxSettings", "FluxAnyStoryPatch", "apply_anystory_flux", "step_of",
+           "extra_dims"]

@@ -127,11 +127,12 @@ def test_fault_ref_lora_on_image_stream_is_detected(mods, flux_model, weights, c
 
 
 def test_fault_routing_mask_dropped_is_detected(mods, flux_model, weights, monkeypatch):
+    """Image queries that see every subject (the routing map not applied to the joint attention)."""
     blocks = mods["patch"].double_block_forward.__globals__
-    real = blocks["attention_bias"]
-    monkeypatch.setitem(blocks, "attention_bias",
-                        lambda layout, b, dt, dev, ref_mask=None, ref_shift=0.0, rmap=None:
-                        real(layout, b, dt, dev, ref_mask, ref_shift, None))
+    real = blocks["query_extras"]
+    monkeypatch.setitem(blocks, "query_extras",
+                        lambda text, image, n, b, dt, dev, rmap=None, null_rows=None:
+                        real(text, image, n, b, dt, dev, None, null_rows))
     err, bad_maps = _errors(mods, flux_model, weights, "case_2s_router1_cache0")
     assert err > 100 * ATOL, f"dropping the routing mask went unnoticed (max |Δ| {err:.2e})"
 

@@ -175,3 +175,42 @@ def test_routing_map_is_one_hot_argmax():
     assert m.shape == (1, 2, 10) and torch.equal(m.sum(1), torch.ones(1, 10))
     logits = torch.einsum("bnd,bld->bnl", q.view(1, 2, 2, 9, 8).mean((1, 3)), k.mean(1))
     assert torch.equal(m.argmax(1), logits.argmax(1))
+
+
+# --- the fast joint attention (no bias tensor) vs the dense bias ---------------------------------------
+def _merged(x):
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+@pytest.mark.parametrize("shift,routed", [(0.5, True), (0.0, True), (-1.25, False)])
+def test_fast_joint_attention_equals_the_dense_bias(shift, routed):
+    """Keys the ref_mask hides left out, the routing / shift carried in extra head dimensions: the same attention
+    as the authors' dense mask (their −100 offsets: exp(−100) is below fp32's resolution of the sums)."""
+    from anystory.flux.fast import KeyPlan, joint_attention, query_extras, visible_reference
+    g = torch.Generator().manual_seed(11)
+    n, P, R, img, Lr, H, D, b = 2, 5, 3, 6, 4, 2, 16, 2
+    lay = TokenLayout(prompt=P, redux=n * R, image=img, ref=n * Lr, num_conds=n)
+    q = torch.randn(b, H, lay.queries, D, generator=g)
+    k, v = torch.randn(b, H, lay.keys, D, generator=g), torch.randn(b, H, lay.keys, D, generator=g)
+    rmap = torch.zeros(b, n, img).scatter_(1, torch.randint(0, n, (b, 1, img), generator=g), 1.0)
+    ref_mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0], dtype=torch.float32).view(1, n * Lr, 1)
+    bias = attention_bias(lay, b, torch.float32, "cpu", ref_mask.expand(b, -1, -1), shift, rmap if routed else None)
+    want = _merged(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+
+    keep, owner = visible_reference([ref_mask[:, :Lr], ref_mask[:, Lr:]], [Lr, Lr], True)
+    assert keep.tolist() == [0, 2, 3, 5, 6] and owner == [0, 0, 0, 1, 1]
+    cols = torch.cat([torch.arange(lay.queries), lay.queries + keep])
+    plan = KeyPlan(P, [0] * R + [1] * R, img, owner, [shift] * len(owner), n)
+    assert plan.needs_extras(routed, False) == (routed or shift != 0)
+    qe = query_extras(lay.text, img, n, b, torch.float32, "cpu", rmap if routed else None)
+    got = joint_attention(q, k[:, :, cols], v[:, :, cols], qe, plan.extras(D, torch.float32, "cpu"))
+    assert (got - want).abs().max() < 2e-6
+
+    # a row of a negative prompt sees no subject: the plain attention over prompt and image keys
+    null = torch.tensor([False, True])
+    qe = query_extras(lay.text, img, n, b, torch.float32, "cpu", rmap if routed else None, null)
+    got = joint_attention(q, k[:, :, cols], v[:, :, cols], qe, plan.extras(D, torch.float32, "cpu"))
+    shared = torch.cat([torch.arange(P), torch.arange(lay.text, lay.queries)])
+    plain = _merged(torch.nn.functional.scaled_dot_product_attention(q[1:], k[1:, :, shared], v[1:, :, shared]))
+    assert (got[1:] - plain).abs().max() < 2e-6 and (got[:1] - want[:1]).abs().max() < 2e-6
