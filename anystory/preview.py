@@ -64,8 +64,9 @@ def parse_selection(spec: str, available: list, what: str) -> list:
 
 
 def default_layers(layer_order: list, max_rows: int = 12) -> list:
-    """One row per transformer stage (the first block of each SpatialTransformer), as Fig. 4."""
-    firsts = [k for k in layer_order if k[2] == 0]
+    """One row per transformer stage (the first block of each SpatialTransformer), as Fig. 4; for a
+    transformer's blocks (2-part keys, FLUX) up to ``max_rows`` blocks spread over the depth."""
+    firsts = [k for k in layer_order if len(k) < 3 or k[2] == 0]
     if len(firsts) > max_rows:
         step = len(firsts) / max_rows
         firsts = [firsts[int(i * step)] for i in range(max_rows)]

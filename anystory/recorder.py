@@ -68,6 +68,7 @@ class RoutingRecorder:
         self.idle: Optional[RunRecord] = None  # the last sampling in which AnyStory never acted (no maps)
         self._current: Optional[RunRecord] = None
         self.listeners: list = []  # callables(run, step) after each completed step (live preview)
+        self.no_maps_reason: Optional[str] = None  # why a run records no maps by design (for the preview)
 
     def __deepcopy__(self, memo):  # shared by every clone of the patched MODEL
         return self

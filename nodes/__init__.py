@@ -6,6 +6,7 @@ paths.register()
 from . import live  # noqa: E402
 from .apply import AnyStoryApply  # noqa: E402
 from .encode import AnyStorySubjectEncode  # noqa: E402
+from .flux.options import AnyStoryFluxOptions  # noqa: E402
 from .loader import AnyStoryModelLoader  # noqa: E402
 from .preview import AnyStoryRoutingPreview  # noqa: E402
 from .text import AnyStoryTextEncode  # noqa: E402
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "AnyStoryApply": AnyStoryApply,
     "AnyStoryRoutingPreview": AnyStoryRoutingPreview,
     "AnyStoryTextEncode": AnyStoryTextEncode,
+    "AnyStoryFluxOptions": AnyStoryFluxOptions,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AnyStoryApply": "AnyStory Apply",
     "AnyStoryRoutingPreview": "AnyStory Routing Preview",
     "AnyStoryTextEncode": "AnyStory Text Encode (subject words)",
+    "AnyStoryFluxOptions": "AnyStory FLUX Options",
 }

@@ -6,7 +6,7 @@ from ..anystory.routing import MODE_ATTENTION, MODE_AUTO, MODE_MASKS, MODE_MIXED
 from . import checks, live
 from .family import family_for
 from .sdxl import ApplyOptions
-from .types import ANYSTORY, ANYSTORY_ROUTING, ANYSTORY_SUBJECTS, AnyStoryError
+from .types import ANYSTORY, ANYSTORY_FLUX_OPTIONS, ANYSTORY_ROUTING, ANYSTORY_SUBJECTS, AnyStoryError
 
 ROUTER_MODES = (MODE_AUTO, MODE_ROUTER, MODE_ATTENTION, MODE_MASKS, MODE_MIXED)
 
@@ -18,17 +18,18 @@ class AnyStoryApply:
     RETURN_NAMES = ("model", "routing")
     OUTPUT_TOOLTIPS = ("A patched copy of the MODEL (the input MODEL is not changed): sample it with any sampler.",
                        "The routing maps of the next sampling with this MODEL, for AnyStoryRoutingPreview.")
-    DESCRIPTION = ("Patches an SDXL MODEL with AnyStory: each subject's tokens (η) and reference features (γ) "
-                   "are routed to the region the router assigns to that subject, so several subjects keep "
-                   "their own looks without blending. Stacks with IPAdapter (before or after), LoRAs and "
-                   "ControlNet. Two AnyStory Apply on one MODEL: both add their subject tokens; only the first "
-                   "keeps its reference features (γ), the second's are left out (a warning says so).")
+    DESCRIPTION = ("Patches an SDXL or FLUX.1-dev MODEL with AnyStory: each subject's tokens (η) and reference "
+                   "features (γ) are routed to the region the router assigns to that subject, so several subjects "
+                   "keep their own looks without blending. Stacks with IPAdapter (before or after), LoRAs and "
+                   "ControlNet. Two AnyStory Apply on one SDXL MODEL: both add their subject tokens; only the first "
+                   "keeps its reference features (γ), the second's are left out (a warning says so). FLUX: one "
+                   "AnyStory Apply per MODEL; its settings come from the optional AnyStory FLUX Options.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SDXL MODEL to patch (a copy is patched)."}),
+                "model": ("MODEL", {"tooltip": "The SDXL or FLUX.1-dev MODEL to patch (a copy is patched)."}),
                 "anystory": (ANYSTORY, {"tooltip": "From AnyStoryModelLoader — the same one the subjects were "
                                                    "encoded with."}),
                 "subjects": (ANYSTORY_SUBJECTS, {"tooltip": "From AnyStorySubjectEncode (chain one per subject)."}),
@@ -38,24 +39,27 @@ class AnyStoryApply:
                                 "given. router: the learned AnyStory router. attention: training-free, from the "
                                 "cross-attention of each subject's label words (positive prompt from AnyStory Text "
                                 "Encode). masks: region_masks only (background elsewhere). mixed: region masks "
-                                "where given, the router (learned, else attention) elsewhere."}),
+                                "where given, the router (learned, else attention) elsewhere. FLUX: auto or "
+                                "router only (the learned router; AnyStory FLUX Options switches it)."}),
                 "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
                                   "η — subject strength: weight of the routed subject tokens in cross-attention "
-                                  "(eq. 5). 0 = off."}),
+                                  "(eq. 5). 0 = off. FLUX: multiplies redux_scale (the Redux subject tokens)."}),
                 "gamma": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
                                     "γ — reference strength: how much attention the subject's reference features get "
                                     "in self-attention (eq. 6-8; logit offset ln γ, so 1 = as trained, 0 = off). "
-                                    "Keeps details."}),
+                                    "Keeps details. FLUX: adds ln γ to ref_shift (0 = no reference features)."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                                            "Sampling progress at which AnyStory starts acting."}),
+                                            "Sampling progress at which AnyStory starts acting (FLUX: on top of "
+                                            "the FLUX options' windows)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                                          "Sampling progress at which AnyStory stops acting."}),
+                                          "Sampling progress at which AnyStory stops acting (FLUX: on top of "
+                                          "the FLUX options' windows)."}),
             },
             "optional": {
                 "region_masks": ("MASK", {"tooltip": "One mask per subject, in subject order (white = that "
                                                      "subject's region, any size, stretched to the image). Used by "
                                                      "router_mode masks/mixed; an all-black mask leaves that subject "
-                                                     "to the router."}),
+                                                     "to the router. SDXL only."}),
                 "record_routing": ("BOOLEAN", {"default": True, "tooltip": "Keep the routing maps of each sampling "
                                                                            "for the preview (small, kept on the GPU "
                                                                            "until the end of the run)."}),
@@ -68,13 +72,17 @@ class AnyStoryApply:
                 "threshold": ("FLOAT", {"default": 0.35, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                                         "Attention router: a token belongs to a subject when that subject's "
                                         "normalised word attention there is at least this; else background."}),
+                "flux_options": (ANYSTORY_FLUX_OPTIONS, {"tooltip":
+                                 "FLUX only: the authors' settings (Redux and reference windows and strengths, ref "
+                                 "mask, router, ref cache) from AnyStory FLUX Options; absent = their defaults. SDXL "
+                                 "ignores it."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},  # the live routing preview in the editor (nodes/live.py)
         }
 
     def apply(self, model, anystory, subjects, router_mode="auto", eta=1.0, gamma=1.0, start_percent=0.0,
               end_percent=1.0, region_masks=None, record_routing=True, feather=0, warmup_steps=2, threshold=0.35,
-              unique_id=None):
+              flux_options=None, unique_id=None):
         anystory = checks.check_model(anystory)
         subjects = checks.check_subjects(subjects, anystory)
         if len(subjects) == 0:
@@ -84,7 +92,7 @@ class AnyStoryApply:
                                 "never act. Make start_percent ≤ end_percent.")
         options = ApplyOptions(router_mode=router_mode, eta=eta, gamma=gamma, start_percent=start_percent,
                                end_percent=end_percent, region_masks=region_masks, record_routing=record_routing,
-                               feather=feather, warmup_steps=warmup_steps, threshold=threshold)
+                               feather=feather, warmup_steps=warmup_steps, threshold=threshold, flux=flux_options)
         patched, routing = family_for(anystory, model).apply(model, anystory, subjects, options)
         live.attach(routing, unique_id)
         return (patched, routing)

@@ -52,7 +52,8 @@ def check_sdxl_model(model, anystory: AnyStoryModel) -> LayerLayout:
     family = type(base).__name__ if base is not None else type(model).__name__
     if unet is None or not hasattr(unet, "input_blocks"):
         raise AnyStoryError(f"AnyStory works on SDXL-family UNet models; the connected MODEL is {family}, which "
-                            "has no UNet (Flux, SD3 and other transformers are not supported).")
+                            "has no UNet (FLUX.1 needs the AnyStory FLUX file, anystory_flux.bin; SD3 and other "
+                            "transformers are not supported).")
     cfg = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
     ctx = cfg.get("context_dim")
     adm = cfg.get("adm_in_channels")
@@ -71,7 +72,8 @@ def check_sdxl_model(model, anystory: AnyStoryModel) -> LayerLayout:
 def check_clip_width(anystory: AnyStoryModel, feats: torch.Tensor) -> None:
     want = anystory.adapter.subject_proj.embedding_dim
     if feats.shape[-1] != want:
-        names = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14", 768: "CLIP ViT-B"}
+        names = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14", 768: "CLIP ViT-B",
+                 1152: "SigLIP so400m, the FLUX Redux vision model"}
         raise AnyStoryError(
             f"the CLIP vision model gives {feats.shape[-1]}-wide features ({names.get(feats.shape[-1], 'unknown')}), "
             f"but {anystory.name} needs {want} ({names.get(want, '?')}). Load CLIP-ViT-H-14-laion2B-s32B-b79K "

@@ -26,17 +26,22 @@ class AnyStorySubjectEncode:
     OUTPUT_TOOLTIPS = ("The subjects so far, this one last (its index and colour in the routing preview).",
                        "The segmented, square-cropped subject as the encoders saw it (512²).")
     DESCRIPTION = ("Encodes one subject for AnyStory once per graph run: CLIP-H tokens → subject tokens E_i "
-                   "and routing feature R_i, and ReferenceNet features G_i for detail preservation. Chain "
-                   "several of these to put several subjects in one image.")
+                   "and routing feature R_i, and ReferenceNet features G_i for detail preservation (SDXL); "
+                   "SigLIP → FLUX.1 Redux + AnyStory → 81 subject and 9 routing tokens, and the FLUX VAE latent "
+                   "of the subject as reference (FLUX). Chain several of these to put several subjects in one "
+                   "image.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "anystory": (ANYSTORY, {"tooltip": "From AnyStoryModelLoader."}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP-ViT-H-14 (laion2B-s32B-b79K), the encoder the "
-                                                           "AnyStory / IP-Adapter Plus SDXL ViT-H weights expect."}),
-                "vae": ("VAE", {"tooltip": "The SDXL VAE: encodes the subject for the ReferenceNet."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "SDXL: CLIP-ViT-H-14 (laion2B-s32B-b79K), the encoder the "
+                                                           "AnyStory / IP-Adapter Plus SDXL ViT-H weights expect. "
+                                                           "FLUX: SigLIP so400m-384 "
+                                                           "(sigclip_vision_patch14_384.safetensors, as for Redux)."}),
+                "vae": ("VAE", {"tooltip": "The VAE of the model you sample (SDXL VAE / FLUX ae.safetensors): "
+                                           "encodes the subject for the reference features."}),
                 "image": ("IMAGE", {"tooltip": "The subject. Several images in a batch = several views of the "
                                                "same subject (their tokens are averaged / pooled)."}),
             },
@@ -44,8 +49,9 @@ class AnyStorySubjectEncode:
                 "mask": ("MASK", {"tooltip": "Where the subject is: WHITE = subject. LoadImage's MASK is white on "
                                              "the transparent BACKGROUND, so put InvertMask in between. Any size "
                                              "(resized). Empty: the alpha channel, else the whole image."}),
-                "model": ("MODEL", {"tooltip": "The SDXL MODEL you sample with. Without a native ReferenceNet it "
-                                               "is used as the ReferenceNet (shared mode) for detail preservation."}),
+                "model": ("MODEL", {"tooltip": "The MODEL you sample with. SDXL without a native ReferenceNet: used "
+                                               "as the ReferenceNet (shared mode) for detail preservation. FLUX: "
+                                               "only checked (the reference pass runs at AnyStory Apply)."}),
                 "subjects": (ANYSTORY_SUBJECTS, {"tooltip": "Subjects encoded before; this subject is appended."}),
                 "label": ("STRING", {"default": "", "multiline": False, "tooltip":
                                      "Words of the positive prompt that name this subject (e.g. 'the man', "
@@ -55,13 +61,17 @@ class AnyStorySubjectEncode:
                                        "of AnyStoryApply for this subject."}),
                 "reference": (list(REFERENCE_MODES), {"default": "auto", "tooltip":
                               "ReferenceNet for detail preservation: auto = native if loaded, else the connected "
-                              "MODEL (shared), else off; off = subject tokens only."}),
+                              "MODEL (shared), else off; off = subject tokens only. FLUX: anything but off = the "
+                              "authors' reference features."}),
+                "style_model": ("STYLE_MODEL", {"tooltip": "FLUX only: FLUX.1 Redux (flux1-redux-dev.safetensors "
+                                                           "from StyleModelLoader), the base of AnyStory FLUX's "
+                                                           "subject encoder. SDXL ignores it."}),
             },
         }
 
     @torch.no_grad()  # ComfyUI runs nodes in inference mode; direct Python callers must not build graphs
     def encode(self, anystory, clip_vision, vae, image, mask=None, model=None, subjects=None, label="",
-               strength=1.0, reference="auto"):
+               strength=1.0, reference="auto", style_model=None):
         anystory = checks.check_model(anystory)
         if subjects is not None:
             checks.check_subjects(subjects, anystory, "the chained 'subjects' input", "another AnyStorySubjectEncode")
@@ -71,9 +81,9 @@ class AnyStorySubjectEncode:
         index = len(subjects) if subjects is not None else 0
         subject, E_bg, R_bg, crop = family.encode(anystory, clip_vision, vae, image, mask=mask, model=model,
                                                   label=label, strength=strength, reference=reference, index=index,
-                                                  pbar=comfy.utils.ProgressBar(4))
+                                                  pbar=comfy.utils.ProgressBar(4), style_model=style_model)
         if subjects is None:
-            out = SubjectList(anystory.uid, anystory.name, [subject], E_bg, R_bg)
+            out = SubjectList(anystory.uid, anystory.name, [subject], E_bg, R_bg, family.name)
         else:
             refs = subject.refs
             if refs is not None and any(s.refs is not None and s.refs.source != refs.source for s in subjects.subjects):

@@ -1,13 +1,14 @@
-"""The model-family seam of the nodes: which family (SDXL; FLUX.1 when its package is present) an
-ANYSTORY value and a ComfyUI MODEL belong to. Each family provides ``owns(anystory)``,
-``owns_model(model)``, ``check_model(model, anystory)``, ``encode(...)`` and ``apply(...)``; the node
-classes call these and never branch on the family themselves."""
+"""The model-family seam of the nodes: which family (SDXL, FLUX.1) an ANYSTORY value, a model file and a
+ComfyUI MODEL belong to. Each family provides ``claims_file(path)``, ``load_file(...)``, ``owns(anystory)``,
+``owns_model(model)``, ``check_model(model, anystory)``, ``encode(...)`` and ``apply(...)``; the node classes
+call these and never branch on the family themselves."""
 from __future__ import annotations
 
+from .flux.family import FLUX
 from .sdxl import SDXL
 from .types import AnyStoryError, AnyStoryModel
 
-FAMILIES = [SDXL]
+FAMILIES = [SDXL, FLUX]  # the first is the default: it reads (and explains) every file no other family claims
 
 
 def register(family) -> None:
@@ -34,3 +35,11 @@ def family_for(anystory: AnyStoryModel, model=None):
                                 f"{other.name}: load a {fam.name} checkpoint, or pick the AnyStory {other.name} "
                                 "file in AnyStoryModelLoader.")
     return fam  # the family's own check_model says what else is wrong with the MODEL
+
+
+def family_of_file(path: str):
+    """The family whose loader reads ``path``: the first of the others that claims it, else the default."""
+    for fam in FAMILIES[1:]:
+        if fam.claims_file(path):
+            return fam
+    return FAMILIES[0]

@@ -1,5 +1,7 @@
 """AnyStoryModelLoader: "router loading" — adapter (subject branch + per-layer Ŵ_k/Ŵ_v), router, and an
-optional native ReferenceNet, from models/anystory (IP-Adapter Plus files also from models/ipadapter)."""
+optional native ReferenceNet, from models/anystory (IP-Adapter Plus files also from models/ipadapter); or the
+authors' AnyStory FLUX file (anystory_flux.bin or its .safetensors conversion). Which family reads a file is
+nodes/family.py's choice."""
 from __future__ import annotations
 
 import logging
@@ -8,13 +10,10 @@ import os
 import torch
 
 import comfy.model_management as mm
-import comfy.model_patcher
 
-from ..anystory import checkpoint
-from ..anystory.layers import layout_from_state_dict
 from . import paths, state
-from .checks import check_weights_finite
-from .types import ANYSTORY, AnyStoryError, AnyStoryModel
+from .family import family_of_file
+from .types import ANYSTORY, AnyStoryModel
 
 log = logging.getLogger("anystory")
 
@@ -40,28 +39,10 @@ def load_model(model_name: str, refnet_name: str = "none") -> AnyStoryModel:
     if hit is not None:
         state.LOADED.move_to_end(key)
         return hit
-    try:
-        adapter = checkpoint.load_adapter(path)
-        refnet = checkpoint.load_refnet(rpath) if rpath else None
-    except checkpoint.CheckpointError as e:
-        raise AnyStoryError(str(e)) from None
-    if refnet is not None:
-        rl = layout_from_state_dict(refnet.state_dict)
-        if sorted(adapter.layer_dims.items()) != rl.signature():
-            raise AnyStoryError(
-                f"the ReferenceNet {refnet_name!r} has {len(rl)} self-attention layers ({rl.describe()}), but the "
-                f"AnyStory model {model_name!r} has {len(adapter.layer_dims)} cross-attention layers; both files "
-                "must be made for the same base model.")
-    check_weights_finite(model_name, list(adapter.state_dict().items()))
-    if refnet is not None:
-        check_weights_finite(refnet_name, list(refnet.state_dict.items()))
     load_device = mm.get_torch_device()
-    dtype = compute_dtype(load_device)
-    adapter = adapter.to(dtype).eval().requires_grad_(False)
-    check_weights_finite(model_name, list(adapter.state_dict().items()), dtype)
-    patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=load_device,
-                                               offload_device=mm.unet_offload_device())
-    model = AnyStoryModel(name=model_name, adapter=adapter, patcher=patcher, refnet=refnet, refnet_name=refnet_name)
+    fam = family_of_file(path)
+    model = fam.load_file(model_name, path, rpath, refnet_name, compute_dtype(load_device), load_device,
+                          mm.unet_offload_device())
     state.LOADED[key] = model
     while len(state.LOADED) > state.LOADED_SIZE:
         state.LOADED.popitem(last=False)
@@ -79,7 +60,8 @@ class AnyStoryModelLoader:
                        "AnyStory, public IP-Adapter Plus weights or training-free stand-ins.")
     DESCRIPTION = ("Loads an AnyStory SDXL model (native file, or the public ip-adapter-plus_sdxl_vit-h as "
                    "subject encoder) from models/anystory or models/ipadapter, and optionally a native "
-                   "ReferenceNet.")
+                   "ReferenceNet; or the AnyStory FLUX.1-dev model (anystory_flux.bin, or its .safetensors "
+                   "conversion). The info output says which.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -87,11 +69,12 @@ class AnyStoryModelLoader:
         return {"required": {
             "model_name": (files, {"tooltip": "AnyStory SDXL file (anystory_sdxl.safetensors) or "
                                               "ip-adapter-plus_sdxl_vit-h (.safetensors or .bin) from "
-                                              "models/anystory or models/ipadapter."}),
+                                              "models/anystory or models/ipadapter; or the AnyStory FLUX file "
+                                              "(anystory_flux.bin / .safetensors) from models/anystory."}),
             "refnet_name": (["none"] + files, {"default": "none", "tooltip":
                             "Native AnyStory ReferenceNet (anystory_sdxl_refnet.safetensors). 'none' uses the "
                             "connected SDXL MODEL itself as ReferenceNet (shared mode) when the encode node "
-                            "gets a MODEL."}),
+                            "gets a MODEL. FLUX: always 'none' (its reference pass runs the FLUX MODEL)."}),
         }}
 
     def load(self, model_name, refnet_name="none"):

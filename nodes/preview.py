@@ -33,6 +33,9 @@ def _font(size: int):
 
 
 def _layer_name(key) -> str:
+    if len(key) == 2:  # a transformer's blocks: ("double", 3) → dbl3, ("single", 12) → sgl12
+        kind, idx = key
+        return {"double": "dbl", "single": "sgl"}.get(kind, str(kind)[:3]) + str(idx)
     name, idx, j = key
     return f"{name[:3]}{idx}.{j}" if name != "middle" else f"mid.{j}"
 
@@ -116,6 +119,9 @@ class AnyStoryRoutingPreview:
         if not matched and idle is not None and _same_latent(idle.output, samples):
             return self._idle(routing, samples, cell_size)
         if run is None:
+            reason = getattr(routing, "no_maps_reason", None)
+            if reason:
+                raise AnyStoryError(f"no routing maps to show: {reason}")
             raise AnyStoryError("no routing maps were recorded: sample with the MODEL that AnyStoryApply returned "
                                 "(with record_routing on) before this node")
         if not matched:

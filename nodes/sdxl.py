@@ -14,10 +14,12 @@ from typing import Optional
 import torch
 
 import comfy.model_management as mm
+import comfy.model_patcher
 
+from ..anystory import checkpoint
 from ..anystory.adapter import AnyStoryAdapter
 from ..anystory.attention_router import AttentionRouter, observed_layers
-from ..anystory.layers import transformer_blocks
+from ..anystory.layers import layout_from_state_dict, transformer_blocks
 from ..anystory.paper.reference import ReferenceFeatures
 from ..anystory.patch import RoutedPatch, RoutingInputs
 from ..anystory.prepare import prepare_subject
@@ -49,11 +51,39 @@ class ApplyOptions:
     feather: int = 0
     warmup_steps: int = 2
     threshold: float = 0.35
+    flux: Optional[object] = None  # ANYSTORY_FLUX_OPTIONS (nodes/flux/options.py); the SDXL family ignores it
 
 
 class SDXLFamily:
     name = "SDXL"
 
+    # --- files -----------------------------------------------------------------------------------------
+    def claims_file(self, path: str) -> bool:
+        return True  # the default family: its reader says what any other file is
+
+    def load_file(self, model_name: str, path: str, refnet_path: Optional[str], refnet_name: str, dtype,
+                  load_device, offload_device) -> AnyStoryModel:
+        try:
+            adapter = checkpoint.load_adapter(path)
+            refnet = checkpoint.load_refnet(refnet_path) if refnet_path else None
+        except checkpoint.CheckpointError as e:
+            raise AnyStoryError(str(e)) from None
+        if refnet is not None:
+            rl = layout_from_state_dict(refnet.state_dict)
+            if sorted(adapter.layer_dims.items()) != rl.signature():
+                raise AnyStoryError(
+                    f"the ReferenceNet {refnet_name!r} has {len(rl)} self-attention layers ({rl.describe()}), but the "
+                    f"AnyStory model {model_name!r} has {len(adapter.layer_dims)} cross-attention layers; both files "
+                    "must be made for the same base model.")
+        checks.check_weights_finite(model_name, list(adapter.state_dict().items()))
+        if refnet is not None:
+            checks.check_weights_finite(refnet_name, list(refnet.state_dict.items()))
+        adapter = adapter.to(dtype).eval().requires_grad_(False)
+        checks.check_weights_finite(model_name, list(adapter.state_dict().items()), dtype)
+        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=load_device, offload_device=offload_device)
+        return AnyStoryModel(name=model_name, adapter=adapter, patcher=patcher, refnet=refnet, refnet_name=refnet_name)
+
+    # --- the seam ----------------------------------------------------------------------------------------
     def owns(self, anystory: AnyStoryModel) -> bool:
         return isinstance(anystory.adapter, AnyStoryAdapter)
 
@@ -78,9 +108,12 @@ class SDXLFamily:
         return mode
 
     def encode(self, anystory: AnyStoryModel, clip_vision, vae, image, mask=None, model=None, label: str = "",
-               strength: float = 1.0, reference: str = "auto", index: int = 0, pbar=None):
+               strength: float = 1.0, reference: str = "auto", index: int = 0, pbar=None, style_model=None):
         """One subject: (Subject with E_i, R_i, G_i^l, E_{N+1}, R_{N+1}, the crop the encoders saw [S, S, 3]
         on the device). The reference mode and the MODEL are checked before the expensive encoders run."""
+        if style_model is not None:
+            log.warning("AnyStory: the style_model input (FLUX.1 Redux) is used by AnyStory FLUX models only; %s is "
+                        "an SDXL model and ignores it", anystory.name)
         mode = self.reference_mode(anystory, reference, model)
         if model is not None and mode != "off":
             self.check_model(model, anystory)
@@ -125,6 +158,9 @@ class SDXLFamily:
     def apply(self, model, anystory: AnyStoryModel, subjects: SubjectList, opt: ApplyOptions, node_id=None):
         """(a patched clone of ``model``, its RoutingRecorder)."""
         layout = self.check_model(model, anystory)
+        if opt.flux is not None:
+            log.warning("AnyStory: flux_options (AnyStory FLUX Options) apply to FLUX models only; %s is an SDXL model "
+                        "and ignores them", anystory.name)
         n = len(subjects)
         masks = checks.check_region_masks(opt.region_masks, n)
         ad = anystory.adapter

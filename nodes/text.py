@@ -90,6 +90,10 @@ class AnyStoryTextEncode:
             raise AnyStoryError("no CLIP connected: the checkpoint may have no text encoders")
         if not isinstance(subjects, SubjectList):
             raise AnyStoryError("the 'subjects' input must come from AnyStorySubjectEncode")
+        if getattr(subjects, "family", "SDXL") != "SDXL":  # FLUX: the learned router needs no label positions
+            log.warning("AnyStory: AnyStory Text Encode is not needed with %s subjects (its router needs no label "
+                        "words); the prompt is encoded as CLIPTextEncode does", subjects.family)
+            return (clip.encode_from_tokens_scheduled(clip.tokenize(text)),)
         labels = [s.label for s in subjects.subjects]
         if not any(labels):
             raise AnyStoryError("no subject has a label: set 'label' on each AnyStorySubjectEncode to the words that "

@@ -1,4 +1,5 @@
-"""The values that travel on AnyStory's sockets: ANYSTORY, ANYSTORY_SUBJECTS, ANYSTORY_ROUTING.
+"""The values that travel on AnyStory's sockets: ANYSTORY, ANYSTORY_SUBJECTS, ANYSTORY_ROUTING,
+ANYSTORY_FLUX_OPTIONS (nodes/flux/options.py).
 
 Socket type names are public API (workflows store them); never rename them.
 """
@@ -18,6 +19,7 @@ from ..anystory.preview import MAX_SUBJECTS
 ANYSTORY = "ANYSTORY"
 ANYSTORY_SUBJECTS = "ANYSTORY_SUBJECTS"
 ANYSTORY_ROUTING = "ANYSTORY_ROUTING"
+ANYSTORY_FLUX_OPTIONS = "ANYSTORY_FLUX_OPTIONS"
 
 
 class AnyStoryError(ValueError):
@@ -29,13 +31,14 @@ class AnyStoryError(ValueError):
 class AnyStoryModel:
     """ANYSTORY: what AnyStoryModelLoader loaded ("router loading").
 
-    adapter: subject QFormer + per-layer Ŵ_k/Ŵ_v (+ routing QFormer and router when native).
+    adapter: SDXL: subject QFormer + per-layer Ŵ_k/Ŵ_v (+ routing QFormer and router when native);
+        FLUX: ``anystory.flux.adapter.FluxAdapter`` (the LoRAs and encoder additions of anystory_flux).
     patcher: a ComfyUI ModelPatcher around ``adapter`` so model_management loads/offloads it.
-    refnet: native ReferenceNet weights, or None (then the shared-UNet stand-in is used).
+    refnet: native ReferenceNet weights, or None (then the shared-UNet stand-in is used; SDXL only).
     """
 
     name: str
-    adapter: AnyStoryAdapter
+    adapter: "AnyStoryAdapter | object"
     patcher: object
     refnet: Optional[RefNetWeights] = None
     refnet_name: Optional[str] = None
@@ -45,16 +48,22 @@ class AnyStoryModel:
     def __deepcopy__(self, memo):
         return self
 
+    @property
+    def family(self) -> str:
+        return getattr(self.adapter, "family", "SDXL")
+
     def describe(self) -> str:
         slots = dict(self.adapter.slots)
-        slots["ReferenceNet"] = ("native AnyStory" if self.refnet is not None
-                                 else "training-free (shared UNet, connect MODEL on the encode node)")
+        if self.family == "SDXL":
+            slots["ReferenceNet"] = ("native AnyStory" if self.refnet is not None
+                                     else "training-free (shared UNet, connect MODEL on the encode node)")
         return f"{self.name} — " + "; ".join(f"{k}: {v}" for k, v in slots.items())
 
 
 @dataclass(eq=False)
 class Subject:
-    """One encoded subject i: E_i, R_i, G_i^l (cached once) and what the UI shows of it."""
+    """One encoded subject i: E_i, R_i, G_i^l (cached once) and what the UI shows of it. FLUX: E = the 81 Redux
+    subject tokens [81, 4096], R = the 9 routing tokens [9, 4096], refs = anystory.flux.subject.FluxReference."""
 
     E: torch.Tensor                     # [m, 2048]
     R: Optional[torch.Tensor]           # [1, 2048] or None
@@ -68,13 +77,15 @@ class Subject:
 @dataclass(eq=False)
 class SubjectList:
     """ANYSTORY_SUBJECTS: subjects in order (order = index = colour), plus the background route
-    (E_{N+1}, R_{N+1} from an all-zero image), all made with one ANYSTORY model."""
+    (E_{N+1}, R_{N+1} from an all-zero image; None for FLUX, whose router has no background route), all made with
+    one ANYSTORY model of ``family``."""
 
     model_uid: str
     model_name: str
     subjects: list
-    E_bg: torch.Tensor
+    E_bg: Optional[torch.Tensor]
     R_bg: Optional[torch.Tensor]
+    family: str = "SDXL"
 
     def __deepcopy__(self, memo):
         return self
@@ -87,7 +98,8 @@ class SubjectList:
             raise AnyStoryError(
                 f"AnyStory takes at most {MAX_SUBJECTS} subjects in one image; this chain already has "
                 f"{len(self.subjects)}. Split the scene or drop a subject.")
-        return SubjectList(self.model_uid, self.model_name, self.subjects + [subject], self.E_bg, self.R_bg)
+        return SubjectList(self.model_uid, self.model_name, self.subjects + [subject], self.E_bg, self.R_bg,
+                           self.family)
 
     @property
     def labels(self) -> list:

@@ -43,8 +43,8 @@ class SubjectEncoder(nn.Module):
         if down.shape[1] != up.shape[0]:
             raise ValueError(f"redux_up {tuple(up.shape)} and redux_down {tuple(down.shape)} do not chain")
         self.output_size = int(output_size)
-        for name, tensor in sd.items():
-            self.register_buffer(name.replace(".", "__"), tensor.detach().clone(), persistent=False)
+        for name, tensor in sd.items():  # held, not copied: two encoders on one Redux share its weights
+            self.register_buffer(name.replace(".", "__"), tensor.detach(), persistent=False)
         a = sd["redux_up_lora_A.weight"]
         if a.shape[1] != self.redux_dim or sd["gate_proj.weight"].shape[1] != self.width:
             raise ValueError(f"the AnyStory encoder additions (LoRA A {tuple(a.shape)}, gate "

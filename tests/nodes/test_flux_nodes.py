@@ -1,0 +1,431 @@
+"""AnyStory FLUX through the pack's node classes, in-process against real ComfyUI (the tiny FLUX of the goldens):
+the loader recognises the authors' file and its conversion; cross-family wiring is refused naming both families;
+AnyStoryModelLoader → AnyStorySubjectEncode ×2 → AnyStoryFluxOptions → AnyStoryApply → ComfyUI's sampler
+reproduces the AUTHORS' final latents and routing maps (tests/goldens/flux); each option of the authors' generate()
+changes the image where theirs does; the routing preview renders FLUX runs; the input MODEL is never changed.
+
+The encoders' inputs are the goldens' own: the CLIP vision stand-in returns the authors' SigLIP hidden states, the
+VAE stand-in the authors' reference latent, and the token masks are the authors' (their pooling is held to the
+authors' formula in tests/anystory/flux); the Redux STYLE_MODEL is ComfyUI's ``ReduxImageEncoder`` with the goldens'
+Redux weights; everything from there on is the pack's node path.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_harness import load_module  # registered by tests/nodes/conftest.py
+
+ff = load_module("flux_fixtures", Path(__file__).with_name("flux_fixtures.py"))
+F = load_module("anystory_fixtures", Path(__file__).with_name("anystory_fixtures.py"))
+
+temp_dir = F.temp_dir  # ComfyUI's temp folder for the preview PNGs (fixture)
+STEPS = 4
+BIN = "anystory_flux_tiny.bin"
+SFT = "anystory_flux_tiny.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flux_model(comfy):
+    return ff.tiny_flux(comfy)
+
+
+@pytest.fixture(scope="module")
+def models_dir(comfy, pack, tmp_path_factory):
+    """models/anystory with the goldens' random AnyStory FLUX file (.bin) and its safetensors conversion."""
+    fp = comfy.folder_paths
+    paths = F.pack_mod("nodes.paths")
+    ckpt = F.pack_mod("anystory.flux.checkpoint")
+    d = tmp_path_factory.mktemp("flux-models")
+    shutil.copyfile(ff.GOLDEN / BIN, d / BIN)
+    parts, alphas = ckpt.read_flux_parts(str(d / BIN))
+    ckpt.save_flux_safetensors(parts, str(d / SFT), alphas=alphas)
+    old = {k: fp.folder_names_and_paths.get(k) for k in paths.FOLDERS}
+    fp.folder_names_and_paths["anystory"] = ([str(d)], set(paths.EXTENSIONS))
+    fp.folder_names_and_paths["ipadapter"] = ([str(d / "none")], set(paths.EXTENSIONS))
+    try:
+        yield d
+    finally:
+        for k, v in old.items():
+            if v is None:
+                fp.folder_names_and_paths.pop(k, None)
+            else:
+                fp.folder_names_and_paths[k] = v
+
+
+@pytest.fixture(scope="module")
+def anystory(pack, models_dir):
+    am, info = F.node(pack, "AnyStoryModelLoader").load(BIN)["result"]
+    return am
+
+
+@pytest.fixture(scope="module")
+def redux(comfy):
+    """ComfyUI's STYLE_MODEL of FLUX.1 Redux with the goldens' (tiny) Redux weights."""
+    import comfy.ldm.flux.redux
+    import comfy.sd
+    base = ff.redux_base()
+    m = comfy.ldm.flux.redux.ReduxImageEncoder(redux_dim=base["redux_up.weight"].shape[1],
+                                               txt_in_features=base["redux_down.weight"].shape[0])
+    m.load_state_dict(base)
+    return comfy.sd.StyleModel(m)
+
+
+class GoldenSiglip:
+    """CLIP_VISION stand-in: the authors' SigLIP last hidden state of subject k (``image_size`` as SigLIP-384)."""
+
+    image_size = 384
+
+    def __init__(self, k: int, current: dict):
+        self.k, self.current = k, current
+
+    def encode_image(self, image, crop=True):
+        import comfy.clip_vision
+        self.current["k"] = self.k
+        out = comfy.clip_vision.Output()
+        out["last_hidden_state"] = ff.inputs()[f"subject{self.k}.siglip"].clone()
+        return out
+
+
+class GoldenVAE:
+    """VAE stand-in: the authors' reference latent of subject k, as ComfyUI's FLUX VAE returns it (before the
+    model's latent format: x / 0.3611 + 0.1159)."""
+
+    latent_channels = 16
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def encode(self, pixels):
+        s = ff.config()["ref_size"] // 8
+        packed = ff.inputs()[f"subject{self.k}.ref_latents_packed"]
+        return ff.unpack(packed, s, s) / 0.3611 + 0.1159
+
+
+@pytest.fixture
+def golden_masks(pack, monkeypatch):
+    """The token masks of the goldens (the authors' pooling of their masks) for the subject being encoded."""
+    fam = F.pack_mod("nodes.flux.family")
+    current = {"k": 0}
+    inp = ff.inputs()
+    ref_grid = ff.config()["ref_size"] // 16
+
+    def token_mask(mask, grid=27):
+        k = current["k"]
+        return (inp[f"subject{k}.ref_mask"] if grid == ref_grid else inp[f"subject{k}.token_mask"]).clone()
+
+    monkeypatch.setattr(fam, "siglip_token_mask", token_mask)
+    return current
+
+
+def _image(seed=0, size=(96, 80)):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(1, size[0], size[1], 3, generator=g)
+    mask = torch.zeros(1, *size)
+    mask[:, 10:80, 15:60] = 1
+    return img, mask
+
+
+def encode_subjects(pack, anystory, redux, current, n: int, reference: str = "auto"):
+    enc = F.node(pack, "AnyStorySubjectEncode")
+    subjects = None
+    for k in range(n):
+        img, mask = _image(k)
+        out = enc.encode(anystory, GoldenSiglip(k, current), GoldenVAE(k), img, mask=mask, subjects=subjects,
+                         label=f"s{k}", reference=reference, style_model=redux)
+        subjects = out["result"][0]
+    return subjects
+
+
+def golden_options(pack, meta: dict, **over):
+    kw = dict(redux_scale=meta["redux_scale"], redux_start=meta["redux_start_at"], redux_end=meta["redux_end_at"],
+              ref_start=meta["ref_start_at"], ref_end=meta["ref_end_at"], ref_shift=meta["ref_shift"],
+              ref_mask=meta["enable_ref_mask"], router="on" if meta["router"] else "off", ref_cache=meta["ref_cache"])
+    kw.update(over)
+    return F.node(pack, "AnyStoryFluxOptions").options(**kw)[0]
+
+
+def sample(comfy, model, meta: dict):
+    """comfy.sample.sample_custom: euler on the authors' sigmas, cfg 1, FLUX guidance in the conditioning;
+    the final latent in the authors' packed, processed form."""
+    import comfy.sample
+    import comfy.samplers
+    inp = ff.inputs()
+    cond = [[inp["prompt_embeds"], {"pooled_output": inp["pooled"], "guidance": meta["guidance_scale"]}]]
+    noise = ff.unpack(inp["latents_packed"], 16, 16)
+    out = comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.sampler_object("euler"), inp["sigmas"],
+                                     cond, cond, torch.zeros_like(noise), disable_pbar=True, seed=0)
+    lf = model.model.latent_format
+    return ff.pack((out - lf.shift_factor) * lf.scale_factor)
+
+
+def run_nodes(pack, comfy, model, anystory, redux, current, name: str, apply_kw=None, **over):
+    golden, meta = ff.case(name)
+    subjects = encode_subjects(pack, anystory, redux, current, meta["subjects"])
+    opts = golden_options(pack, meta, **over)
+    patched, routing = F.node(pack, "AnyStoryApply").apply(model, anystory, subjects, flux_options=opts,
+                                                          **(apply_kw or {}))
+    return sample(comfy, patched, meta), routing, golden, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# the loader
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [BIN, SFT])
+def test_loader_recognises_the_flux_file_and_its_conversion(pack, models_dir, name):
+    res = F.node(pack, "AnyStoryModelLoader").load(name)
+    am, info = res["result"]
+    assert am.family == "FLUX" and "FLUX.1 (2 double + 2 single blocks)" in info
+    assert "ReferenceNet" not in info and res["ui"]["text"] == [info]
+    w = am.adapter.weights
+    lw = next(iter(w.ref_lora.values()))
+    assert any(lw.down is p for p in am.adapter.parameters()), "the LoRA tensors are the patcher's parameters"
+    with pytest.raises(F.pack_error(), match="no ReferenceNet file"):
+        F.node(pack, "AnyStoryModelLoader").load(name, refnet_name=BIN)
+
+
+def test_the_two_files_give_the_same_weights(pack, models_dir):
+    a, _ = F.node(pack, "AnyStoryModelLoader").load(BIN)["result"]
+    b, _ = F.node(pack, "AnyStoryModelLoader").load(SFT)["result"]
+    wa, wb = a.adapter.weights, b.adapter.weights
+    for ga, gb in ((wa.ref_lora, wb.ref_lora), (wa.router_lora, wb.router_lora)):
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            assert torch.equal(ga[k].down, gb[k].down) and torch.equal(ga[k].up, gb[k].up), k
+            assert ga[k].scale == gb[k].scale, k
+    assert wa.alphas == wb.alphas and a.adapter.nbytes() == b.adapter.nbytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# cross-family wiring and wrong encoders
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sdxl(harness, pack):
+    model = harness.tiny_sdxl(seed=0)
+    layout = F.pack_mod("anystory.layers").discover_layout(model.model.diffusion_model)
+    return model, F.make_anystory(layout)
+
+
+def test_flux_file_on_an_sdxl_model_is_refused_naming_both(pack, anystory, redux, sdxl, golden_masks):
+    sdxl_model, _ = sdxl
+    img, mask = _image()
+    enc = F.node(pack, "AnyStorySubjectEncode")
+    msg = F.raises_pack_error(lambda: enc.encode(anystory, GoldenSiglip(0, golden_masks), GoldenVAE(0), img,
+                                                 mask=mask, model=sdxl_model, style_model=redux), "FLUX", "SDXL")
+    assert BIN in msg
+    subjects = encode_subjects(pack, anystory, redux, golden_masks, 1)
+    F.raises_pack_error(lambda: F.node(pack, "AnyStoryApply").apply(sdxl_model, anystory, subjects), "AnyStory FLUX",
+                        "SDXL")
+
+
+def test_sdxl_file_on_a_flux_model_is_refused_naming_both(pack, flux_model, sdxl):
+    _, sdxl_am = sdxl
+    img, mask = _image()
+    enc = F.node(pack, "AnyStorySubjectEncode")
+    F.raises_pack_error(lambda: enc.encode(sdxl_am, F.FakeClipVision(), F.FakeVAE(), img, mask=mask,
+                                           model=flux_model), "AnyStory SDXL", "FLUX")
+    subjects = enc.encode(sdxl_am, F.FakeClipVision(), F.FakeVAE(), img, mask=mask, reference="off")["result"][0]
+    F.raises_pack_error(lambda: F.node(pack, "AnyStoryApply").apply(flux_model, sdxl_am, subjects), "AnyStory SDXL",
+                        "FLUX")
+
+
+class ClipH:
+    """A CLIP ViT-H/14-like vision model (224 px, 257 tokens × 1280)."""
+
+    def __init__(self, image_size=224):
+        self.image_size = image_size
+
+    def encode_image(self, image, crop=True):
+        import comfy.clip_vision
+        out = comfy.clip_vision.Output()
+        out["last_hidden_state"] = torch.zeros(image.shape[0], 257, 1280)
+        out["penultimate_hidden_states"] = torch.zeros(image.shape[0], 257, 1280)
+        return out
+
+
+class Siglip:
+    """A SigLIP-so400m-like vision model for the SDXL side (729 tokens × 1152)."""
+
+    image_size = 384
+
+    def encode_image(self, image, crop=True):
+        import comfy.clip_vision
+        out = comfy.clip_vision.Output()
+        out["last_hidden_state"] = out["penultimate_hidden_states"] = torch.zeros(image.shape[0], 729, 1152)
+        return out
+
+
+def test_flux_encode_needs_redux_and_siglip_and_sdxl_refuses_siglip(pack, anystory, redux, sdxl, golden_masks):
+    img, mask = _image()
+    enc = F.node(pack, "AnyStorySubjectEncode")
+    F.raises_pack_error(lambda: enc.encode(anystory, GoldenSiglip(0, golden_masks), GoldenVAE(0), img, mask=mask),
+                        "FLUX.1 Redux", "style_model", "flux1-redux-dev.safetensors")
+    for vision in (ClipH(224), ClipH(384)):  # refused by its size, else by its features
+        F.raises_pack_error(lambda: enc.encode(anystory, vision, GoldenVAE(0), img, mask=mask, style_model=redux),
+                            "SigLIP", "sigclip_vision_patch14_384.safetensors")
+    _, sdxl_am = sdxl
+    F.raises_pack_error(lambda: enc.encode(sdxl_am, Siglip(), F.FakeVAE(), img, mask=mask, reference="off"),
+                        "1152", "SigLIP", "CLIP-ViT-H-14")
+    F.raises_pack_error(lambda: enc.encode(anystory, GoldenSiglip(0, golden_masks), F.FakeVAE(), img, mask=mask,
+                                           style_model=redux), "FLUX VAE", "ae.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# the node path against the authors' numbers
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["case_2s_router1_cache1", "case_2s_router0_cache0", "case_1s_router0_cache1"])
+def test_node_path_matches_the_authors(pack, comfy, flux_model, anystory, redux, golden_masks, name):
+    got, routing, golden, meta = run_nodes(pack, comfy, flux_model, anystory, redux, golden_masks, name)
+    want = golden["final_latents_packed"]
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, f"{name}: sampled latent max |Δ| {err:.2e}"
+    run = routing.runs[-1] if routing.runs else None
+    active = [0, 1, 2]  # the goldens' reference window [0, 0.75) of 4 steps; the Redux window is steps 1, 2
+    if meta["router"]:
+        assert run.step_ids == active
+        for step in active:
+            for key, (hw, idx, src) in run.steps[step].items():
+                kind, i = key
+                g = golden[f"step{step}.{kind}{i}.routing"]
+                assert hw == (8, 8) and torch.equal(idx[0].long(), g[0].argmax(0)), (name, step, key)
+        assert run.layer_order == [("double", 0), ("double", 1), ("single", 0), ("single", 1)]
+    elif meta["subjects"] == 1:
+        assert run.step_ids == active and all(int(idx.max()) == 0 for _, idx, _ in run.steps[0].values())
+    else:
+        assert not routing.runs and "router is off" in routing.no_maps_reason
+    plain = sample(comfy, flux_model, meta)
+    assert (plain - want).abs().max().item() > 100 * err + 1e-3  # AnyStory changed the result
+
+
+def test_absent_options_are_the_authors_defaults(pack, comfy, flux_model, anystory, redux, golden_masks):
+    _, meta = ff.case("case_2s_router1_cache1")
+    subjects = encode_subjects(pack, anystory, redux, golden_masks, 2)
+    apply = F.node(pack, "AnyStoryApply")
+    a = sample(comfy, apply.apply(flux_model, anystory, subjects)[0], meta)
+    defaults = F.node(pack, "AnyStoryFluxOptions").options()[0]
+    b = sample(comfy, apply.apply(flux_model, anystory, subjects, flux_options=defaults)[0], meta)
+    assert torch.equal(a, b)
+    d = F.pack_mod("nodes.flux.options").FluxOptions()
+    assert (d.redux_scale, d.redux_start, d.redux_end, d.ref_start, d.ref_end, d.ref_shift, d.ref_mask, d.ref_cache) \
+        == (0.6, 0.1, 0.3, 0.0, 1.0, 0.0, True, True)
+
+
+# each option of the authors' generate() changes the image; the second override shows it does so only where theirs
+# acts (an option of a window that covers no step changes nothing)
+OPTION_CASES = [
+    ("redux_scale", dict(redux_scale=1.2), dict(redux_start=0.5, redux_end=0.5)),
+    ("redux_start", dict(redux_start=0.0), None),
+    ("redux_end", dict(redux_end=0.5), None),
+    ("ref_start", dict(ref_start=0.5), None),
+    ("ref_end", dict(ref_end=1.0), None),
+    ("ref_shift", dict(ref_shift=-1.0), dict(ref_start=0.5, ref_end=0.5)),
+    ("ref_mask", dict(ref_mask=False), dict(ref_start=0.5, ref_end=0.5)),
+    ("router", dict(router="off"), None),
+]
+
+
+def _run(pack, comfy, flux_model, anystory, redux, current, **over):
+    got, routing, _, _ = run_nodes(pack, comfy, flux_model, anystory, redux, current, "case_2s_router1_cache1", **over)
+    return got
+
+
+@pytest.mark.parametrize("option,change,where", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
+def test_each_option_reaches_the_patch(pack, comfy, flux_model, anystory, redux, golden_masks, option, change, where):
+    base = _run(pack, comfy, flux_model, anystory, redux, golden_masks)
+    changed = _run(pack, comfy, flux_model, anystory, redux, golden_masks, **change)
+    assert (changed - base).abs().max().item() > 1e-3, f"{option} did not change the image"
+    if where is not None:
+        a = _run(pack, comfy, flux_model, anystory, redux, golden_masks, **where)
+        b = _run(pack, comfy, flux_model, anystory, redux, golden_masks, **{**where, **change})
+        assert torch.equal(a, b), f"{option} acted outside its window"
+
+
+def test_ref_cache_changes_speed_not_the_image(pack, comfy, flux_model, anystory, redux, golden_masks, monkeypatch):
+    patch_mod = F.pack_mod("nodes.flux.patch")
+    calls = []
+    real = patch_mod.reference_kv
+    monkeypatch.setattr(patch_mod, "reference_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cached = _run(pack, comfy, flux_model, anystory, redux, golden_masks)
+    n_cached = len(calls)
+    fresh = _run(pack, comfy, flux_model, anystory, redux, golden_masks, ref_cache=False)
+    assert n_cached == 1 and len(calls) - n_cached == 3  # once per run vs every reference step (0, 1, 2)
+    assert (cached - fresh).abs().max().item() < 1e-5
+
+
+def test_apply_strengths_map_onto_the_flux_settings(pack, comfy, flux_model, anystory, redux, golden_masks):
+    """η multiplies redux_scale, γ adds ln γ to ref_shift; 0 switches each off."""
+    import math
+    base = _run(pack, comfy, flux_model, anystory, redux, golden_masks)
+    eta = _run(pack, comfy, flux_model, anystory, redux, golden_masks, redux_scale=0.3, apply_kw=dict(eta=2.0))
+    assert torch.equal(base, eta)
+    gamma = _run(pack, comfy, flux_model, anystory, redux, golden_masks, ref_shift=0.0,
+                 apply_kw=dict(gamma=math.exp(0.5)))
+    assert (base - gamma).abs().max().item() < 1e-5
+    no_ref = _run(pack, comfy, flux_model, anystory, redux, golden_masks, apply_kw=dict(gamma=0.0))
+    window = _run(pack, comfy, flux_model, anystory, redux, golden_masks, ref_start=0.9, ref_end=0.9)
+    assert torch.equal(no_ref, window)
+
+
+def test_unsupported_settings_are_refused(pack, flux_model, anystory, redux, golden_masks):
+    subjects = encode_subjects(pack, anystory, redux, golden_masks, 2)
+    apply = F.node(pack, "AnyStoryApply")
+    for mode in ("attention", "masks", "mixed"):
+        F.raises_pack_error(lambda: apply.apply(flux_model, anystory, subjects, router_mode=mode), mode, "FLUX")
+    F.raises_pack_error(lambda: apply.apply(flux_model, anystory, subjects, region_masks=torch.ones(2, 8, 8)),
+                        "region_masks", "FLUX")
+    off = F.node(pack, "AnyStoryFluxOptions").options(router="off")[0]
+    F.raises_pack_error(lambda: apply.apply(flux_model, anystory, subjects, router_mode="router", flux_options=off),
+                        "router")
+    F.raises_pack_error(lambda: F.node(pack, "AnyStoryFluxOptions").options(ref_start=0.8, ref_end=0.2),
+                        "ref_start")
+    patched, _ = apply.apply(flux_model, anystory, subjects)
+    F.raises_pack_error(lambda: apply.apply(patched, anystory, subjects), "one per MODEL")
+
+
+def test_sdxl_ignores_flux_options_with_a_warning(pack, harness, temp_dir, caplog):
+    env = F.build_env(harness, pack)
+    opts = F.node(pack, "AnyStoryFluxOptions").options(redux_scale=2.0)[0]
+    apply = F.node(pack, "AnyStoryApply")
+    with caplog.at_level(logging.WARNING, logger="anystory"):
+        with_opts, _ = apply.apply(env.model, env.am, env.subjects, "masks", region_masks=env.masks,
+                                   flux_options=opts)
+    assert "apply to FLUX models only" in caplog.text
+    plain, _ = apply.apply(env.model, env.am, env.subjects, "masks", region_masks=env.masks)
+    lat = torch.zeros(1, 4, 16, 16)
+    assert torch.equal(env.sample(with_opts, lat), env.sample(plain, lat))
+
+
+# ------------------------------------------------------------------------------------------------
+# the preview, the input MODEL
+# ------------------------------------------------------------------------------------------------
+def test_routing_preview_of_a_flux_run(pack, comfy, flux_model, anystory, redux, golden_masks, temp_dir):
+    _, routing, _, _ = run_nodes(pack, comfy, flux_model, anystory, redux, golden_masks, "case_2s_router1_cache1")
+    run = routing.runs[-1]
+    latent = {"samples": run.output}
+    res = F.node(pack, "AnyStoryRoutingPreview").preview(routing, latent, layers="all", steps="all")
+    grid, masks = res["result"]
+    assert grid.ndim == 4 and grid.shape[-1] == 3 and grid.shape[1] > 4 * 96
+    assert masks.shape == (2, 128, 128) and float(masks.sum(0).min()) > 0.99  # no background route on FLUX
+    names = [F.pack_mod("nodes.preview")._layer_name(k) for k in run.layer_order]
+    assert names == ["dbl0", "dbl1", "sgl0", "sgl1"]
+    auto = F.pack_mod("anystory.preview").default_layers(run.layer_order)
+    assert auto == run.layer_order  # 4 blocks: all of them (≤ 12 rows)
+    one = F.node(pack, "AnyStoryRoutingPreview").preview(routing, latent)["result"][1]
+    assert one.shape == (2, 128, 128)
+
+
+def test_input_model_is_not_changed(pack, comfy, flux_model, anystory, redux, golden_masks):
+    before = repr(flux_model.model_options), dict(flux_model.wrappers)
+    sd = {k: v.clone() for k, v in flux_model.model.diffusion_model.state_dict().items()}
+    run_nodes(pack, comfy, flux_model, anystory, redux, golden_masks, "case_2s_router1_cache0")
+    assert (repr(flux_model.model_options), dict(flux_model.wrappers)) == before
+    assert "patches_replace" not in flux_model.model_options.get("transformer_options", {})
+    now = flux_model.model.diffusion_model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in sd.items())
