@@ -1,11 +1,16 @@
 """The AnyStory FLUX weights as one module, so that ComfyUI's model management loads and offloads them with the
-MODEL they patch (``nodes/flux``) and counts their memory: every LoRA tensor of :class:`AnyStoryFluxWeights`
-becomes a parameter of this module, and the :class:`anystory.flux.lora.LoraWeight` objects hold those same
-parameter objects (``Module.to`` moves a parameter's data in place, so they always see where it is). The
-subject encoders' additions (``redux`` / ``router_embedder``) stay host tensors: they run once per subject.
+MODEL they patch (``nodes/flux``) and counts their memory: the LoRA tensors needed at every step (router LoRA,
+routing-map LoRA) become parameters of this module, and the :class:`anystory.flux.lora.LoraWeight` objects hold
+those same parameter objects (``Module.to`` moves a parameter's data in place, so they always see where it is).
+
+The reference LoRA runs once per sampling run (the reference pass, when the reference cache is on): it stays in
+host memory (page-locked where CUDA is present) and each module's weights go to the device just for their call
+(:meth:`host_reference`). The subject encoders' additions (``redux`` / ``router_embedder``) stay host tensors:
+they run once per subject.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .checkpoint import AnyStoryFluxWeights
@@ -20,9 +25,8 @@ class FluxAdapter(nn.Module):
         super().__init__()
         self.weights = weights
         self.lora = nn.ParameterList()
-        for group in (weights.ref_lora, weights.router_lora):
-            for w in group.values():
-                self._own(w)
+        for w in weights.router_lora.values():
+            self._own(w)
         for pair in weights.routing.values():
             for w in pair.values():
                 self._own(w)
@@ -36,6 +40,22 @@ class FluxAdapter(nn.Module):
             self.lora.append(p)
             setattr(w, attr, p)
         w.release()
+
+    def host_reference(self, dtype) -> None:
+        """The reference LoRA in ``dtype`` on the host, page-locked when CUDA is there (its copies to the device
+        then do not wait for the device)."""
+        pin = torch.cuda.is_available()
+        for w in self.weights.ref_lora.values():
+            for attr in ("down", "up", "bias"):
+                t = getattr(w, attr)
+                if t is not None:
+                    t = t.detach().to("cpu", dtype)
+                    setattr(w, attr, t.pin_memory() if pin else t)
+            w.release()
+
+    def reference_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in self.weights.ref_lora.values()
+                   for t in (w.down, w.up, w.bias) if t is not None)
 
     def release(self) -> None:
         """Drop the LoRA weights' cast copies (kept per dtype and device during a run)."""
@@ -63,4 +83,5 @@ class FluxAdapter(nn.Module):
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def extra_repr(self) -> str:
-        return f"{len(self.lora)} LoRA tensors, {self.nbytes() / 2 ** 20:.1f} MiB"
+        return (f"{len(self.lora)} LoRA tensors, {self.nbytes() / 2 ** 20:.1f} MiB; reference LoRA on the host "
+                f"{self.reference_nbytes() / 2 ** 20:.1f} MiB")

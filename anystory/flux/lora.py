@@ -66,17 +66,20 @@ class LoraWeight:
     def out_features(self) -> int:
         return int(self.up.shape[0])
 
-    def _weights(self, like: torch.Tensor):
+    def _weights(self, like: torch.Tensor, keep: bool = True):
         key = (like.dtype, like.device)
         w = self._cast.get(key)
         if w is None:
-            w = tuple(None if t is None else t.to(device=like.device, dtype=like.dtype)
+            w = tuple(None if t is None else t.to(device=like.device, dtype=like.dtype, non_blocking=True)
                       for t in (self.down, self.up, self.bias))
-            self._cast[key] = w
+            if keep:
+                self._cast[key] = w
         return w
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        down, up, bias = self._weights(x)
+    def delta(self, x: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        """``keep``: keep the weights' copy for x's dtype/device until :meth:`release` (else it is dropped after
+        this call: a stream used once per sampling run need not hold device memory)."""
+        down, up, bias = self._weights(x, keep)
         out = F.linear(F.linear(x, down), up, bias)
         return out if self.scale == 1.0 else out * self.scale
 
@@ -185,6 +188,7 @@ class StreamLoRA:
 
     def __init__(self):
         self.by_module: dict = {}
+        self.keep = True  # keep the LoRA weights' device copies between calls (see LoraWeight.delta)
 
     def add(self, path: str, offset: int, w: LoraWeight) -> None:
         self.by_module.setdefault(path, []).append((int(offset), w))
@@ -202,7 +206,7 @@ class StreamLoRA:
             return out
         out = out.clone()
         for offset, w in entries:
-            out[..., offset: offset + w.out_features] += w.delta(x).to(out.dtype)
+            out[..., offset: offset + w.out_features] += w.delta(x, self.keep).to(out.dtype)
         return out
 
     def release(self) -> None:

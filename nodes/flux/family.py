@@ -80,6 +80,7 @@ class FluxFamily:
         check_weights_finite(model_name, list(adapter.state_dict().items()))
         adapter = adapter.to(dtype).eval().requires_grad_(False)
         check_weights_finite(model_name, list(adapter.state_dict().items()), dtype)
+        adapter.host_reference(dtype)
         patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=load_device, offload_device=offload_device)
         return AnyStoryModel(name=model_name, adapter=adapter, patcher=patcher)
 

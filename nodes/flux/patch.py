@@ -126,6 +126,8 @@ class FluxAnyStoryPatch:
         self.key = uuid.uuid4().hex[:10]
         self.state_key = f"anystory_flux_state_{self.key}"
         self.ref_lora, self.ignored_ref = lora_targets(weights.ref_lora, REF_SITES, depth, depth_single, key_map)
+        # the reference pass runs once per run when cached: its LoRA weights go to the device per call only
+        self.ref_lora.keep = not self.settings.enable_ref_cache
         self.router_lora, self.ignored_router = lora_targets(weights.router_lora, ROUTER_SITES, depth, depth_single,
                                                              key_map)
         if self.ignored_ref or self.ignored_router:

@@ -33,8 +33,9 @@ def case(name: str) -> tuple[dict, dict]:
     return load_file(str(GOLDEN / f"{name}.safetensors")), meta
 
 
-def tiny_flux(comfy, dtype=torch.float32):
-    """The goldens' transformer as a ComfyUI FLUX ``ModelPatcher`` (comfy.model_base.Flux, CPU)."""
+def tiny_flux(comfy, dtype=torch.float32, manual_cast_dtype=None):
+    """The goldens' transformer as a ComfyUI FLUX ``ModelPatcher`` (comfy.model_base.Flux, CPU); weights in
+    ``dtype`` (e.g. fp8 with ``manual_cast_dtype`` as ComfyUI loads fp8 weights: cast per call)."""
     import comfy.model_detection
     cfg = config()
     unet = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
@@ -43,7 +44,7 @@ def tiny_flux(comfy, dtype=torch.float32):
             "depth_single_blocks": cfg["depth_single"], "axes_dim": cfg["axes_dim"], "theta": 10000,
             "patch_size": 2, "qkv_bias": True}
     mc = comfy.supported_models.Flux(unet)
-    mc.set_inference_dtype(dtype, None)
+    mc.set_inference_dtype(dtype, manual_cast_dtype)
     model = mc.get_model({}, device=torch.device("cpu"))
     wts = load_file(str(GOLDEN / "weights.safetensors"))
     sd = {k[len("transformer."):]: v for k, v in wts.items() if k.startswith("transformer.")}
