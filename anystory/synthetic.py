@@ -148,3 +148,73 @@ def flux_ipadapter_state_dict(double_blocks: int = 2, width: int = 64, clip_dim:
             sd[p + ".weight"] = torch.zeros(width, width, dtype=dtype)
             sd[p + ".bias"] = torch.zeros(width, dtype=dtype)
     return sd
+
+
+# ------------------------------------------------------------------------------------------------
+# AnyStory FLUX (the authors' anystory_flux.bin layout)
+# ------------------------------------------------------------------------------------------------
+def flux_module_shapes(hidden: int = 3072, mlp: int = 12288, joint: int = 4096, in_channels: int = 64) -> dict:
+    """(in, out) of every diffusers FluxTransformer2DModel linear the AnyStory FLUX LoRAs target, by module name
+    inside a block ("top" for the embedders)."""
+    return {
+        "top": {"x_embedder": (in_channels, hidden), "context_embedder": (joint, hidden)},
+        "double": {"norm1.linear": (hidden, 6 * hidden), "norm1_context.linear": (hidden, 6 * hidden),
+                   "attn.to_q": (hidden, hidden), "attn.to_k": (hidden, hidden), "attn.to_v": (hidden, hidden),
+                   "attn.add_q_proj": (hidden, hidden), "attn.add_k_proj": (hidden, hidden),
+                   "attn.add_v_proj": (hidden, hidden), "attn.to_out.0": (hidden, hidden),
+                   "attn.to_add_out": (hidden, hidden), "ff.net.2": (mlp, hidden), "ff_context.net.2": (mlp, hidden)},
+        "single": {"norm.linear": (hidden, 3 * hidden), "proj_mlp": (hidden, mlp), "attn.to_q": (hidden, hidden),
+                   "attn.to_k": (hidden, hidden), "attn.to_v": (hidden, hidden), "proj_out": (hidden + mlp, hidden)},
+    }
+
+
+def flux_anystory_parts(depth: int = 19, depth_single: int = 38, hidden: int = 3072, mlp: int = 12288,
+                        joint: int = 4096, siglip: int = 1152, rank: int = 128, embedder_rank: int = 128,
+                        routing_rank: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        device="cpu") -> dict:
+    """A random AnyStory FLUX file in the released layout ({"ref", "redux", "router"}, the key names the authors'
+    loader reads; see anystory.flux.checkpoint): peft LoRAs of ``rank`` at the sites the authors enable (no
+    ``.alpha`` keys: scale 1; the router LoRA with ``lora_B.bias``), the Redux/router embedder additions (LoRA of
+    ``embedder_rank`` with B biases, gate) and the per-block routing-map LoRA of ``routing_rank``. The LoRA B
+    matrices are small (std 0.002), so the deltas perturb, not swamp, the model."""
+    from .flux.lora import REF_SITES, ROUTER_SITES
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = flux_module_shapes(hidden, mlp, joint)
+
+    def rnd(*shape, std):
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
+
+    def peft(sites, bias: bool) -> dict:
+        out = {}
+        names = [(n, shapes["top"][n]) for n in sites["top"]]
+        names += [(f"transformer_blocks.{i}.{s}", shapes["double"][s]) for i in range(depth) for s in sites["double"]]
+        names += [(f"single_transformer_blocks.{i}.{s}", shapes["single"][s]) for i in range(depth_single)
+                  for s in sites["single"]]
+        for name, (din, dout) in names:
+            out[f"transformer.{name}.lora_A.weight"] = rnd(rank, din, std=din ** -0.5)
+            out[f"transformer.{name}.lora_B.weight"] = rnd(dout, rank, std=0.002)
+            if bias:
+                out[f"transformer.{name}.lora_B.bias"] = rnd(dout, std=0.002)
+        return out
+
+    def embedder(prefix: str) -> dict:
+        r = embedder_rank
+        return {f"{prefix}redux_up_lora_A.weight": rnd(r, siglip, std=siglip ** -0.5),
+                f"{prefix}redux_up_lora_B.weight": rnd(3 * joint, r, std=0.002),
+                f"{prefix}redux_up_lora_B.bias": rnd(3 * joint, std=0.002),
+                f"{prefix}redux_down_lora_A.weight": rnd(r, 3 * joint, std=(3 * joint) ** -0.5),
+                f"{prefix}redux_down_lora_B.weight": rnd(joint, r, std=0.002),
+                f"{prefix}redux_down_lora_B.bias": rnd(joint, std=0.002),
+                f"{prefix}gate_proj.weight": rnd(1, joint, std=joint ** -0.5),
+                f"{prefix}gate_proj.bias": rnd(1, std=0.1)}
+
+    router = embedder("router_embedder.")
+    for kind, n in (("transformer_blocks", depth), ("single_transformer_blocks", depth_single)):
+        for i in range(n):
+            for qk in ("q", "k"):
+                p = f"transformer.{kind}.{i}.attn.processor.to_{qk}_routing_map_lora"
+                router[f"{p}_A.weight"] = rnd(routing_rank, hidden, std=hidden ** -0.5)
+                router[f"{p}_B.weight"] = rnd(hidden, routing_rank, std=0.02)
+                router[f"{p}_B.bias"] = rnd(hidden, std=0.02)
+    router.update(peft(ROUTER_SITES, bias=True))
+    return {"ref": peft(REF_SITES, bias=False), "redux": embedder(""), "router": router}

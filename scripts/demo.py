@@ -4,12 +4,16 @@
     bash scripts/demo.sh            # = setup_env.sh, then this script with the env's python
 
 1. makes random-weight models (an SDXL-family checkpoint ComfyUI's real loaders accept, a CLIP-H
-   vision model, native AnyStory + ReferenceNet files, an IP-Adapter Plus file) in a demo base
-   directory (default run/demo/), unless they are there already;
+   vision model, native AnyStory + ReferenceNet files, an IP-Adapter Plus file; for the FLUX workflows a
+   1 + 1 block FLUX.1-dev-shaped transformer, the FLUX VAE, CLIP-L, SigLIP-384, FLUX.1 Redux and an
+   anystory_flux.bin, see scripts/make_models.py) in a demo base directory (default run/demo/), unless they
+   are there already;
 2. draws two example subjects (RGBA cut-outs) into its input/ folder;
 3. starts ComfyUI (COMFYUI_PATH, default /opt/ComfyUI) on 127.0.0.1 with this pack installed;
 4. queues workflows/api/<workflow>.json through POST /prompt (file names mapped to the demo files,
-   size/steps reduced for a CPU), waits through /history and prints where the images are.
+   size/steps reduced for a CPU; on FLUX the DualCLIPLoader of CLIP-L + T5-XXL becomes a CLIPLoader of the
+   random CLIP-L with type "sd3", which gives FLUX its 4096-wide context — a random T5-XXL is a 9.4 GB file),
+   waits through /history and prints where the images are.
 
 The weights are random, so the images are noise-like: the point is that the whole graph runs.
 """
@@ -89,14 +93,19 @@ def demo_workflow(name: str, files: dict, size: int, steps: int) -> dict:
     import build_workflows as W
 
     wf = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
-    mapping = {W.CKPT: files["checkpoint"], W.CLIP_VISION: files["clip_vision"], W.ANYSTORY: files["anystory"],
-               W.REFNET: files["refnet"], W.IPADAPTER: files["ipadapter"]}
+    names = {W.CKPT: "checkpoint", W.CLIP_VISION: "clip_vision", W.ANYSTORY: "anystory", W.REFNET: "refnet",
+             W.IPADAPTER: "ipadapter", W.FLUX_UNET: "flux_unet", W.FLUX_VAE: "flux_vae", W.CLIP_L: "clip_l",
+             W.SIGLIP: "siglip", W.REDUX: "redux", W.ANYSTORY_FLUX: "anystory_flux"}
+    mapping = {user: files[part] for user, part in names.items() if part in files}
     for node in wf.values():
         ins = node["inputs"]
+        if node["class_type"] == "DualCLIPLoader" and ins.get("type") == "flux" and "clip_l" in files:
+            node["class_type"] = "CLIPLoader"  # CLIP-L alone, zero-padded to FLUX's 4096 (no 9.4 GB T5-XXL)
+            node["inputs"] = ins = {"clip_name": files["clip_l"], "type": "sd3", "device": "default"}
         for k, v in list(ins.items()):
             if isinstance(v, str) and v in mapping:
                 ins[k] = mapping[v]
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in ("EmptyLatentImage", "ModelSamplingFlux"):
             ins["width"] = ins["height"] = size
         if node["class_type"] == "KSampler":
             ins["steps"] = steps
@@ -107,7 +116,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-dir", default=str(REPO / "run" / "demo"), help="ComfyUI base directory for the demo")
     ap.add_argument("--workflow", default="anystory_two_subjects",
-                    help="a workflows/api/*.json name (default: two subjects with routing preview)")
+                    help="a workflows/api/*.json name (default: two subjects with routing preview; "
+                         "anystory_flux_two_subjects: the same on FLUX.1-dev)")
     ap.add_argument("--size", type=int, default=512, help="image size (the shipped graph says 1024)")
     ap.add_argument("--steps", type=int, default=8, help="sampling steps (the shipped graph says 20)")
     ap.add_argument("--full", action="store_true", help="full SDXL-shaped random models (for a GPU machine)")
@@ -120,7 +130,9 @@ def main(argv=None) -> int:
     base = Path(args.base_dir).resolve()
     mm = H.load_make_models()
     print(f"[demo] models in {base / 'models'} (random weights; made once)")
-    mm.make_models(base / "models", full=args.full, log=lambda *a: print("[demo]", *a))
+    flux = "flux" in args.workflow
+    mm.make_models(base / "models", full=args.full, parts=mm.FLUX_PARTS if flux else None,
+                   log=lambda *a: print("[demo]", *a))
     names = mm.file_names(full=args.full)
     files = {part: str(Path(rel).relative_to(Path(rel).parts[0])) for part, rel in names.items()}
     draw_subjects(base / "input")

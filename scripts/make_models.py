@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write random-weight model files where ComfyUI looks for them (for tests and the demo).
 
-    python scripts/make_models.py --models-dir DIR [--full] [--force] [--verify] [--only PART ...]
+    python scripts/make_models.py --models-dir DIR [--full] [--flux] [--force] [--verify] [--only PART ...]
 
 No model weights can be downloaded where this pack is built, so every file here has the real
 architecture, key names and shapes, and random values (fp16 safetensors; nothing else is written):
@@ -19,6 +19,24 @@ architecture, key names and shapes, and random values (fp16 safetensors; nothing
   ``anystory/anystory_sdxl-random.safetensors`` (native AnyStory adapter with router) and
   ``anystory/anystory_sdxl_refnet-random.safetensors`` (ReferenceNet initialised from that UNet).
   With ``--full`` their names end in ``-full-random`` so both sets can share a models folder.
+
+FLUX (``--flux``, or ``parts=FLUX_PARTS``; one set, the same with ``--full``), for the FLUX workflows:
+
+- ``diffusion_models/anystory-demo-flux-small.safetensors`` (bf16): a FLUX.1-dev transformer that ComfyUI's
+  UNETLoader detects as FLUX (hidden size 3072, 24 heads, rope axes (16, 56, 56), guidance embedding, pooled 768
+  — all fixed by ComfyUI's detection) with 1 double + 1 single block (0.55 B parameters, ~1.1 GB);
+- ``vae/anystory-demo-flux-ae.safetensors``: the FLUX VAE architecture (16 latent channels, ``encoder.*`` /
+  ``decoder.*`` like ae.safetensors, 84 M parameters);
+- ``text_encoders/anystory-demo-clip_l.safetensors``: CLIP-L (HF names, 123 M). T5-XXL is not made: ComfyUI's
+  loader builds it from a fixed 24-layer × 4096 config (4.7 B parameters, a 9.4 GB fp16 file, ~50 s per prompt
+  on a CPU), so the demo and the server test load this CLIP-L with CLIPLoader type "sd3", ComfyUI's own
+  single-text-encoder path that gives FLUX its 4096-wide context (CLIP-L's states zero-padded) and a pooled
+  vector whose first 768 values FLUX reads;
+- ``clip_vision/sigclip_vision_patch14_384-random.safetensors``: SigLIP so400m-384 (ComfyUI's config, 0.43 B,
+  fp16), which CLIPVisionLoader detects like sigclip_vision_patch14_384.safetensors;
+- ``style_models/flux1-redux-dev-random.safetensors``: FLUX.1 Redux (``redux_up`` / ``redux_down``, bf16);
+- ``anystory/anystory_flux-random.bin``: the authors' file layout (a pickle of tensors only) for that 1 + 1
+  block transformer (``anystory.synthetic.flux_anystory_parts``, LoRA rank 16).
 
 Existing files are kept unless ``--force``. ComfyUI is imported from ``COMFYUI_PATH`` (default
 /opt/ComfyUI) to build its modules; the core package ``anystory`` is imported by file location (the
@@ -39,6 +57,21 @@ from typing import Iterable, Optional
 REPO = Path(__file__).resolve().parents[1]
 
 PARTS = ("checkpoint", "clip_vision", "ipadapter", "anystory", "refnet")
+FLUX_PARTS = ("flux_unet", "flux_vae", "clip_l", "siglip", "redux", "anystory_flux")
+FLUX_FILES = {
+    "flux_unet": "diffusion_models/anystory-demo-flux-small.safetensors",
+    "flux_vae": "vae/anystory-demo-flux-ae.safetensors",
+    "clip_l": "text_encoders/anystory-demo-clip_l.safetensors",
+    "siglip": "clip_vision/sigclip_vision_patch14_384-random.safetensors",
+    "redux": "style_models/flux1-redux-dev-random.safetensors",
+    "anystory_flux": "anystory/anystory_flux-random.bin",
+}
+FLUX_UNET = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+             "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
+             "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+             "guidance_embed": True}
+FLUX_VAE_DDCONFIG = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                     "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 UNET_PREFIX = "model.diffusion_model."
 
 SMALL_UNET = {  # what comfy.model_detection.detect_unet_config reads back from the file
@@ -65,6 +98,7 @@ def file_names(full: bool = False) -> dict[str, str]:
         "ipadapter": f"ipadapter/ip-adapter-plus_sdxl_vit-h{tag}-random.safetensors",
         "anystory": f"anystory/anystory_sdxl{tag}-random.safetensors",
         "refnet": f"anystory/anystory_sdxl_refnet{tag}-random.safetensors",
+        **FLUX_FILES,
     }
 
 
@@ -206,6 +240,99 @@ def clip_vision_state_dict(seed: int = 0) -> dict:
     return _fp16(m.state_dict())
 
 
+def _bf16(sd: dict) -> dict:
+    import torch
+    return {k: (v.detach().to("cpu", torch.bfloat16) if v.is_floating_point() else v).contiguous()
+            for k, v in sd.items()}
+
+
+def flux_unet_state_dict(seed: int = 0, depth: int = 1, depth_single: int = 1) -> dict:
+    """A FLUX.1-dev-shaped transformer (ComfyUI's names, as UNETLoader reads flux1-dev.safetensors) with
+    ``depth`` double and ``depth_single`` single blocks, bf16. RMSNorm scales 1, every other weight N(0, 0.02²)."""
+    import torch
+    import_comfy()
+    from comfy import supported_models
+    mc = supported_models.Flux(dict(FLUX_UNET, depth=depth, depth_single_blocks=depth_single))
+    mc.set_inference_dtype(torch.bfloat16, None)
+    model = mc.get_model({}, device=torch.device("cpu"))
+    dm = model.diffusion_model
+    init_weights_(dm, seed)
+    with torch.no_grad():
+        for name, p in dm.named_parameters():
+            if name.endswith(".scale"):
+                p.fill_(1.0)
+    sd = _bf16(dm.state_dict())
+    del model, dm
+    return sd
+
+
+def flux_vae_state_dict(seed: int = 0) -> dict:
+    """The FLUX VAE architecture (ae.safetensors: ``encoder.*`` / ``decoder.*``, 16 latent channels, no quant
+    convs), bf16."""
+    import_comfy()
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+    enc, dec = Encoder(**FLUX_VAE_DDCONFIG), Decoder(**FLUX_VAE_DDCONFIG)
+    init_weights_(enc, seed)
+    init_weights_(dec, seed + 1)
+    sd = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({f"decoder.{k}": v for k, v in dec.state_dict().items()})
+    return _bf16(sd)
+
+
+def clip_l_state_dict(seed: int = 0) -> dict:
+    """CLIP-L text encoder with HF names (``text_model.*``), as clip_l.safetensors, fp16."""
+    import torch
+    import_comfy()
+    from comfy import sd1_clip
+    clip = sd1_clip.SDClipModel(device="cpu", dtype=torch.float16)
+    init_weights_(clip, seed, overrides={"position_embedding.weight": 0.01})
+    sd = {k[len("transformer."):]: v for k, v in clip.state_dict().items() if k.startswith("transformer.")}
+    return _fp16(sd)
+
+
+def siglip_state_dict(seed: int = 0) -> dict:
+    """SigLIP so400m-384 vision tower in ComfyUI's config (clip_vision_siglip_384.json), fp16."""
+    import torch
+    import_comfy()
+    import comfy.clip_model
+    import comfy.ops
+    config = json.loads((comfyui_path() / "comfy" / "clip_vision_siglip_384.json").read_text())
+    m = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "cpu", comfy.ops.manual_cast)
+    init_weights_(m, seed, overrides={"position_embedding.weight": 0.01})
+    return _fp16(m.state_dict())
+
+
+def redux_state_dict(seed: int = 0) -> dict:
+    """FLUX.1 Redux (``redux_up`` 1152 → 12288, ``redux_down`` 12288 → 4096), bf16."""
+    import_comfy()
+    import comfy.ldm.flux.redux
+    m = comfy.ldm.flux.redux.ReduxImageEncoder()
+    init_weights_(m, seed)
+    return _bf16(m.state_dict())
+
+
+def flux_anystory_file(path: Path, seed: int = 0, depth: int = 1, depth_single: int = 1, rank: int = 16) -> None:
+    """A random anystory_flux.bin (the authors' layout: a pickle of three state dicts of tensors) for a FLUX of
+    ``depth`` + ``depth_single`` blocks, written atomically."""
+    import torch
+    import_core()
+    from anystory import synthetic
+    parts = synthetic.flux_anystory_parts(depth=depth, depth_single=depth_single, rank=rank, seed=seed,
+                                          dtype=torch.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        torch.save(parts, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+FLUX_BUILDERS = {"flux_unet": flux_unet_state_dict, "flux_vae": flux_vae_state_dict, "clip_l": clip_l_state_dict,
+                 "siglip": siglip_state_dict, "redux": redux_state_dict}
+
+
 def unet_state_dict_from_checkpoint(path: Path) -> dict:
     """The ``model.diffusion_model.*`` tensors of a checkpoint file (prefix kept)."""
     from safetensors import safe_open
@@ -230,7 +357,7 @@ def _human(n: int) -> str:
 def make_models(models_dir, full: bool = False, force: bool = False, parts: Optional[Iterable[str]] = None,
                 unet_checkpoint=None, seed: int = 0, log=print) -> dict[str, Path]:
     """Write the random model files under ``models_dir`` (ComfyUI's ``models/`` layout) and return
-    ``{part: path}`` for the parts asked (default: all of :data:`PARTS`).
+    ``{part: path}`` for the parts asked (default: all of :data:`PARTS`; :data:`FLUX_PARTS` are the FLUX set).
 
     Files that exist are kept (``force`` rewrites them). The AnyStory files are made for the layout of
     the checkpoint's UNet, read back from ``unet_checkpoint`` (default: this set's checkpoint under
@@ -238,11 +365,11 @@ def make_models(models_dir, full: bool = False, force: bool = False, parts: Opti
     import torch
     models_dir = Path(models_dir).resolve()
     parts = tuple(parts or PARTS)
-    bad = [p for p in parts if p not in PARTS]
+    bad = [p for p in parts if p not in PARTS + FLUX_PARTS]
     if bad:
-        raise ValueError(f"unknown part(s) {bad}; choose from {PARTS}")
+        raise ValueError(f"unknown part(s) {bad}; choose from {PARTS + FLUX_PARTS}")
     names = file_names(full)
-    paths = {p: models_dir / names[p] for p in PARTS}
+    paths = {p: models_dir / names[p] for p in PARTS + FLUX_PARTS}
     out: dict[str, Path] = {}
 
     def todo(part):
@@ -304,6 +431,20 @@ def make_models(models_dir, full: bool = False, force: bool = False, parts: Opti
             ckpt_mod.save_refnet(rsd, paths["refnet"], meta={"synthetic": "initialised from " + ckpt.name})
             del rsd
             done("refnet", t0)
+
+    for part, build in FLUX_BUILDERS.items():
+        if todo(part):
+            t0 = time.perf_counter()
+            sd = build(seed=seed + 10 + FLUX_PARTS.index(part))
+            n = sum(v.numel() for v in sd.values())
+            _save(sd, paths[part], {"anystory_synthetic": "random weights"})
+            del sd
+            done(part, t0, f", {n / 1e6:.1f} M parameters")
+    if todo("anystory_flux"):
+        t0 = time.perf_counter()
+        flux_anystory_file(paths["anystory_flux"], seed=seed + 20, depth=FLUX_UNET["depth"],
+                           depth_single=FLUX_UNET["depth_single_blocks"])
+        done("anystory_flux", t0)
 
     for p in parts:
         if not paths[p].exists():
@@ -378,6 +519,8 @@ def _verify(files: dict, steps: int, size: int, log) -> dict:
         if tuple(pen.shape) != (1, 257, 1280) or not torch.isfinite(pen).all():
             raise RuntimeError(f"CLIP vision output {tuple(pen.shape)} is not [1, 257, 1280] finite")
         del cv
+    if any(p in files for p in FLUX_PARTS):
+        report.update(_verify_flux(files, size))
     if any(p in files for p in ("anystory", "ipadapter", "refnet")):
         import_core()
         from anystory import checkpoint as ckpt_mod
@@ -392,19 +535,69 @@ def _verify(files: dict, steps: int, size: int, log) -> dict:
     return report
 
 
+def _verify_flux(files: dict, size: int) -> dict:
+    """The FLUX set through ComfyUI's loaders: UNETLoader's, CLIPLoader's (type sd3), VAELoader's, CLIPVisionLoader's
+    and StyleModelLoader's functions, one euler step at ``size``² (cfg 1, FLUX guidance), the AnyStory file."""
+    import torch
+
+    import comfy.clip_vision
+    import comfy.sample
+    import comfy.sd
+    import comfy.utils
+    report = {}
+    if "flux_unet" in files:
+        t0 = time.perf_counter()
+        model = comfy.sd.load_diffusion_model(str(files["flux_unet"]))
+        report["flux_model"] = type(model.model).__name__
+        dm = model.model.diffusion_model
+        report["flux_blocks"] = [len(dm.double_blocks), len(dm.single_blocks)]
+        cond = [[torch.randn(1, 77, 4096) * 0.1, {"pooled_output": torch.randn(1, 2048) * 0.1, "guidance": 3.5}]]
+        if "clip_l" in files:
+            clip = comfy.sd.load_clip([str(files["clip_l"])], clip_type=comfy.sd.CLIPType.SD3)
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+            report["flux_context"] = list(cond[0][0].shape)
+        lat = torch.zeros(1, 16, size // 8, size // 8)
+        out = comfy.sample.sample(model, comfy.sample.prepare_noise(lat, 0), 1, 1.0, "euler", "simple", cond, cond,
+                                  lat, disable_pbar=True, seed=0)
+        if not torch.isfinite(out).all():
+            raise RuntimeError("the FLUX model's sample is not finite")
+        report["flux_sample_s"] = round(time.perf_counter() - t0, 2)
+        del model
+    if "flux_vae" in files:
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(files["flux_vae"])))
+        lat = vae.encode(torch.rand(1, size, size, 3))
+        report["flux_vae_latent"] = list(lat.shape)
+        if lat.shape[1] != 16 or not torch.isfinite(lat).all():
+            raise RuntimeError(f"the FLUX VAE gave {tuple(lat.shape)}")
+    if "siglip" in files:
+        cv = comfy.clip_vision.load(str(files["siglip"]))
+        out = cv.encode_image(torch.rand(1, 384, 384, 3), crop=False)
+        report["siglip_last_hidden"] = list(out["last_hidden_state"].shape)
+    if "redux" in files:
+        sm = comfy.sd.load_style_model(str(files["redux"]))
+        report["redux"] = type(sm.model).__name__
+    if "anystory_flux" in files:
+        import_core()
+        from anystory.flux.checkpoint import load_flux_checkpoint
+        report["anystory_flux"] = load_flux_checkpoint(str(files["anystory_flux"])).describe()
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models-dir", required=True, help="ComfyUI models folder to write into")
     ap.add_argument("--full", action="store_true", help="full SDXL-base-shaped checkpoint (3.5 B parameters, ~6.9 GB)")
     ap.add_argument("--force", action="store_true", help="rewrite files that exist")
-    ap.add_argument("--only", nargs="+", choices=PARTS, help="make only these parts")
+    ap.add_argument("--only", nargs="+", choices=PARTS + FLUX_PARTS, help="make only these parts")
+    ap.add_argument("--flux", action="store_true", help="the FLUX set (FLUX_PARTS) instead of the SDXL one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verify", action="store_true",
                     help="afterwards load the files through ComfyUI's loaders and run a 2-step 64x64 txt2img "
                          "+ a CLIP vision encode (CPU)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    files = make_models(a.models_dir, full=a.full, force=a.force, parts=a.only, seed=a.seed)
+    parts = a.only or (FLUX_PARTS if a.flux else None)
+    files = make_models(a.models_dir, full=a.full, force=a.force, parts=parts, seed=a.seed)
     print(f"[make_models] done in {time.perf_counter() - t0:.1f} s")
     if a.verify:
         verify(files)

@@ -9,7 +9,8 @@ Fixtures:
 - ``pack`` (session): this repo imported as a ComfyUI custom node package (``comfyui_anystory``);
 - ``tiny_model``: a fresh tiny SDXL-architecture ModelPatcher (seed 0, fp32);
 - ``model_files`` (session): ``{part: file name}`` of the random models the server sees
-  (checkpoint, clip_vision, ipadapter, anystory, refnet; names relative to their models/ folder);
+  (checkpoint, clip_vision, ipadapter, anystory, refnet, and the FLUX set flux_unet, flux_vae, clip_l,
+  siglip, redux, anystory_flux; names relative to their models/ folder);
 - ``server_models_dir`` (session): a temp ComfyUI base directory whose ``models/`` holds those files;
 - ``comfy_server`` (session): a ``comfy_harness.ComfyServer`` running over that base directory.
 
@@ -163,12 +164,13 @@ def _model_cache(comfy):
     _prune(root, "base-", base)
     _prune(root, "anystory-", anys)
     logs = []
-    files = mm.make_models(base, parts=("checkpoint", "clip_vision"), log=logs.append)
-    files.update(mm.make_models(anys, parts=("ipadapter", "anystory", "refnet"),
+    base_parts = ("checkpoint", "clip_vision") + tuple(p for p in mm.FLUX_PARTS if p != "anystory_flux")
+    files = mm.make_models(base, parts=base_parts, log=logs.append)
+    files.update(mm.make_models(anys, parts=("ipadapter", "anystory", "refnet", "anystory_flux"),
                                 unet_checkpoint=files["checkpoint"], log=logs.append))
     for d in (base, anys):
         os.utime(d)  # mark as in use (see _prune)
-    rel = {k: Path(v).relative_to(base if k in ("checkpoint", "clip_vision") else anys) for k, v in files.items()}
+    rel = {k: Path(v).relative_to(base if k in base_parts else anys) for k, v in files.items()}
     return base, anys, rel
 
 
@@ -186,8 +188,9 @@ def server_models_dir(_model_cache, tmp_path_factory):
     base_cache, anys_cache, rel = _model_cache
     d = tmp_path_factory.mktemp("comfy-base")
     models = d / "models"
-    _link_files(base_cache, models, [rel["checkpoint"], rel["clip_vision"]])
-    _link_files(anys_cache, models, [rel["ipadapter"], rel["anystory"], rel["refnet"]])
+    in_base = [v for k, v in rel.items() if (base_cache / v).exists()]
+    _link_files(base_cache, models, in_base)
+    _link_files(anys_cache, models, [v for v in rel.values() if v not in in_base])
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (d / sub).mkdir(exist_ok=True)
     return d

@@ -10,9 +10,9 @@ from comfy_harness import load_module as _load  # registered by tests/nodes/conf
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("AnyStoryModelLoader", "AnyStorySubjectEncode", "AnyStoryApply", "AnyStoryRoutingPreview",
-         "AnyStoryTextEncode")
+         "AnyStoryTextEncode", "AnyStoryFluxOptions")
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "IMAGE", "MASK", "LATENT", "CONDITIONING",
-                "ANYSTORY", "ANYSTORY_SUBJECTS", "ANYSTORY_ROUTING"}
+                "ANYSTORY", "ANYSTORY_SUBJECTS", "ANYSTORY_ROUTING", "STYLE_MODEL", "ANYSTORY_FLUX_OPTIONS"}
 
 
 
@@ -79,6 +79,7 @@ def test_object_info_matches_the_node_classes(info, pack):
     loader = info["AnyStoryModelLoader"]["input"]["required"]
     assert any("anystory_sdxl" in f for f in loader["model_name"][0]), "models/anystory not listed"
     assert any("ip-adapter-plus" in f for f in loader["model_name"][0]), "models/ipadapter not listed"
+    assert any("anystory_flux" in f for f in loader["model_name"][0]), "the AnyStory FLUX file not listed"
 
 
 def _widget_names(entry) -> list:
@@ -97,7 +98,8 @@ def _widget_names(entry) -> list:
 
 
 @pytest.mark.parametrize("name", ["anystory_one_subject", "anystory_two_subjects", "anystory_story_4_images",
-                                  "anystory_public_weights"])
+                                  "anystory_public_weights", "anystory_flux_one_subject",
+                                  "anystory_flux_two_subjects"])
 def test_ui_workflow_fits_the_live_nodes(name, info, workflows_mod):
     """The drag-and-drop graph: every node type exists, widget values line up with the live widget
     order, links join existing sockets of matching types."""
@@ -154,6 +156,25 @@ def test_two_subject_workflow_renders_through_prompt(comfy_server, model_files, 
     assert {o["anystory_subject"][0]["color"] for o in crops} == {"#e6194b", "#3cb44b"}
     loader_ui = outputs.get("3", {})
     assert "native AnyStory" in " ".join(loader_ui.get("text", []))
+
+
+def test_flux_two_subject_workflow_renders_through_prompt(comfy_server, model_files, demo_mod, subjects_in_input):
+    """The FLUX two-subject graph on random files ComfyUI's own loaders accept: UNETLoader (a 1 + 1 block FLUX.1-dev
+    transformer), CLIPLoader type sd3 with CLIP-L (in place of CLIP-L + T5-XXL: see scripts/make_models.py),
+    VAELoader (the FLUX VAE), CLIPVisionLoader (SigLIP-384), StyleModelLoader (FLUX.1 Redux), AnyStoryModelLoader
+    (anystory_flux.bin) → two subject encodes → AnyStory FLUX Options → AnyStory Apply → KSampler → preview."""
+    wf = demo_mod.demo_workflow("anystory_flux_two_subjects", model_files, size=64, steps=2)
+    assert wf["2"]["class_type"] == "CLIPLoader" and wf["2"]["inputs"]["type"] == "sd3"
+    entry, outputs = _run(comfy_server, wf)
+    saved = comfy_server.output_files(entry)
+    assert any(p.name.startswith("anystory_flux_two_subjects") and p.is_file() for p in saved)
+    grid = outputs["50"]["images"]
+    assert grid and (comfy_server.base_dir / "temp" / grid[0]["filename"]).is_file()
+    encodes = [o for k, o in outputs.items() if wf[k]["class_type"] == "AnyStorySubjectEncode"]
+    assert [o["anystory_subject"][0]["reference"] for o in encodes] == ["flux", "flux"]
+    assert {o["anystory_subject"][0]["color"] for o in encodes} == {"#e6194b", "#3cb44b"}
+    assert "FLUX.1 (1 double + 1 single blocks)" in " ".join(outputs["3"]["text"])
+    assert "AnyStory FLUX: 2 subject(s), router on" in comfy_server.log_text()
 
 
 def test_story_and_one_subject_workflows_render(comfy_server, model_files, demo_mod, subjects_in_input):
