@@ -446,3 +446,52 @@ def test_input_model_is_not_changed(pack, comfy, flux_model, anystory, redux, go
     assert "patches_replace" not in flux_model.model_options.get("transformer_options", {})
     now = flux_model.model.diffusion_model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in sd.items())
+
+
+def test_comfyui_siglip_is_the_authors_encoder(comfy, tmp_path):
+    """The CLIP_VISION the FLUX encode node reads (ComfyUI's SigLIP, ``last_hidden_state``) computes what the
+    authors' encoder gives (transformers' SiglipVisionModel ``last_hidden_state``), on the same random weights and
+    pixels (a tiny SigLIP of ComfyUI's siglip_vision_model kind)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    import comfy.clip_vision
+    cfg = {"num_channels": 3, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32, "image_size": 384,
+           "intermediate_size": 64, "model_type": "siglip_vision_model", "num_attention_heads": 2,
+           "num_hidden_layers": 2, "patch_size": 14, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (tmp_path / "siglip.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=384,
+        patch_size=14)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cv = comfy.clip_vision.ClipVisionModel(str(tmp_path / "siglip.json"))
+    sd = {(k if k.startswith("vision_model.") else f"vision_model.{k}"): v.clone()  # transformers 5 drops the prefix
+          for k, v in hf.state_dict().items()}
+    missing, _ = cv.load_sd(sd)
+    assert not missing, missing
+    image = torch.rand(1, 384, 384, 3, generator=torch.Generator().manual_seed(1))
+    ours = cv.encode_image(image, crop=False)["last_hidden_state"].float()
+    pixels = (torch.round(image * 255) / 255 - 0.5) / 0.5  # ComfyUI quantises to 8 bits as an image file would be
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixels.permute(0, 3, 1, 2)).last_hidden_state
+    assert ours.shape == theirs.shape == (1, 729, 32)
+    assert (ours - theirs).abs().max().item() < 2e-3 * theirs.abs().max().item(), (ours - theirs).abs().max()
+
+
+def test_live_routing_map_of_a_flux_run(pack, comfy, flux_model, anystory, redux, golden_masks):
+    """The live preview's per-step vote (nodes/live.py) reads FLUX records as it reads SDXL ones."""
+    _, meta = ff.case("case_2s_router1_cache1")
+    subjects = encode_subjects(pack, anystory, redux, golden_masks, 2)
+    opts = golden_options(pack, meta)
+    patched, routing = F.node(pack, "AnyStoryApply").apply(flux_model, anystory, subjects, flux_options=opts)
+    seen = []
+    routing.listeners.append(lambda rec, run, step: seen.append(step))
+    sample(comfy, patched, meta)
+    assert seen == [0, 1, 2]
+    live = F.pack_mod("nodes.live")
+    index, masked = live.step_map(routing.runs[-1].steps[2], 2)
+    assert index.shape == (8, 8) and set(index.unique().tolist()) <= {0, 1} and not bool(masked.any())
+    assert live.render_png(index, masked, 2)[:4] == b"\x89PNG"
