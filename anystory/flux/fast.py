@@ -110,9 +110,10 @@ def query_extras(text: int, image: int, num_subjects: int, batch: int, dtype, de
     out[..., n + 1] = 1
     if rmap is not None:
         out[:, text:, :n] = rmap.transpose(1, 2).to(dtype)
-    if null_rows is not None:
-        out[null_rows, :, : n + 1] = 0
-        out[null_rows, :, n] = 1
+    if null_rows is not None:  # torch.where, not boolean indexing: no device → host sync
+        null = torch.zeros(E, dtype=dtype, device=device)
+        null[n] = null[n + 1] = 1
+        out = torch.where(null_rows.to(device)[:, None, None], null, out)
     return out
 
 

@@ -495,3 +495,28 @@ def test_live_routing_map_of_a_flux_run(pack, comfy, flux_model, anystory, redux
     index, masked = live.step_map(routing.runs[-1].steps[2], 2)
     assert index.shape == (8, 8) and set(index.unique().tolist()) <= {0, 1} and not bool(masked.any())
     assert live.render_png(index, masked, 2)[:4] == b"\x89PNG"
+
+
+def test_negative_prompt_rows_are_plain_flux(pack, comfy, flux_model, anystory, redux, golden_masks):
+    """With cfg > 1 the negative prompt's rows (batched with the positive ones) see no subject: they are plain
+    FLUX, while the positive rows get AnyStory."""
+    golden, meta = ff.case("case_2s_router1_cache0")
+    subjects = encode_subjects(pack, anystory, redux, golden_masks, 2)
+    patched, _ = F.node(pack, "AnyStoryApply").apply(flux_model, anystory, subjects,
+                                                      flux_options=golden_options(pack, meta))
+    inp = ff.inputs()
+    x = ff.unpack(ff.step_latents(inp, golden, 4)[1], 16, 16).expand(2, -1, -1, -1)
+    sigma = (inp["timesteps"][1] / 1000).reshape(1).expand(2)
+    ctx = torch.cat([inp["prompt_embeds"], inp["prompt_embeds"].flip(1)])
+    y = torch.cat([inp["pooled"], inp["pooled"].flip(1)])
+
+    def call(model):
+        to = dict(model.model_options["transformer_options"])
+        to.update(wrappers=model.wrappers, sigmas=sigma, sample_sigmas=inp["sigmas"], cond_or_uncond=[0, 1])
+        with torch.no_grad():
+            return model.model.diffusion_model(x, sigma, ctx, y=y, guidance=torch.tensor([3.5, 3.5]),
+                                               transformer_options=to)
+
+    ours, plain = call(patched), call(flux_model)
+    assert (ours[1] - plain[1]).abs().max().item() < 1e-5          # the negative row: plain FLUX
+    assert (ours[0] - plain[0]).abs().max().item() > 1e-2          # the positive row: AnyStory acted
