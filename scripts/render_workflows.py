@@ -29,7 +29,8 @@ import demo  # noqa: E402
 
 def render_all(base: Path, names: list, size: int, steps: int, timeout: float) -> dict:
     mm = H.load_make_models()
-    mm.make_models(base / "models", full=False, log=lambda *a: print("[render]", *a))
+    flux = tuple(mm.FLUX_PARTS) if any("flux" in n for n in names) else ()
+    mm.make_models(base / "models", full=False, parts=tuple(mm.PARTS) + flux, log=lambda *a: print("[render]", *a))
     files = {part: str(Path(rel).relative_to(Path(rel).parts[0])) for part, rel in mm.file_names(full=False).items()}
     demo.draw_subjects(base / "input")
     out = {}
