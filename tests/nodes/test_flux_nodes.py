@@ -288,6 +288,7 @@ def test_node_path_matches_the_authors(pack, comfy, flux_model, anystory, redux,
     want = golden["final_latents_packed"]
     err = (got - want).abs().max().item()
     assert err < 1e-4, f"{name}: sampled latent max |Δ| {err:.2e}"
+    print(f"\n{name}: node path, final latent max |Δ| {err:.2e} (golden max {want.abs().max().item():.2f})")
     run = routing.runs[-1] if routing.runs else None
     active = [0, 1, 2]  # the goldens' reference window [0, 0.75) of 4 steps; the Redux window is steps 1, 2
     if meta["router"]:
