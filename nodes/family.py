@@ -32,8 +32,8 @@ def family_for(anystory: AnyStoryModel, model=None):
         other = next((f for f in FAMILIES if f.owns_model(model)), None)
         if other is not None:  # a model of a family the pack knows: name both
             raise AnyStoryError(f"{anystory.name} is an AnyStory {fam.name} model, but the connected MODEL is "
-                                f"{other.name}: load a {fam.name} checkpoint, or pick the AnyStory {other.name} "
-                                "file in AnyStoryModelLoader.")
+                                f"{other.name}: connect a MODEL of the {fam.name} family, or pick the AnyStory "
+                                f"{other.name} file in AnyStoryModelLoader.")
     return fam  # the family's own check_model says what else is wrong with the MODEL
 
 

@@ -448,7 +448,7 @@ def test_sd15_model_into_encode(rig):
 def test_flux_model_into_apply(rig):
     g = rig.probe(rig.apply(["15", 0], model=["110", 0]), out=1)
     g["110"] = _unet_loader(rig, "flux_unet")
-    rig.fail(g, "AnyStoryApply", "Flux", "no UNet", "SDXL-family")
+    rig.fail(g, "AnyStoryApply", "AnyStory SDXL model", "connected MODEL is FLUX", "AnyStory FLUX file")
 
 
 def test_clip_l_instead_of_clip_h(rig):
@@ -824,7 +824,7 @@ def test_flux_class_model_is_refused_in_process(env, comfy, pack):
     flux = comfy.model_patcher.ModelPatcher(mc.get_model({}, device=torch.device("cpu")), torch.device("cpu"),
                                             torch.device("cpu"))
     assert type(flux.model).__name__ == "Flux"
-    F.raises_pack_error(lambda: env.apply(model=flux), "Flux", "no UNet")
+    F.raises_pack_error(lambda: env.apply(model=flux), "AnyStory SDXL model", "connected MODEL is FLUX")
 
 
 def test_interrupted_sampling_leaves_no_state(env, comfy):
