@@ -4,7 +4,15 @@ The tiny ComfyUI FLUX model gets the goldens' random transformer (diffusers name
 map), the pack's patch is applied to a ``model.clone()`` with the goldens' random ``anystory_flux`` file, and each
 denoising step of the authors' run is replayed as one model call through ComfyUI's FLUX forward (its DIFFUSION_MODEL
 wrappers and dit block replaces). Compared, per step: the noise prediction, every block's image (and text) output,
-every block's routing map. Tolerances (fp32): |Δ| ≤ ATOL + RTOL·|golden|; routing maps must be identical.
+every block's routing map. Routing maps must be identical; values within fp32 rounding: |Δ| ≤ TOL · max|golden| per
+tensor.
+
+Why that bound: the goldens were recorded on one x86 CPU, and fp32 matmuls round differently on another (other SIMD
+kernels). The authors' own code, rerun on a second machine (2026-12-06), differed from its own goldens by up to
+1.2e-5 · max|golden| (3.7e-5 at step 0's noise prediction, 7.5e-5 in a single block of scale 8); the pack against
+the committed goldens there: ≤ 1.44e-5 · max|golden|; the pack against goldens remade on the same machine passed
+|Δ| ≤ 2e-5 + 2e-5·|golden| elementwise. TOL = 1e-4 keeps ~7× margin; every fault below moves the output by more
+than FAULT (≥ 2e-3 absolute, i.e. ≥ 5e-4 of the scale).
 """
 from __future__ import annotations
 
@@ -17,7 +25,8 @@ from comfy_harness import load_module  # registered by tests/nodes/conftest.py
 
 ff = load_module("flux_fixtures", Path(__file__).with_name("flux_fixtures.py"))
 
-ATOL, RTOL = 2e-5, 2e-5
+TOL = 1e-4      # of max|golden|, per tensor (see the module docstring)
+FAULT = 2e-3    # the least max |Δ| a wrong piece must cause
 STEPS = 4
 
 
@@ -40,9 +49,8 @@ def weights(mods):
 
 def _close(got, want, what):
     err = (got.float() - want.float()).abs()
-    bound = ATOL + RTOL * want.float().abs()
-    worst = (err - bound).max().item()
-    assert worst <= 0, f"{what}: max |Δ| {err.max().item():.3e} (golden max {want.abs().max().item():.3e})"
+    scale = want.float().abs().max().item()
+    assert err.max().item() <= TOL * scale, f"{what}: max |Δ| {err.max().item():.3e} (golden max {scale:.3e})"
     return err.max().item(), (err.max() / want.abs().max().clamp_min(1e-12)).item()
 
 
@@ -123,7 +131,7 @@ def test_fault_ref_lora_on_image_stream_is_detected(mods, flux_model, weights, c
         err, _ = _errors(mods, with_lora, weights, "case_2s_router1_cache0")
     finally:
         comfy.model_management.unload_all_models()
-    assert err > 100 * ATOL, f"ref LoRA on the image stream went unnoticed (max |Δ| {err:.2e})"
+    assert err > FAULT, f"ref LoRA on the image stream went unnoticed (max |Δ| {err:.2e})"
 
 
 def test_fault_routing_mask_dropped_is_detected(mods, flux_model, weights, monkeypatch):
@@ -134,19 +142,19 @@ def test_fault_routing_mask_dropped_is_detected(mods, flux_model, weights, monke
                         lambda text, image, n, b, dt, dev, rmap=None, null_rows=None:
                         real(text, image, n, b, dt, dev, None, null_rows))
     err, bad_maps = _errors(mods, flux_model, weights, "case_2s_router1_cache0")
-    assert err > 100 * ATOL, f"dropping the routing mask went unnoticed (max |Δ| {err:.2e})"
+    assert err > FAULT, f"dropping the routing mask went unnoticed (max |Δ| {err:.2e})"
 
 
 def test_fault_wrong_position_delta_is_detected(mods, flux_model, weights):
     err, _ = _errors(mods, flux_model, weights, "case_1s_router0_cache0", position_delta=(0, 0))
-    assert err > 100 * ATOL, f"a wrong reference position_delta went unnoticed (max |Δ| {err:.2e})"
+    assert err > FAULT, f"a wrong reference position_delta went unnoticed (max |Δ| {err:.2e})"
 
 
 def test_fault_router_lora_missing_changes_maps(mods, flux_model, weights):
     import dataclasses
     no_router = dataclasses.replace(weights, router_lora={})
     err, bad_maps = _errors(mods, flux_model, no_router, "case_2s_router1_cache0")
-    assert err > 100 * ATOL and bad_maps > 0, (err, bad_maps)
+    assert err > FAULT and bad_maps > 0, (err, bad_maps)
 
 
 def test_input_model_unchanged_and_inactive_steps_plain(mods, flux_model, weights):
