@@ -22,7 +22,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..anystory.fast.transfer import move_together
 from ..anystory.layers import block_key, discover_layout
-from ..anystory.paper.reference import ReferenceFeatures
+from ..anystory.paper.reference import ReferenceFeatures, reference_token_mask
 from . import state
 from .types import AnyStoryError, AnyStoryModel
 
@@ -86,17 +86,6 @@ def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
         raise AnyStoryError(f"ComfyUI gave no activations_shape for layers {shape_missing[:3]}; "
                             "AnyStory needs ComfyUI 0.3.30 or newer")
     return feats, grids
-
-
-def _valid_tokens(mask: torch.Tensor, hw: tuple) -> torch.Tensor:
-    """Which reference tokens lie on the subject: mask [V, H, W] → [V·h·w] bool."""
-    m = F.interpolate(mask[:, None].float(), size=hw, mode="area")[:, 0].flatten(1)  # [V, L]
-    valid = m > 0.5
-    if not bool(valid.any()):
-        valid = m > 0
-    if not bool(valid.any()):
-        valid = torch.ones_like(valid)
-    return valid.flatten()
 
 
 def native_unet(model: AnyStoryModel):
@@ -195,6 +184,6 @@ def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_m
         features[key] = f.reshape(1, v * f.shape[1], f.shape[2])  # views → more tokens of one subject
         hw = grids[key]
         if hw not in by_grid:  # a handful of grids for ~70 layers
-            by_grid[hw] = _valid_tokens(mask, hw).reshape(1, -1)
+            by_grid[hw] = reference_token_mask(mask, hw).reshape(1, -1)
         valid[key] = by_grid[hw]
     return ReferenceFeatures(features, grids, source, valid)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 
 from .attention import NEG, AttnFn, sdpa
 
@@ -116,6 +117,22 @@ def routed_reference_attention_sparse(q, k, v, k_ref: RefList, v_ref: RefList, i
             out[bi, rows] = attn_fn(qj, kj, vj, heads, mask=mask)[0]
     return out
 
+
+
+def reference_token_mask(mask: torch.Tensor, hw: tuple) -> torch.Tensor:
+    """Which reference tokens of a layer grid lie on the subject: mask [V, H, W] (white = subject) → [V·h·w]
+    bool, a token being kept when ANY of its pixels is on the subject (pooled coverage > 0).
+
+    This is the authors' rule: their reference masks are ``adaptive_avg_pool2d(mask, (s, s)) > 0``
+    (github junjiehe96/AnyStory, ``anystory/generate.py``, ``encode_ref_condition`` and the Redux token mask),
+    so a token on the subject's edge, half background, still carries the subject's detail. (An earlier
+    version of this pack kept only tokens with coverage > 0.5, dropping that edge.) A mask that covers no
+    token at all keeps every token."""
+    m = F.interpolate(mask[:, None].float(), size=tuple(hw), mode="area")[:, 0].flatten(1)  # [V, L] coverage
+    valid = m > 0
+    if not bool(valid.any()):
+        valid = torch.ones_like(valid)
+    return valid.flatten()
 
 
 @dataclass
