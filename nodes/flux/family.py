@@ -123,7 +123,8 @@ class FluxFamily:
         try:
             work = mm.get_torch_device()
             prep = prepare_subject(image.to(work), None if mask is None else mask.to(work), clip_size=SIGLIP_SIZE,
-                                   ref_size=REF_SIZE, scale=CROP_SCALE, fill=BACKGROUND)
+                                   ref_size=REF_SIZE, scale=CROP_SCALE, fill=BACKGROUND,
+                                   whole_scale=None)  # the authors' demo: always 1.04
         except ValueError as e:
             raise AnyStoryError(f"subject image/mask: {e}") from None
         for w in prep.warnings:
