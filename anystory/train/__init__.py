@@ -21,7 +21,8 @@ One training sample (paper §3.3):
    frozen Ŵ_k^l / Ŵ_v^l;
 4. loss = ε-MSE + λ·L_route, L_route = the mean over layers of :func:`~anystory.router.routing_loss`
    between the *soft* refined map softmax(logits) and the whole-instance masks on that layer's grid
-   (background = route N+1); λ = 0.1.
+   (background = route N+1); λ = 0.1. Per layer it is eq. 4, (1/N) Σ_i ‖M_i^l − M_i^gt‖²₂: a sum over the
+   layer's h·w tokens (``TrainConfig.routing_reduction = "sum"``; ``"mean"`` divides by h·w).
 
 Left out in this version: the routed reference attention (eq. 6-8, ReferenceNet features G_i^l) is not
 active during training — it does not depend on the router's parameters except through M^{l-1} and the

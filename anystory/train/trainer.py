@@ -118,6 +118,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     routing_weight: float = 0.1           # λ
+    routing_reduction: str = "sum"        # over a layer's h·w tokens: "sum" (eq. 4's squared norm) or "mean"
     tau: float = 1.0                      # Gumbel-softmax temperature
     eta: float = 1.0                      # η of eq. 5 during training
     grad_clip: float = 1.0
@@ -283,7 +284,8 @@ class RouterTrainer(nn.Module):
         wdtype = next(unet.parameters()).dtype
         with self._autocast(dev):
             E, R = self.encode_routes(batch.clip_feats, batch.clip_bg)
-            state = RoutingState(E, R, batch.masks, mode=mode, tau=cfg.tau, eta=cfg.eta)
+            state = RoutingState(E, R, batch.masks, mode=mode, tau=cfg.tau, eta=cfg.eta,
+                                 reduction=cfg.routing_reduction)
             opts = transformer_options(self.patch, self.replaces, state)
             y = batch.y.to(wdtype) if batch.y is not None else None
             with gradient_checkpointing(unet, cfg.grad_checkpointing and torch.is_grad_enabled()):

@@ -239,6 +239,10 @@ def test_layer_routing_loss_is_the_paper_loss_on_soft_maps():
     got = T.layer_routing_loss(logits, tgt)
     want = routing_loss(soft_maps(logits), one_hot_maps(tgt, 4), 3)
     torch.testing.assert_close(got, want)
+    # eq. 4 (the default): a sum over the 10 tokens; the mean option is that / 10
+    diff = (soft_maps(logits)[:, :3] - one_hot_maps(tgt, 4)[:, :3]) ** 2
+    torch.testing.assert_close(got, diff.sum(-1).sum(1).mean() / 3)
+    torch.testing.assert_close(T.layer_routing_loss(logits, tgt, "mean"), got / 10)
     got.backward()
     assert logits.grad.abs().sum() > 0
     perfect = one_hot_maps(tgt, 4) * 50.0
