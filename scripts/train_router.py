@@ -312,12 +312,21 @@ def load_parts(args, dist: Dist, components: Optional[Components] = None) -> Par
         f = getattr(o, "penultimate_hidden_states", None)
         return (f if f is not None else o["penultimate_hidden_states"]).float()
 
+    clip_pixels = None
+    if getattr(cv, "model", None) is not None and getattr(cv, "patcher", None) is not None:
+        def clip_pixels(pixel_values):  # encode_image's model call on normalised pixel values
+            mm.load_model_gpu(cv.patcher)
+            out = cv.model(pixel_values=pixel_values.to(cv.load_device).float(), intermediate_output=-2)
+            return out[1].float()
+
     def release():
         mm.unload_all_models()
         mm.soft_empty_cache()
 
     unet.to(dist.device, wdtype).eval().requires_grad_(False)
-    return Parts(unet=unet, adapter=adapter, encoders=T.Encoders(clip=clip_encode, vae=vae_encode, text=text_encode),
+    encoders = T.Encoders(clip=clip_encode, vae=vae_encode, text=text_encode, zero_image=adapter.zero_image,
+                          clip_pixels=clip_pixels)
+    return Parts(unet=unet, adapter=adapter, encoders=encoders,
                  alphas_cumprod=ac, prediction=prediction, initial_state=initial, release_target_encoders=release,
                  file_dtype=file_dtype, frozen_state=frozen_state, names=names)
 
@@ -340,6 +349,7 @@ def _save_native(A, adapter, args, parts: Parts, step: int, extra: Optional[dict
         dtype = parts.file_dtype or adapter.subject_proj.proj_in.weight.dtype
     meta = {"trained_router_steps": step, "trained_on": Path(args.data).name,
             "routing_weight": args.routing_weight, "routing_reduction": args.routing_reduction,
+            "zero_image": parts.encoders.zero_image,
             "subject_branch": parts.names.get("adapter", ""),
             "base_checkpoint": parts.names.get("checkpoint", "")}
     meta.update(extra or {})

@@ -11,8 +11,9 @@ One training sample (paper §3.3):
 1. each instance i of the target image gets a reference view: the user's ``name_ref{i}.png`` or, by
    default, a crop of the target itself with augmentation (random rotation, crop jitter, zero padding),
    segmented and squared by :func:`anystory.prepare.prepare_subject`; frozen CLIP-H → F_clip;
-   frozen subject QFormer → E_i, trainable routing QFormer → R_i; the all-zero image gives the
-   background route N+1 (E_{N+1}, R_{N+1});
+   frozen subject QFormer → E_i, trainable routing QFormer → R_i; the zero image (the subject branch's
+   convention, IP-Adapter's zeros after CLIP normalisation by default) gives the background route N+1
+   (E_{N+1}, R_{N+1});
 2. the target's latent x0 is noised at a random timestep t of the checkpoint's ε schedule;
 3. the frozen UNet runs with AnyStory's routing active at every cross-attention layer l (ComfyUI's
    ``attn2_patch`` + attn2 replace hooks, driven by ``transformer_options``): the layer's router turns

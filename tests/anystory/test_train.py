@@ -253,6 +253,26 @@ def test_layer_routing_loss_is_the_paper_loss_on_soft_maps():
     assert T.layer_routing_loss(bg_only, torch.ones(1, 4, dtype=torch.long)) < 1e-12
 
 
+def test_background_route_is_encoded_from_the_zero_image_convention():
+    """The trainer's background route (E_{N+1}, R_{N+1}) comes from the subject branch's zero image: zeros of the
+    normalised CLIP input (IP-Adapter's) by default — given to the model as pixel values when the encoder can take
+    them, else as the image that normalises to them — or black pixels ((0 − mean)/std) for files trained so."""
+    from anystory.paper.encoder import CLIP_MEAN, CLIP_STD, zero_image_pixels, zero_image_rgb
+    seen = {}
+    enc = T.Encoders(clip=lambda im: seen.setdefault("image", im) * 0 + 1,
+                     clip_pixels=lambda px: seen.setdefault("pixels", px)[:, :1] * 0 + 2)
+    assert float(enc.background().flatten()[0]) == 2.0
+    assert torch.equal(seen["pixels"], torch.zeros(1, 3, T.CLIP_SIZE, T.CLIP_SIZE)) and "image" not in seen
+    only_images = T.Encoders(clip=lambda im: seen.setdefault("image", im) * 0 + 1)
+    only_images.background()
+    torch.testing.assert_close(seen["image"][0, 0, 0], torch.tensor(CLIP_MEAN))  # the mean colour: normalises to 0
+    black = zero_image_pixels("pixel_black")
+    torch.testing.assert_close(black[0, :, 0, 0], -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD))
+    assert torch.equal(zero_image_rgb("pixel_black"), torch.zeros(1, 224, 224, 3))
+    with pytest.raises(ValueError, match="zero image"):
+        zero_image_pixels("grey")
+
+
 def test_iou_per_subject():
     gt = torch.tensor([0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 1, 1, 1, 2, 0])
