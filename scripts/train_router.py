@@ -317,7 +317,7 @@ def load_parts(args, dist: Dist, components: Optional[Components] = None) -> Par
         def clip_pixels(pixel_values):  # encode_image's model call on normalised pixel values
             mm.load_model_gpu(cv.patcher)
             out = cv.model(pixel_values=pixel_values.to(cv.load_device).float(), intermediate_output=-2)
-            return out[1].float()
+            return out[1].float().to(mm.intermediate_device())  # where encode_image leaves its features
 
     def release():
         mm.unload_all_models()
