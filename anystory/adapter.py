@@ -18,12 +18,37 @@ import torch
 import torch.nn as nn
 
 from .layers import LayerLayout
-from .paper.encoder import Resampler, SubjectEmbeddings, encode_routes
+from .paper.encoder import (
+    ZERO_IMAGE_NORMALISED,
+    ZERO_IMAGE_PIXEL_BLACK,
+    ZERO_IMAGES,
+    Resampler,
+    SubjectEmbeddings,
+    encode_routes,
+)
 from .paper.injection import DecoupledKV
 from .paper.router import LayerRouter
 
 KIND_NATIVE = "anystory-sdxl"
 KIND_IPADAPTER_PLUS = "ip-adapter-plus-sdxl"
+
+
+ZERO_IMAGE_META = "zero_image"  # the file's metadata key: ZERO_IMAGE_NORMALISED or ZERO_IMAGE_PIXEL_BLACK
+
+
+def zero_image_of(meta: dict) -> str:
+    """The zero-image convention (``anystory.paper.encoder.ZERO_IMAGES``) a subject branch was trained with,
+    from its file's metadata: ``zero_image`` when the file says; else ``pixel_black`` for a file this pack's
+    router trainer wrote before it recorded the convention (metadata ``trained_router_steps``: that trainer
+    encoded the background from black pixels); else ``normalized_zeros`` (IP-Adapter's, which IP-Adapter Plus
+    was trained with). A value outside ZERO_IMAGES raises ValueError (the checkpoint reader refuses such a
+    file first)."""
+    v = meta.get(ZERO_IMAGE_META)
+    if v is None:
+        return ZERO_IMAGE_PIXEL_BLACK if "trained_router_steps" in meta else ZERO_IMAGE_NORMALISED
+    if v not in ZERO_IMAGES:
+        raise ValueError(f"metadata {ZERO_IMAGE_META}={v!r} is not one of {ZERO_IMAGES}")
+    return v
 
 
 class LayoutMismatch(ValueError):
@@ -65,11 +90,19 @@ class AnyStoryAdapter(nn.Module):
         return {int(n): m.to_k_ip.out_features for n, m in self.ip_adapter.items()}
 
     @property
+    def zero_image(self) -> str:
+        """The zero image of the background route (E_{N+1}, R_{N+1}, CFG's unconditional image tokens) this
+        subject branch was trained with: :func:`zero_image_of` its metadata."""
+        return zero_image_of(self.meta)
+
+    @property
     def slots(self) -> dict[str, str]:
         native = self.kind == KIND_NATIVE
         return {
             "subject encoder": "native AnyStory" if native else "public IP-Adapter Plus",
             "router": "native AnyStory" if self.has_router else "training-free (attention router / user masks)",
+            "zero image": ("zeros after normalisation (IP-Adapter)" if self.zero_image == ZERO_IMAGE_NORMALISED
+                           else "black pixels"),
         }
 
     def describe(self) -> str:

@@ -23,6 +23,12 @@ workflows do). To stay usable when that is forgotten:
 Failures this avoids (two of the most reported with other packs): the square is never shrunk or shifted
 to fit the image, so the subject is never cropped away — where it runs past the border the crop is
 *padded* with the fill colour (not black bars), and the mask is padded with 0 so it stays aligned.
+
+The margin (1.04 × the subject's box, the authors' demo) is for a subject cut out of a larger image. When
+the subject's box is the whole image (no mask, a full mask, a subject touching all four edges) there is
+nothing around it to keep: the image is used as it is — a square image goes to the encoders exactly as
+IP-Adapter feeds CLIP (the whole image resized, no grey border) — and a non-square one is padded to a
+square (never cropped: IP-Adapter's centre crop would cut the subject).
 """
 from __future__ import annotations
 
@@ -260,7 +266,7 @@ def _resize_hwc(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 
 def prepare_subject(image: torch.Tensor, mask: Optional[torch.Tensor] = None, clip_size: int = 224,
                     ref_size: int = 512, scale: float = 1.04, fill: Fill = 0.5,
-                    remove_background: bool = True) -> PreparedSubject:
+                    remove_background: bool = True, whole_scale: Optional[float] = 1.0) -> PreparedSubject:
     """Segment, crop and pad a subject for both encoding branches (DESIGN §1.1, "Preparation").
 
     image: ComfyUI IMAGE [B, H, W, C] (C = 3, or 4 with alpha = 1 on the subject), any size or aspect.
@@ -268,6 +274,9 @@ def prepare_subject(image: torch.Tensor, mask: Optional[torch.Tensor] = None, cl
         channel if any, else the whole image. See ``resolve_mask`` for precedence, broadcasting and the
         all-zero case (LoadImage's MASK is 1 − alpha: it needs InvertMask).
     scale: square side / the longer side of the mask's bounding box (paper-style margin, 1.04).
+    whole_scale: the same where the bounding box is the whole image (no mask, a full mask): 1.0 = the
+        image as it is (square: exactly IP-Adapter's input; non-square: padded to a square, not cropped);
+        None = ``scale`` there too (the authors' FLUX demo always adds its margin).
     fill: background and padding colour, a gray value or an RGB triple in 0..1.
     remove_background: replace the background by ``fill`` (out = img·mask + fill·(1 − mask)), giving
         the paper's segmented image; otherwise only the padding is filled.
@@ -288,7 +297,12 @@ def prepare_subject(image: torch.Tensor, mask: Optional[torch.Tensor] = None, cl
     rgb = rgb.expand(b, -1, -1, -1)
     fill3 = _fill_vector(fill, 3, image.device)
 
-    boxes = square_crop_box(subject_box(subject_mask), scale)
+    tight = subject_box(subject_mask)
+    boxes = square_crop_box(tight, scale)
+    if whole_scale is not None and whole_scale != scale:
+        whole = (tight == torch.tensor([0, 0, *subject_mask.shape[-2:]], device=tight.device)).all(dim=1)
+        if bool(whole.any()):
+            boxes[whole] = square_crop_box(tight[whole], whole_scale)
     out = {k: [] for k in ("clip_image", "ref_image", "clip_mask", "ref_mask")}
     for img, m, box in zip(rgb, subject_mask, boxes.tolist()):
         if remove_background:                     # segment at source resolution: no background colour

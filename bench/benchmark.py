@@ -637,7 +637,7 @@ def encode_breakdown(b: Bench, n: int, out_dir: Path, reference: str = "shared")
 
     am = b.make("ip-adapter-plus-sdxl", refnet=False)
     targets = [(sdxl_mod, "prepare_subject"), (sdxl_mod, "clip_features"), (enc_mod, "preview_images"),
-               (ref_mod, "reference_pass"), (ref_mod, "_valid_tokens"),
+               (ref_mod, "reference_pass"), (ref_mod, "reference_token_mask"),
                (mm, "load_models_gpu"), (b.vae, "encode"), (am.adapter, "encode"), (ref_mod, "_to_device"),
                (graphs_mod, "_module_is_static")]
     with contextlib.ExitStack() as stack:

@@ -45,6 +45,35 @@ def check_subject_image(image: torch.Tensor, mask) -> None:
                             "(or disconnect the mask to use the image's alpha / the whole image)")
 
 
+def check_blank_image(choice: str, choices: dict):
+    """AnyStory Subject Encode's blank_image → its zero-image convention (None: the model file's)."""
+    if choice not in choices:
+        raise AnyStoryError(f"blank_image must be one of {', '.join(repr(c) for c in choices)}, got {choice!r}")
+    return choices[choice]
+
+
+def pooled_output(conditioning):
+    """The pooled text embedding [1, P] of a CONDITIONING (its first entry that has one), or None when no
+    CONDITIONING is connected; refuses what is not a CONDITIONING or has no pooled output."""
+    if conditioning is None:
+        return None
+    try:
+        entries = [c[1] for c in conditioning]
+    except (TypeError, IndexError, KeyError):
+        entries = None
+    if not entries or not all(isinstance(d, dict) for d in entries):
+        raise AnyStoryError("the 'conditioning' input must be a CONDITIONING (the positive prompt from CLIP Text "
+                            "Encode / AnyStory Text Encode)")
+    for d in entries:
+        pooled = d.get("pooled_output")
+        if torch.is_tensor(pooled):
+            if not torch.isfinite(pooled).all():
+                raise AnyStoryError("the conditioning's pooled output has NaN or infinite values")
+            return pooled[:1].float()
+    raise AnyStoryError("the 'conditioning' input has no pooled output (an SDXL prompt has one): connect the "
+                        "positive prompt encoded with the SDXL checkpoint's CLIP, or leave the input empty")
+
+
 def check_sdxl_model(model, anystory: AnyStoryModel) -> LayerLayout:
     """Refuse anything that is not an SDXL-family UNet whose layers fit the AnyStory file; returns the layout."""
     base = getattr(model, "model", None)

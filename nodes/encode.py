@@ -11,7 +11,7 @@ import comfy.utils
 from ..anystory.preview import MAX_SUBJECTS, PALETTE_HEX
 from . import checks
 from .family import family_for
-from .sdxl import REFERENCE_MODES
+from .sdxl import BLANK_IMAGE_DEFAULT, BLANK_IMAGES, REFERENCE_MODES
 from .types import ANYSTORY, ANYSTORY_SUBJECTS, SubjectList
 from .ui import preview_images
 
@@ -66,12 +66,21 @@ class AnyStorySubjectEncode:
                 "style_model": ("STYLE_MODEL", {"tooltip": "FLUX only: FLUX.1 Redux (flux1-redux-dev.safetensors "
                                                            "from StyleModelLoader), the base of AnyStory FLUX's "
                                                            "subject encoder. SDXL ignores it."}),
+                "conditioning": ("CONDITIONING", {"tooltip": "The positive prompt (SDXL): its pooled output conditions "
+                                                             "the ReferenceNet pass, with the reference's size. Empty: "
+                                                             "a zero pooled embedding there. FLUX ignores it."}),
+                "blank_image": (list(BLANK_IMAGES), {"default": BLANK_IMAGE_DEFAULT, "tooltip":
+                                "SDXL: the 'zero image' whose tokens are the background route (and the unconditional "
+                                "image tokens of CFG). as trained = what the model file says it was trained with: "
+                                "zeros after normalisation (IP-Adapter's, which IP-Adapter Plus was trained with) "
+                                "unless a native file says otherwise. black pixels = what ComfyUI_IPAdapter_plus "
+                                "uses (for matching its images). Chained subjects share the first one's."}),
             },
         }
 
     @torch.no_grad()  # ComfyUI runs nodes in inference mode; direct Python callers must not build graphs
     def encode(self, anystory, clip_vision, vae, image, mask=None, model=None, subjects=None, label="",
-               strength=1.0, reference="auto", style_model=None):
+               strength=1.0, reference="auto", style_model=None, conditioning=None, blank_image=BLANK_IMAGE_DEFAULT):
         anystory = checks.check_model(anystory)
         if subjects is not None:
             checks.check_subjects(subjects, anystory, "the chained 'subjects' input", "another AnyStorySubjectEncode")
@@ -81,13 +90,20 @@ class AnyStorySubjectEncode:
         index = len(subjects) if subjects is not None else 0
         subject, E_bg, R_bg, crop = family.encode(anystory, clip_vision, vae, image, mask=mask, model=model,
                                                   label=label, strength=strength, reference=reference, index=index,
-                                                  pbar=comfy.utils.ProgressBar(4), style_model=style_model)
+                                                  pbar=comfy.utils.ProgressBar(4), style_model=style_model,
+                                                  conditioning=conditioning, blank_image=blank_image)
         if subjects is None:
             out = SubjectList(anystory.uid, anystory.name, [subject], E_bg, R_bg, family.name)
         else:
             refs = subject.refs
             if refs is not None and any(s.refs is not None and s.refs.source != refs.source for s in subjects.subjects):
                 log.warning("AnyStory: subjects use different ReferenceNets (native and shared)")
+            first = subjects.subjects[0].zero_image
+            if subject.zero_image and first and subject.zero_image != first:
+                w = (f"AnyStory: blank_image differs from the first subject's ({first} there, {subject.zero_image} "
+                     "here); the background route is the first subject's. Set the same blank_image on every encode.")
+                log.warning(w)
+                subject.warnings.append(w)
             out = subjects.extended(subject)
         idx = len(out) - 1
         ui = preview_images(crop[:1], prefix=f"anystory_subject_{idx}", max_side=256, jpeg=True)

@@ -1,8 +1,9 @@
 """ReferenceNet pass (§1.1, ReferenceNet branch), run once per subject at encode time.
 
 The segmented 512² subject → VAE latent (+ mask channel for the native 5-channel ReferenceNet) → a
-UNet without cross-attention, no noise (timestep 0) → the hidden states entering every self-attention
-layer, G_i^l (after norm1). Two sources:
+UNet without cross-attention, no noise (timestep 0), SDXL's vector conditioning y = the positive prompt's
+pooled embedding + the reference's size (``anystory.paper.reference.reference_y``) → the hidden states
+entering every self-attention layer, G_i^l (after norm1). Two sources:
 
 - native: the AnyStory ReferenceNet file, built as ComfyUI's own UNetModel with its attn2 removed;
 - shared (training-free stand-in): the connected SDXL MODEL itself with attn2 zeroed.
@@ -10,6 +11,7 @@ layer, G_i^l (after norm1). Two sources:
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..anystory.fast.transfer import move_together
 from ..anystory.layers import block_key, discover_layout
-from ..anystory.paper.reference import ReferenceFeatures
+from ..anystory.paper.reference import ReferenceFeatures, reference_token_mask, reference_y
 from . import state
 from .types import AnyStoryError, AnyStoryModel
 
@@ -43,8 +45,9 @@ class _AllCaptured(Exception):
 
 
 def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, store_device,
-                     shared: bool) -> tuple[dict, dict]:
-    """Run ``unet`` once on x (timestep 0) up to its last self-attention layer and return
+                     shared: bool, y: Optional[torch.Tensor] = None) -> tuple[dict, dict]:
+    """Run ``unet`` once on x (timestep 0, vector conditioning ``y`` [B, adm] for a UNet that takes one:
+    :func:`anystory.paper.reference.reference_y`; None: zeros) up to its last self-attention layer and return
     ({key: norm1 output [B, L, C]}, {key: (h, w)})."""
     feats, grids = {}, {}
     expected = 0  # self-attention layers: the capture is complete after this many
@@ -75,7 +78,8 @@ def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
     context = torch.zeros(b, 1, ctx_dim, device=x.device, dtype=dtype)
     kwargs = {}
     if getattr(unet, "num_classes", None) is not None:
-        kwargs["y"] = torch.zeros(b, unet.label_emb[0][0].in_features, device=x.device, dtype=dtype)
+        kwargs["y"] = (torch.zeros(b, unet.label_emb[0][0].in_features, device=x.device, dtype=dtype) if y is None
+                       else y.to(x.device, dtype))
     t = torch.zeros(b, device=x.device, dtype=torch.float32)
     with torch.no_grad():
         try:
@@ -86,17 +90,6 @@ def capture_features(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
         raise AnyStoryError(f"ComfyUI gave no activations_shape for layers {shape_missing[:3]}; "
                             "AnyStory needs ComfyUI 0.3.30 or newer")
     return feats, grids
-
-
-def _valid_tokens(mask: torch.Tensor, hw: tuple) -> torch.Tensor:
-    """Which reference tokens lie on the subject: mask [V, H, W] → [V·h·w] bool."""
-    m = F.interpolate(mask[:, None].float(), size=hw, mode="area")[:, 0].flatten(1)  # [V, L]
-    valid = m > 0.5
-    if not bool(valid.any()):
-        valid = m > 0
-    if not bool(valid.any()):
-        valid = torch.ones_like(valid)
-    return valid.flatten()
 
 
 def native_unet(model: AnyStoryModel):
@@ -141,19 +134,25 @@ def _to_device(feats: dict, device, copy: bool = False) -> dict:
     return feats if all(a is b for a, b in zip(moved, feats.values())) else dict(zip(feats, moved))
 
 
-def reference_pass(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, shared: bool) -> tuple[dict, dict]:
+def reference_pass(unet: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, shared: bool,
+                   y: Optional[torch.Tensor] = None) -> tuple[dict, dict]:
     """:func:`capture_features` on the GPU through a CUDA graph kept across encodes (every subject has the
     same 512² shape; see anystory.fast.graphs.ForwardGraphs): one replay instead of the UNet's host-bound
     launches. The features returned lie in the graph's memory: copy them before the next
     pass."""
-    key = ("ReferenceNet pass", id(unet), bool(shared), dtype)
-    return state.ENCODER_GRAPHS.run(key, lambda x: capture_features(unet, x, dtype, x.device, shared=shared),
-                                    (x,), unet)
+    key = ("ReferenceNet pass", id(unet), bool(shared), dtype, y is not None)
+    inputs = (x,) if y is None else (x, y.to(x.device))  # y is a graph input: a new prompt replays the same graph
+    return state.ENCODER_GRAPHS.run(
+        key, lambda x, y=None: capture_features(unet, x, dtype, x.device, shared=shared, y=y), inputs, unet)
 
 
 def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_mask: torch.Tensor,
-                       unet_model=None) -> ReferenceFeatures:
-    """G^l of ONE subject (``ref_image`` [V, S, S, 3] are views of it; their tokens are concatenated)."""
+                       unet_model=None, pooled: Optional[torch.Tensor] = None) -> ReferenceFeatures:
+    """G^l of ONE subject (``ref_image`` [V, S, S, 3] are views of it; their tokens are concatenated).
+
+    ``pooled``: the positive prompt's pooled text embedding (AnyStory Subject Encode's ``conditioning``), which
+    conditions the pass together with the reference's size S × S through SDXL's y (:func:`reference_y`;
+    without it: zeros there, the size embedding still set)."""
     # G_i^l (≈50 MB per 512² subject for SDXL) is kept on ComfyUI's intermediate device (the CPU), not in
     # VRAM while ComfyUI caches this node's output: a sampling run moves each layer's subject tokens to
     # the GPU once, when it projects them (AnyStory Apply's reference attention)
@@ -186,7 +185,15 @@ def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_m
     elif in_ch != x.shape[1]:
         raise AnyStoryError(f"the ReferenceNet takes {in_ch} input channels but the VAE gives {x.shape[1]}: "
                             "use the SDXL VAE")
-    feats, grids = reference_pass(unet, x, dtype, shared=(source == "shared"))
+    y = None
+    if getattr(unet, "num_classes", None) is not None:
+        adm = unet.label_emb[0][0].in_features
+        try:
+            y = reference_y(pooled, tuple(ref_image.shape[1:3]), batch=x.shape[0], adm_dim=adm)
+        except ValueError as e:
+            raise AnyStoryError(f"AnyStory Subject Encode's conditioning does not fit the ReferenceNet: {e}. Connect "
+                                "the positive prompt made with this SDXL model's CLIP") from None
+    feats, grids = reference_pass(unet, x, dtype, shared=(source == "shared"), y=y)
     feats = _to_device(feats, store, copy=True)
     features, valid, by_grid = {}, {}, {}
     mask = ref_mask.to(store)
@@ -195,6 +202,6 @@ def reference_features(model: AnyStoryModel, vae, ref_image: torch.Tensor, ref_m
         features[key] = f.reshape(1, v * f.shape[1], f.shape[2])  # views → more tokens of one subject
         hw = grids[key]
         if hw not in by_grid:  # a handful of grids for ~70 layers
-            by_grid[hw] = _valid_tokens(mask, hw).reshape(1, -1)
+            by_grid[hw] = reference_token_mask(mask, hw).reshape(1, -1)
         valid[key] = by_grid[hw]
     return ReferenceFeatures(features, grids, source, valid)

@@ -20,6 +20,7 @@ from ..anystory import checkpoint
 from ..anystory.adapter import AnyStoryAdapter
 from ..anystory.attention_router import AttentionRouter, observed_layers
 from ..anystory.layers import layout_from_state_dict, transformer_blocks
+from ..anystory.paper.encoder import ZERO_IMAGE_NORMALISED, ZERO_IMAGE_PIXEL_BLACK
 from ..anystory.paper.reference import ReferenceFeatures
 from ..anystory.patch import RoutedPatch, RoutingInputs
 from ..anystory.prepare import prepare_subject
@@ -35,6 +36,15 @@ from .types import AnyStoryError, AnyStoryModel, Subject, SubjectList
 log = logging.getLogger("anystory")
 
 REFERENCE_MODES = ("auto", "native", "shared", "off")
+#: AnyStory Subject Encode's ``blank_image`` → the zero image of the background route (E_{N+1}, R_{N+1}, CFG's
+#: unconditional image tokens): anystory.paper.encoder.ZERO_IMAGES; None = what the model file was trained with
+#: (its metadata; IP-Adapter's zeros after normalisation for every file that does not say)
+BLANK_IMAGES = {
+    "as trained (model file)": None,
+    "zeros after normalisation (IP-Adapter)": ZERO_IMAGE_NORMALISED,
+    "black pixels (IPAdapter_plus)": ZERO_IMAGE_PIXEL_BLACK,
+}
+BLANK_IMAGE_DEFAULT = "as trained (model file)"
 
 
 @dataclass
@@ -108,15 +118,21 @@ class SDXLFamily:
         return mode
 
     def encode(self, anystory: AnyStoryModel, clip_vision, vae, image, mask=None, model=None, label: str = "",
-               strength: float = 1.0, reference: str = "auto", index: int = 0, pbar=None, style_model=None):
+               strength: float = 1.0, reference: str = "auto", index: int = 0, pbar=None, style_model=None,
+               blank_image: str = BLANK_IMAGE_DEFAULT, conditioning=None):
         """One subject: (Subject with E_i, R_i, G_i^l, E_{N+1}, R_{N+1}, the crop the encoders saw [S, S, 3]
-        on the device). The reference mode and the MODEL are checked before the expensive encoders run."""
+        on the device). The reference mode and the MODEL are checked before the expensive encoders run.
+
+        ``blank_image`` (a key of :data:`BLANK_IMAGES`): the zero image of E_{N+1}, R_{N+1}. ``conditioning``:
+        the positive prompt, whose pooled output conditions the ReferenceNet pass (nodes/refnet.py)."""
         if style_model is not None:
             log.warning("AnyStory: the style_model input (FLUX.1 Redux) is used by AnyStory FLUX models only; %s is "
                         "an SDXL model and ignores it", anystory.name)
         mode = self.reference_mode(anystory, reference, model)
         if model is not None and mode != "off":
             self.check_model(model, anystory)
+        zero_image = checks.check_blank_image(blank_image, BLANK_IMAGES) or anystory.adapter.zero_image
+        text_pooled = checks.pooled_output(conditioning)
         try:
             work = mm.get_torch_device()  # segment/crop/resize on the GPU: no CPU image work per subject
             prep = prepare_subject(image.to(work), None if mask is None else mask.to(work))
@@ -129,7 +145,7 @@ class SDXLFamily:
         ad = anystory.adapter
         feats = clip_features(clip_vision, prep.clip_image)  # encode_image loads the model to the GPU
         checks.check_clip_width(anystory, feats)
-        zero = background_features(clip_vision)
+        zero = background_features(clip_vision, zero_image)
         _tick(pbar)
 
         mm.load_models_gpu([anystory.patcher])
@@ -145,13 +161,13 @@ class SDXLFamily:
         refs = None
         if mode != "off":
             am = anystory if mode == "native" else replace(anystory, refnet=None)  # shared: the MODEL's UNet
-            refs = reference_features(am, vae, prep.ref_image, prep.ref_mask, unet_model=model)
+            refs = reference_features(am, vae, prep.ref_image, prep.ref_mask, unet_model=model, pooled=text_pooled)
         else:
             log.info("AnyStory: subject %r encoded without ReferenceNet features (detail preservation off)", label)
         _tick(pbar)
         crop = prep.ref_image[..., :3].float()
         subject = Subject(E=E_i, R=R_i, refs=refs, label=(label or "").strip(), strength=float(strength),
-                          preview=crop.cpu()[0], warnings=list(prep.warnings))
+                          preview=crop.cpu()[0], warnings=list(prep.warnings), zero_image=zero_image)
         return subject, E_bg, R_bg, crop
 
     # --- apply ---------------------------------------------------------------------------------------

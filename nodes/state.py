@@ -1,7 +1,7 @@
 """Every piece of process-wide state the nodes keep between prompts, in one place:
 
 - ``LOADED``: the last AnyStory models the loader built (by file path, mtime and size);
-- ``BACKGROUND_FEATURES``: F_clip of the background route's zero image, per CLIP vision model;
+- ``BACKGROUND_FEATURES``: F_clip of the background route's zero image, per CLIP vision model and convention;
 - ``ENCODER_GRAPHS``: the encoders' CUDA graphs (ReferenceNet pass, CLIP vision), kept across encodes and
   dropped when an AnyStory sampling starts;
 - ``HOST_STAGING``: page-locked host buffers for G_i^l, each prepared while the previous subject is encoded.

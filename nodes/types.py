@@ -72,12 +72,13 @@ class Subject:
     strength: float = 1.0
     preview: Optional[torch.Tensor] = None  # [S, S, 3] the segmented crop the encoders saw
     warnings: list = field(default_factory=list)
+    zero_image: str = ""                # SDXL: the zero image of the E_{N+1}, R_{N+1} made with it (ZERO_IMAGES)
 
 
 @dataclass(eq=False)
 class SubjectList:
     """ANYSTORY_SUBJECTS: subjects in order (order = index = colour), plus the background route
-    (E_{N+1}, R_{N+1} from an all-zero image; None for FLUX, whose router has no background route), all made with
+    (E_{N+1}, R_{N+1} from the zero image, made with the first subject; None for FLUX, whose router has no background route), all made with
     one ANYSTORY model of ``family``."""
 
     model_uid: str

@@ -50,11 +50,12 @@ WIDGETS = {
     "PreviewImage": ([], [], [("images", "IMAGE")]),
     "MaskToImage": ([], [("IMAGE", "IMAGE")], [("mask", "MASK")]),
     "AnyStoryModelLoader": (["model_name", "refnet_name"], [("anystory", "ANYSTORY"), ("info", "STRING")], []),
-    "AnyStorySubjectEncode": (["label", "strength", "reference"],
+    "AnyStorySubjectEncode": (["label", "strength", "reference", "blank_image"],
                               [("subjects", "ANYSTORY_SUBJECTS"), ("subject_crop", "IMAGE")],
                               [("anystory", "ANYSTORY"), ("clip_vision", "CLIP_VISION"), ("vae", "VAE"),
                                ("image", "IMAGE"), ("mask", "MASK"), ("model", "MODEL"),
-                               ("subjects", "ANYSTORY_SUBJECTS"), ("style_model", "STYLE_MODEL")]),
+                               ("subjects", "ANYSTORY_SUBJECTS"), ("style_model", "STYLE_MODEL"),
+                               ("conditioning", "CONDITIONING")]),
     "AnyStoryApply": (["router_mode", "eta", "gamma", "start_percent", "end_percent", "record_routing", "feather",
                        "warmup_steps", "threshold"],
                       [("model", "MODEL"), ("routing", "ANYSTORY_ROUTING")],
@@ -83,6 +84,7 @@ def node_size(ntype: str) -> list:
     return [220 if ntype in NARROW else 320, 60 + 26 * (len(widgets) + len(sockets))]
 OPTIONAL_SOCKETS = {("AnyStorySubjectEncode", "mask"), ("AnyStorySubjectEncode", "model"),
                     ("AnyStorySubjectEncode", "subjects"), ("AnyStorySubjectEncode", "style_model"),
+                    ("AnyStorySubjectEncode", "conditioning"),
                     ("AnyStoryApply", "region_masks"), ("AnyStoryApply", "flux_options")}
 
 
@@ -164,6 +166,7 @@ class Graph:
                 "version": 0.4}
 
 
+BLANK_IMAGE = "as trained (model file)"  # AnyStory Subject Encode's default (nodes/sdxl.py BLANK_IMAGE_DEFAULT)
 APPLY_DEFAULTS = dict(eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True, feather=0,
                       warmup_steps=2, threshold=0.35)
 
@@ -185,7 +188,7 @@ def _subject(g: Graph, nid_load: int, nid_inv: int, nid_enc: int, image: str, la
     # LoadImage's MASK is 1 on the transparent background: invert so that white = subject
     g.add(nid_inv, "InvertMask", (340, y + 60), mask=(nid_load, 1))
     kw = dict(anystory=(3, 0), clip_vision=(2, 0), vae=(1, 2), image=(nid_load, 0), mask=(nid_inv, 0),
-              model=(1, 0), label=label, strength=1.0, reference="auto")
+              model=(1, 0), label=label, strength=1.0, reference="auto", blank_image=BLANK_IMAGE)
     if prev is not None:
         kw["subjects"] = (prev, 0)
     g.add(nid_enc, "AnyStorySubjectEncode", (580, y), **kw)
@@ -296,7 +299,7 @@ def _flux_subject(g: Graph, nid_load: int, nid_inv: int, nid_enc: int, image: st
     g.add(nid_load, "LoadImage", (0, y), title=f"Subject: {label}", image=image, upload="image")
     g.add(nid_inv, "InvertMask", (340, y + 60), mask=(nid_load, 1))  # white = subject
     kw = dict(anystory=(3, 0), clip_vision=(5, 0), vae=(4, 0), image=(nid_load, 0), mask=(nid_inv, 0),
-              model=(7, 0), style_model=(6, 0), label=label, strength=1.0, reference="auto")
+              model=(7, 0), style_model=(6, 0), label=label, strength=1.0, reference="auto", blank_image=BLANK_IMAGE)
     if prev is not None:
         kw["subjects"] = (prev, 0)
     g.add(nid_enc, "AnyStorySubjectEncode", (680, y), **kw)

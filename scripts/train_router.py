@@ -12,7 +12,8 @@ Data folder: ``name.png`` + ``name_mask0.png``, ``name_mask1.png`` … (white = 
 ``name_labels.png`` with instance ids; optional ``name_ref<i>.png`` reference crops and ``name.txt``
 captions (see ``anystory.train.scan_dataset``). Trained: the routing QFormer and the per-layer routers;
 frozen: the SDXL UNet, CLIP-H, the adapter's subject QFormer and Ŵ_k/Ŵ_v. Loss: ε-MSE + λ·routing loss
-(λ = 0.1) with straight-through Gumbel-softmax maps in eq. 5. Reference attention (eq. 6-8) is not
+(λ = 0.1; eq. 4: a sum over each layer's tokens, ``--routing-reduction mean`` for a mean) with
+straight-through Gumbel-softmax maps in eq. 5. Reference attention (eq. 6-8) is not
 active during training.
 
 Writes ``--out`` (a native AnyStory file — the input's subject branch + the trained router — that
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--weight-decay", type=float, default=0.01)
     tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     tr.add_argument("--routing-weight", type=float, default=0.1, help="λ of the routing loss (paper: 0.1)")
+    tr.add_argument("--routing-reduction", choices=("sum", "mean"), default="sum",
+                    help="the routing loss over a layer's h·w tokens: sum (eq. 4's squared norm, default) or mean "
+                         "(= sum / h·w, every layer weighs alike)")
     tr.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature")
     tr.add_argument("--eta", type=float, default=1.0, help="η of eq. 5 during training (the subject branch's "
                                                          "strength; 0: the router learns from the routing loss only)")
@@ -308,12 +312,21 @@ def load_parts(args, dist: Dist, components: Optional[Components] = None) -> Par
         f = getattr(o, "penultimate_hidden_states", None)
         return (f if f is not None else o["penultimate_hidden_states"]).float()
 
+    clip_pixels = None
+    if getattr(cv, "model", None) is not None and getattr(cv, "patcher", None) is not None:
+        def clip_pixels(pixel_values):  # encode_image's model call on normalised pixel values
+            mm.load_model_gpu(cv.patcher)
+            out = cv.model(pixel_values=pixel_values.to(cv.load_device).float(), intermediate_output=-2)
+            return out[1].float().to(mm.intermediate_device())  # where encode_image leaves its features
+
     def release():
         mm.unload_all_models()
         mm.soft_empty_cache()
 
     unet.to(dist.device, wdtype).eval().requires_grad_(False)
-    return Parts(unet=unet, adapter=adapter, encoders=T.Encoders(clip=clip_encode, vae=vae_encode, text=text_encode),
+    encoders = T.Encoders(clip=clip_encode, vae=vae_encode, text=text_encode, zero_image=adapter.zero_image,
+                          clip_pixels=clip_pixels)
+    return Parts(unet=unet, adapter=adapter, encoders=encoders,
                  alphas_cumprod=ac, prediction=prediction, initial_state=initial, release_target_encoders=release,
                  file_dtype=file_dtype, frozen_state=frozen_state, names=names)
 
@@ -335,7 +348,9 @@ def _save_native(A, adapter, args, parts: Parts, step: int, extra: Optional[dict
     if dtype is None:
         dtype = parts.file_dtype or adapter.subject_proj.proj_in.weight.dtype
     meta = {"trained_router_steps": step, "trained_on": Path(args.data).name,
-            "routing_weight": args.routing_weight, "subject_branch": parts.names.get("adapter", ""),
+            "routing_weight": args.routing_weight, "routing_reduction": args.routing_reduction,
+            "zero_image": parts.encoders.zero_image,
+            "subject_branch": parts.names.get("adapter", ""),
             "base_checkpoint": parts.names.get("checkpoint", "")}
     meta.update(extra or {})
     exp = T.export_adapter(adapter, dtype)
@@ -375,7 +390,8 @@ def run(args, parts: Parts, dist: Dist) -> dict:
     log(f"[train] encoded {len(cache)} targets (VAE latents, text) in {time.time() - t0:.1f} s")
 
     cfg = T.TrainConfig(lr=args.lr, routing_proj_lr=args.routing_proj_lr, weight_decay=args.weight_decay,
-                        warmup_steps=args.warmup, routing_weight=args.routing_weight, tau=args.tau, eta=args.eta,
+                        warmup_steps=args.warmup, routing_weight=args.routing_weight,
+                        routing_reduction=args.routing_reduction, tau=args.tau, eta=args.eta,
                         grad_clip=args.grad_clip, mixed_precision=args.mixed_precision,
                         grad_checkpointing=bool(args.grad_checkpointing), prediction=parts.prediction,
                         timestep_range=_ints(args.timestep_range), seed=args.seed)

@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from ..adapter import KIND_IPADAPTER_PLUS, KIND_NATIVE, AnyStoryAdapter
+from ..adapter import KIND_IPADAPTER_PLUS, KIND_NATIVE, ZERO_IMAGE_META, AnyStoryAdapter
+from ..paper.encoder import ZERO_IMAGES
 from ..layers import sdxl_layout
 from ..paper.encoder import Resampler
 from .diagnosis import (
@@ -198,7 +199,14 @@ def _plan_router(plan: AdapterPlan, sd: Mapping, meta: Mapping, src: Source) -> 
 
 
 def _check_meta(plan: AdapterPlan, meta: Mapping, src: Source) -> None:
-    """A native file's metadata (subject_tokens, layers, router_dim) agrees with its weights."""
+    """A native file's metadata (subject_tokens, layers, router_dim) agrees with its weights; its zero image
+    (``zero_image``, see :func:`~anystory.adapter.zero_image_of`) is one this pack knows."""
+    zero = meta.get(ZERO_IMAGE_META)
+    if zero is not None and zero not in ZERO_IMAGES:
+        raise src.fail(ADAPTER, "an AnyStory model whose metadata names an unknown zero image",
+                       f"set its metadata {ZERO_IMAGE_META} to one of {', '.join(ZERO_IMAGES)} (the convention its "
+                       "background route was trained with), or re-create the file",
+                       f"metadata {ZERO_IMAGE_META}={zero!r}")
     checks = [("subject_tokens", plan.subject_cfg["num_queries"]), ("layers", len(plan.layer_dims))]
     if plan.with_router:
         checks.append(("router_dim", plan.router_dim))
@@ -346,8 +354,9 @@ def save_adapter(adapter: AnyStoryAdapter, path, extra_meta: Optional[dict] = No
 
     Keys are ``adapter.state_dict()``'s (subject_proj.*, ip_adapter.N.* = Ŵ_k^l/Ŵ_v^l, and when present
     routing_proj.* / router.N.*). Metadata (strings): format=anystory-sdxl, version, subject_tokens (m),
-    router_dim, router_heads, layers, has_router, plus ``extra_meta``. An adapter loaded from an
-    IP-Adapter file is written as native without router (``derived_from`` records its origin)."""
+    router_dim, router_heads, layers, has_router, zero_image (the background route's zero image it was
+    trained with: ``extra_meta``'s, else ``adapter.zero_image``), plus ``extra_meta``. An adapter loaded from
+    an IP-Adapter file is written as native without router (``derived_from`` records its origin)."""
     src = Source.of(path)
     tensors = prepare_for_save(adapter.state_dict())
     meta = {str(k): str(v) for k, v in (extra_meta or {}).items()}
@@ -360,6 +369,7 @@ def save_adapter(adapter: AnyStoryAdapter, path, extra_meta: Optional[dict] = No
         "layers": str(len(adapter.ip_adapter)),
         "has_router": "1" if adapter.has_router else "0",
     })
+    meta.setdefault(ZERO_IMAGE_META, adapter.zero_image)
     if adapter.kind != KIND_NATIVE:
         meta.setdefault("derived_from", adapter.kind)
     identify_adapter(tensors, meta, src)  # never write a file that load_adapter would refuse

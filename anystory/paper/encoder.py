@@ -8,8 +8,10 @@ checkpoints use):
 - the *routing QFormer* with one query → R_i (1 × 2048), the routing feature the router compares with
   the latent tokens of every layer (§1.2).
 
-The background route N+1 is the same two QFormers applied to the CLIP features of an all-zero image:
-E_{N+1}, R_{N+1}. E_{N+1} is also the unconditional image embedding for classifier-free guidance.
+The background route N+1 is the same two QFormers applied to the CLIP features of a "zero image":
+E_{N+1}, R_{N+1}. E_{N+1} is also the unconditional image embedding for classifier-free guidance. Which
+image is zero is a convention of the training code, not of the QFormers (:data:`ZERO_IMAGES`,
+:func:`zero_image_pixels`).
 
 Key names (prefix ``subject_proj.`` / ``routing_proj.`` / IP-Adapter's ``image_proj.``): ``latents``
 (1×m×dim), ``proj_in``, ``layers.{i}.0`` (norm1, norm2, to_q, to_kv, to_out),
@@ -25,6 +27,53 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import merge_heads, split_heads
+
+
+# ------------------------------------------------------------------------------------------------
+# the zero image of the background route (and of CFG's unconditional image tokens)
+# ------------------------------------------------------------------------------------------------
+#: zeros of the CLIP input AFTER its normalisation ((x − mean)/std = 0: a mean-grey image). The pixel
+#: convention is not taken from the paper's text (arXiv 2501.09503 gives the background route but not the
+#: preprocessing stage at which its image is zero); it follows the reference code the method builds on:
+#: IP-Adapter (Ye et al., arXiv 2308.06721; github tencent-ailab/IP-Adapter, ``ip_adapter/ip_adapter.py``
+#: ``IPAdapterPlus.get_image_embeds``: ``image_encoder(torch.zeros_like(clip_image))`` of the processed
+#: ``clip_image``; ``tutorial_train_plus.py``'s image dropout, the same zeros) and the first author's
+#: UniPortrait (github junjiehe96/UniPortrait, ``uniportrait_pipeline.py``,
+#: ``torch.zeros_like(face_clip_image)``). IP-Adapter Plus was trained with it: the default.
+ZERO_IMAGE_NORMALISED = "normalized_zeros"
+#: a pixel-black image pushed through CLIP's normalisation ((0 − mean)/std ≈ −1.79, −1.75, −1.48):
+#: what ComfyUI_IPAdapter_plus encodes (``encode_image(torch.zeros([1, 224, 224, 3]))``) and what this pack
+#: did before; kept for parity with that pack and for files trained so.
+ZERO_IMAGE_PIXEL_BLACK = "pixel_black"
+ZERO_IMAGES = (ZERO_IMAGE_NORMALISED, ZERO_IMAGE_PIXEL_BLACK)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP / CLIP-H preprocessing
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def zero_image_pixels(convention: str = ZERO_IMAGE_NORMALISED, size: int = 224, mean=CLIP_MEAN,
+                      std=CLIP_STD) -> torch.Tensor:
+    """The zero image as the CLIP vision model receives it — already normalised pixel values
+    [1, 3, size, size] (float32): zeros, or (0 − mean)/std for ``pixel_black``."""
+    if convention not in ZERO_IMAGES:
+        raise ValueError(f"zero image convention must be one of {ZERO_IMAGES}, got {convention!r}")
+    px = torch.zeros(1, 3, size, size)
+    if convention == ZERO_IMAGE_PIXEL_BLACK:
+        m = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        sd = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        px = px + (0.0 - m) / sd
+    return px
+
+
+def zero_image_rgb(convention: str = ZERO_IMAGE_NORMALISED, size: int = 224, mean=CLIP_MEAN,
+                   std=CLIP_STD) -> torch.Tensor:
+    """The zero image in pixel space [1, size, size, 3] in 0..1 (what normalises to
+    :func:`zero_image_pixels`: the mean colour, or black), for encoders that only take images. Exact for an
+    encoder that normalises without quantising; ComfyUI's ``clip_preprocess`` rounds to 8 bits first (the
+    mean grey then normalises to ≈ 0.003, not 0), so the nodes give the model the pixel values directly."""
+    px = zero_image_pixels(convention, size, mean, std)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    sd = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (px * sd + m).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
 
 class PerceiverAttention(nn.Module):
@@ -127,7 +176,7 @@ class SubjectEmbeddings:
 def encode_routes(subject_proj: Resampler, routing_proj: Optional[Resampler], clip_subjects: torch.Tensor,
                   clip_background: torch.Tensor) -> SubjectEmbeddings:
     """E_i = subject_proj(F_clip,i), R_i = routing_proj(F_clip,i) for i = 1…N, and route N+1 from the
-    CLIP features of an all-zero image (``clip_background``, [1, T, D])."""
+    CLIP features of the zero image (``clip_background``, [1, T, D]; see :func:`zero_image_pixels`)."""
     if clip_subjects.ndim != 3 or clip_background.ndim != 3:
         raise ValueError("encode_routes: CLIP features must be [N, tokens, dim]")
     if clip_subjects.shape[-1] != subject_proj.embedding_dim:

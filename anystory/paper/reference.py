@@ -22,13 +22,18 @@ Two evaluations that must agree:
 
 :class:`ReferenceFeatures` holds the G_i^l of a set of subjects. The fast inference path
 (anystory.fast.reference) evaluates eq. 6-8 without a bias tensor; the tests hold it to these functions.
+
+The ReferenceNet pass itself (run by the nodes, with ComfyUI's UNet) takes from here which of its tokens are
+the subject's (:func:`reference_token_mask`) and SDXL's vector conditioning y (:func:`reference_y`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from .attention import NEG, AttnFn, sdpa
 
@@ -116,6 +121,63 @@ def routed_reference_attention_sparse(q, k, v, k_ref: RefList, v_ref: RefList, i
             out[bi, rows] = attn_fn(qj, kj, vj, heads, mask=mask)[0]
     return out
 
+
+
+SDXL_SIZE_DIM = 256  # each of SDXL's six size numbers → a 256-d sinusoidal embedding (adm = pooled + 6 × 256)
+
+
+def sdxl_size_embedding(values: torch.Tensor, dim: int = SDXL_SIZE_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """[n] numbers → [n, dim]: [cos, sin] of value × 10000^(−k/(dim/2)), the sinusoidal embedding of SDXL's
+    size conditioning (ComfyUI's ``Timestep(256)`` / ``timestep_embedding``)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = values.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def reference_y(pooled: Optional[torch.Tensor], size: tuple, batch: int = 1, adm_dim: int = 2816) -> torch.Tensor:
+    """SDXL's vector conditioning y [batch, adm_dim] for the ReferenceNet pass, built as ComfyUI's SDXL model
+    builds it for sampling (``comfy.model_base.SDXL.encode_adm``): [pooled text embedding, embeddings of
+    (height, width, crop_h, crop_w, target_height, target_width)], here with the reference's own size
+    ``size`` = (h, w) in pixels as original and target size (what ComfyUI gives a latent of that size) and
+    no crop.
+
+    ``pooled`` [1 or batch, P] is the positive prompt's pooled output (CLIP-G, P = 1280 for SDXL) — the authors'
+    FLUX code runs its reference pass with the prompt's pooled embedding likewise. None: zeros there (what
+    ComfyUI's ConditioningZeroOut gives, and SDXL's dropped text condition), the size embedding still set: an
+    all-zero y, which the base UNet never saw, is avoided either way."""
+    h, w = int(size[0]), int(size[1])
+    sizes = sdxl_size_embedding(torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)).flatten()[None]
+    width = adm_dim - sizes.shape[-1]
+    if pooled is None:
+        pooled = torch.zeros(1, width)
+    pooled = pooled.reshape(-1, pooled.shape[-1]).float()
+    if pooled.shape[-1] != width:
+        raise ValueError(f"the pooled text embedding has width {pooled.shape[-1]}, the UNet's y takes {width} "
+                         f"(+ {sizes.shape[-1]} of size embedding)")
+    if pooled.shape[0] not in (1, batch):
+        raise ValueError(f"{pooled.shape[0]} pooled embeddings for a batch of {batch}")
+    y = torch.cat([pooled.cpu(), sizes.expand(pooled.shape[0], -1)], dim=-1)
+    return y.expand(batch, -1).contiguous() if y.shape[0] == 1 else y
+
+
+def reference_token_mask(mask: torch.Tensor, hw: tuple) -> torch.Tensor:
+    """Which reference tokens of a layer grid lie on the subject: mask [V, H, W] (white = subject) → [V·h·w]
+    bool, a token being kept when ANY of its pixels is on the subject (pooled coverage > 0).
+
+    This is the authors' rule: their reference masks are ``adaptive_avg_pool2d(mask, (s, s)) > 0``
+    (github junjiehe96/AnyStory, ``anystory/generate.py``, ``encode_ref_condition`` and the Redux token mask),
+    so a token on the subject's edge, half background, still carries the subject's detail. (An earlier
+    version of this pack kept only tokens with coverage > 0.5, dropping that edge.) A mask that covers no
+    token at all keeps every token."""
+    m = F.interpolate(mask[:, None].float(), size=tuple(hw), mode="area")[:, 0].flatten(1)  # [V, L] coverage
+    valid = m > 0
+    if not bool(valid.any()):
+        valid = torch.ones_like(valid)
+    return valid.flatten()
 
 
 @dataclass

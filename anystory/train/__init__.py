@@ -11,8 +11,9 @@ One training sample (paper §3.3):
 1. each instance i of the target image gets a reference view: the user's ``name_ref{i}.png`` or, by
    default, a crop of the target itself with augmentation (random rotation, crop jitter, zero padding),
    segmented and squared by :func:`anystory.prepare.prepare_subject`; frozen CLIP-H → F_clip;
-   frozen subject QFormer → E_i, trainable routing QFormer → R_i; the all-zero image gives the
-   background route N+1 (E_{N+1}, R_{N+1});
+   frozen subject QFormer → E_i, trainable routing QFormer → R_i; the zero image (the subject branch's
+   convention, IP-Adapter's zeros after CLIP normalisation by default) gives the background route N+1
+   (E_{N+1}, R_{N+1});
 2. the target's latent x0 is noised at a random timestep t of the checkpoint's ε schedule;
 3. the frozen UNet runs with AnyStory's routing active at every cross-attention layer l (ComfyUI's
    ``attn2_patch`` + attn2 replace hooks, driven by ``transformer_options``): the layer's router turns
@@ -21,7 +22,8 @@ One training sample (paper §3.3):
    frozen Ŵ_k^l / Ŵ_v^l;
 4. loss = ε-MSE + λ·L_route, L_route = the mean over layers of :func:`~anystory.router.routing_loss`
    between the *soft* refined map softmax(logits) and the whole-instance masks on that layer's grid
-   (background = route N+1); λ = 0.1.
+   (background = route N+1); λ = 0.1. Per layer it is eq. 4, (1/N) Σ_i ‖M_i^l − M_i^gt‖²₂: a sum over the
+   layer's h·w tokens (``TrainConfig.routing_reduction = "sum"``; ``"mean"`` divides by h·w).
 
 Left out in this version: the routed reference attention (eq. 6-8, ReferenceNet features G_i^l) is not
 active during training — it does not depend on the router's parameters except through M^{l-1} and the

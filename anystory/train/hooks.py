@@ -25,7 +25,7 @@ from ..adapter import AnyStoryAdapter
 from ..layers import LayerLayout, block_key
 from ..paper.attention import sdpa
 from ..paper.injection import routed_cross_attention_sum
-from ..paper.router import gumbel_maps, one_hot_maps, routing_loss, soft_maps
+from ..paper.router import ROUTING_REDUCTIONS, gumbel_maps, one_hot_maps, routing_loss, soft_maps
 
 STATE_KEY = "anystory_train_state"
 
@@ -45,11 +45,12 @@ def instance_index(masks: torch.Tensor, hw: tuple, threshold: float = 0.5) -> to
     return torch.where(best >= threshold, arg, torch.full_like(arg, n))
 
 
-def layer_routing_loss(logits: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+def layer_routing_loss(logits: torch.Tensor, target_index: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """L_route of one layer for a group of samples with the same number of routes K:
-    :func:`routing_loss` between softmax(logits) [b, K, L] and one-hot(target) (subjects only, 1/N)."""
+    :func:`routing_loss` between softmax(logits) [b, K, L] and one-hot(target) (subjects only, 1/N; over the
+    tokens a sum, eq. 4, or with ``reduction="mean"`` a mean)."""
     K = logits.shape[1]
-    return routing_loss(soft_maps(logits), one_hot_maps(target_index, K), K - 1)
+    return routing_loss(soft_maps(logits), one_hot_maps(target_index, K), K - 1, reduction)
 
 
 # ================================================================================================
@@ -75,10 +76,13 @@ class RoutingState:
     losses, and in eval mode the predicted / ground-truth route index per layer)."""
 
     def __init__(self, E: list, R: list, masks: Optional[list], mode: str = "train", tau: float = 1.0,
-                 eta: float = 1.0):
+                 eta: float = 1.0, reduction: str = "sum"):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if reduction not in ROUTING_REDUCTIONS:
+            raise ValueError(f"routing loss reduction must be one of {ROUTING_REDUCTIONS}, got {reduction!r}")
         self.mode = mode
+        self.reduction = reduction
         self.tau = float(tau)
         self.eta = float(eta)
         self.batch = len(E)
@@ -163,7 +167,7 @@ class TrainRouterPatch:
             maps.append(m)
             tgt = state.targets(gi, hw, n.device)
             if tgt is not None:
-                loss = loss + layer_routing_loss(logits, tgt) * g.rows.numel()
+                loss = loss + layer_routing_loss(logits, tgt, state.reduction) * g.rows.numel()
                 with_loss = True
             if state.mode == "eval":
                 preds.append(logits.argmax(1))

@@ -26,7 +26,7 @@ from torch.utils.data import DistributedSampler
 from ..adapter import KIND_NATIVE, AnyStoryAdapter
 from ..checkpoint.io import atomic_write
 from ..layers import LayerLayout, discover_layout
-from ..paper.encoder import Resampler
+from ..paper.encoder import ZERO_IMAGE_NORMALISED, Resampler, zero_image_pixels, zero_image_rgb
 from ..paper.router import LayerRouter
 from .augment import CLIP_SIZE, AugmentConfig, reference_views
 from .data import DatasetError, TrainSample
@@ -118,6 +118,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     routing_weight: float = 0.1           # λ
+    routing_reduction: str = "sum"        # over a layer's h·w tokens: "sum" (eq. 4's squared norm) or "mean"
     tau: float = 1.0                      # Gumbel-softmax temperature
     eta: float = 1.0                      # η of eq. 5 during training
     grad_clip: float = 1.0
@@ -142,18 +143,30 @@ class Encoders:
 
     clip: images [B, 224, 224, 3] in 0..1 → CLIP-H penultimate hidden states [B, 257, 1280];
     vae: images [B, H, W, 3] in 0..1 → latents [B, 4, H/8, W/8] already scaled for the UNet;
-    text: (captions, (H, W)) → (context [B, 77, 2048], y [B, adm] or None)."""
+    text: (captions, (H, W)) → (context [B, 77, 2048], y [B, adm] or None);
+    zero_image: the background route's zero image (``anystory.paper.encoder.ZERO_IMAGES``; the subject
+    branch's, ``AnyStoryAdapter.zero_image``), written into the trained file;
+    clip_pixels: already-normalised pixel values [B, 3, 224, 224] → the same features as ``clip`` (the
+    model call without the preprocessing): the zero image's features are made from its exact pixel values
+    (:func:`~anystory.paper.encoder.zero_image_pixels`); None: ``clip`` of the pixel image that normalises
+    to them (:func:`~anystory.paper.encoder.zero_image_rgb`)."""
 
     clip: Callable
     vae: Optional[Callable] = None
     text: Optional[Callable] = None
+    zero_image: str = ZERO_IMAGE_NORMALISED
+    clip_pixels: Optional[Callable] = None
     _bg: Optional[torch.Tensor] = None
 
     def background(self) -> torch.Tensor:
-        """F_clip of the all-zero image (the background route), computed once."""
+        """F_clip of the zero image (the background route N+1), computed once."""
         if self._bg is None:
             with torch.no_grad():
-                self._bg = self.clip(torch.zeros(1, CLIP_SIZE, CLIP_SIZE, 3)).detach()
+                if self.clip_pixels is not None:
+                    bg = self.clip_pixels(zero_image_pixels(self.zero_image, CLIP_SIZE))
+                else:
+                    bg = self.clip(zero_image_rgb(self.zero_image, CLIP_SIZE))
+                self._bg = bg.detach()
         return self._bg
 
 
@@ -244,7 +257,7 @@ class RouterTrainer(nn.Module):
 
     def encode_routes(self, clip_feats: list, clip_bg: torch.Tensor) -> tuple:
         """Per sample E [N_b+1, m, 2048] (frozen subject QFormer, no grad) and R [N_b+1, 2048] (routing
-        QFormer, with grad); the last route is the background (all-zero image)."""
+        QFormer, with grad); the last route is the background (the zero image)."""
         counts = [f.shape[0] for f in clip_feats]
         x = torch.cat(list(clip_feats) + [clip_bg.to(clip_feats[0] if clip_feats else clip_bg)], 0)
         sp = self.adapter.subject_proj
@@ -283,7 +296,8 @@ class RouterTrainer(nn.Module):
         wdtype = next(unet.parameters()).dtype
         with self._autocast(dev):
             E, R = self.encode_routes(batch.clip_feats, batch.clip_bg)
-            state = RoutingState(E, R, batch.masks, mode=mode, tau=cfg.tau, eta=cfg.eta)
+            state = RoutingState(E, R, batch.masks, mode=mode, tau=cfg.tau, eta=cfg.eta,
+                                 reduction=cfg.routing_reduction)
             opts = transformer_options(self.patch, self.replaces, state)
             y = batch.y.to(wdtype) if batch.y is not None else None
             with gradient_checkpointing(unet, cfg.grad_checkpointing and torch.is_grad_enabled()):

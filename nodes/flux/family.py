@@ -112,9 +112,11 @@ class FluxFamily:
 
     # --- encode --------------------------------------------------------------------------------------------
     def encode(self, anystory: AnyStoryModel, clip_vision, vae, image, mask=None, model=None, label: str = "",
-               strength: float = 1.0, reference: str = "auto", index: int = 0, pbar=None, style_model=None):
+               strength: float = 1.0, reference: str = "auto", index: int = 0, pbar=None, style_model=None,
+               conditioning=None, blank_image=None):
         """One subject: (Subject with the Redux tokens E, routing tokens R and the reference, None, None, the
-        reference crop [B, 512, 512, 3])."""
+        reference crop [B, 512, 512, 3]). ``conditioning`` and ``blank_image`` are SDXL's (the FLUX router has
+        no background route; its reference pass runs at Apply with the prompt): ignored."""
         if model is not None:
             self.check_model(model, anystory)
         base = redux_weights(style_model)
@@ -123,7 +125,8 @@ class FluxFamily:
         try:
             work = mm.get_torch_device()
             prep = prepare_subject(image.to(work), None if mask is None else mask.to(work), clip_size=SIGLIP_SIZE,
-                                   ref_size=REF_SIZE, scale=CROP_SCALE, fill=BACKGROUND)
+                                   ref_size=REF_SIZE, scale=CROP_SCALE, fill=BACKGROUND,
+                                   whole_scale=None)  # the authors' demo: always 1.04
         except ValueError as e:
             raise AnyStoryError(f"subject image/mask: {e}") from None
         for w in prep.warnings:

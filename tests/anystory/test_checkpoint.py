@@ -170,6 +170,34 @@ def test_ipadapter_derived_adapter_saves_as_native_without_router(tmp_path):
     assert info["kind"] == "anystory-sdxl" and info["has_router"] is False and info["layers"] == 4
 
 
+def test_zero_image_convention_is_read_written_and_checked(tmp_path):
+    """A native file says which zero image its background route was trained with (metadata ``zero_image``):
+    written by save_adapter (and the router trainer), read by the loader; IP-Adapter files and files that do not
+    say get IP-Adapter's zeros after normalisation, files of this pack's trainer from before it recorded it get
+    black pixels (what that trainer used); an unknown value is refused with the fix."""
+    ipa = adapter_from_state_dict(tiny_ipa_sd(), name="tiny-ipa")
+    assert ipa.zero_image == "normalized_zeros"
+    assert ipa.slots["zero image"] == "zeros after normalisation (IP-Adapter)"
+    path = tmp_path / "native.safetensors"
+    save_adapter(ipa, path)
+    back = load_adapter(path)
+    assert back.meta["zero_image"] == "normalized_zeros" and back.zero_image == "normalized_zeros"
+    save_adapter(ipa, path, extra_meta={"zero_image": "pixel_black"})
+    assert load_adapter(path).zero_image == "pixel_black"
+    ad = tiny_adapter()
+    assert load_adapter(write(tmp_path / "no_meta.safetensors", ad.state_dict())).zero_image == "normalized_zeros"
+    legacy = load_adapter(write(tmp_path / "legacy.safetensors", ad.state_dict(), {"trained_router_steps": "2000"}))
+    assert legacy.zero_image == "pixel_black" and legacy.slots["zero image"] == "black pixels"
+    save_adapter(legacy, tmp_path / "resaved.safetensors")  # re-saved: the convention is now written out
+    assert load_adapter(tmp_path / "resaved.safetensors").meta["zero_image"] == "pixel_black"
+    bad = write(tmp_path / "bad.safetensors", ad.state_dict(), {"zero_image": "grey"})
+    with pytest.raises(CheckpointError, match="unknown zero image") as e:
+        load_adapter(bad)
+    assert "normalized_zeros, pixel_black" in str(e.value) and "grey" in e.value.detail
+    with pytest.raises(CheckpointError, match="unknown zero image"):
+        save_adapter(ad, tmp_path / "bad2.safetensors", extra_meta={"zero_image": "grey"})
+
+
 def test_adapter_from_state_dict_copies_and_accepts_nested():
     sd = tiny_ipa_sd()
     ad = adapter_from_state_dict(nested(sd))

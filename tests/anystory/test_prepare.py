@@ -1,4 +1,5 @@
-"""Subject preparation: segment, crop (square, 1.04× margin), pad with the fill — never crop the subject."""
+"""Subject preparation: segment, crop (square, 1.04× margin; the whole image as it is when the subject is the whole
+image), pad with the fill — never crop the subject."""
 from __future__ import annotations
 
 import math
@@ -121,7 +122,7 @@ def test_subject_at_border_is_kept_whole_centred_and_padded_with_fill(rect):
     img, mask = scene(h, w, rect)
     y0, x0, y1, x1 = rect
     bh, bw = y1 - y0, x1 - x0
-    side = square_side(max(bh, bw))
+    side = square_side(max(bh, bw), 1.0 if rect == (0, 0, h, w) else 1.04)  # the whole image: no margin
     for remove in (True, False):
         p = prepare_subject(img, mask, remove_background=remove)
         sy0, sx0, sy1, sx1 = p.boxes[0].tolist()
@@ -248,7 +249,7 @@ def test_alpha_channel_is_used_without_mask():
     assert torch.allclose(a.ref_image, b.ref_image) and torch.allclose(a.ref_mask, b.ref_mask)
     assert a.warnings == []
     opaque = torch.cat([img, torch.ones(1, 100, 140, 1)], dim=-1)     # alpha all 1 → whole image
-    assert square_crop_box(torch.tensor([[0, 0, 100, 140]])).tolist() == prepare_subject(opaque).boxes.tolist()
+    assert square_crop_box(torch.tensor([[0, 0, 100, 140]]), 1.0).tolist() == prepare_subject(opaque).boxes.tolist()
 
 
 def test_explicit_mask_beats_alpha():
@@ -262,7 +263,7 @@ def test_explicit_mask_beats_alpha():
 def test_no_mask_no_alpha_is_whole_image():
     img, _ = scene(60, 80, (10, 10, 20, 20))
     p = prepare_subject(img)
-    assert p.boxes.tolist() == square_crop_box(torch.tensor([[0, 0, 60, 80]])).tolist()
+    assert p.boxes.tolist() == square_crop_box(torch.tensor([[0, 0, 60, 80]]), 1.0).tolist() == [[-10, 0, 70, 80]]
     assert p.warnings == []
 
 
@@ -270,7 +271,7 @@ def test_no_mask_no_alpha_is_whole_image():
 def test_all_zero_mask_is_whole_image_with_invertmask_warning(mask_shape):
     img, _ = scene(200, 300, (50, 50, 100, 100))
     p = prepare_subject(img, torch.zeros(mask_shape))                   # LoadImage's mask for no alpha
-    assert p.boxes.tolist() == square_crop_box(torch.tensor([[0, 0, 200, 300]])).tolist()
+    assert p.boxes.tolist() == square_crop_box(torch.tensor([[0, 0, 200, 300]]), 1.0).tolist()
     assert len(p.warnings) == 1
     text = p.warnings[0]
     assert "InvertMask" in text and "empty" in text and "whole image" in text
@@ -282,7 +283,7 @@ def test_all_zero_mask_is_whole_image_with_invertmask_warning(mask_shape):
 def test_all_ones_mask_is_whole_image():
     img, _ = scene(50, 70, (10, 10, 20, 20))
     p = prepare_subject(img, torch.ones(1, 50, 70))
-    assert p.boxes.tolist() == square_crop_box(torch.tensor([[0, 0, 50, 70]])).tolist()
+    assert p.boxes.tolist() == square_crop_box(torch.tensor([[0, 0, 50, 70]]), 1.0).tolist()
     assert not any("empty" in w for w in p.warnings)
 
 
@@ -342,7 +343,7 @@ def test_extreme_and_odd_sizes(hw):
         for t in (p.clip_image, p.ref_image, p.ref_mask, p.clip_mask):
             assert t.dtype == torch.float32 and torch.isfinite(t).all()
             assert t.min() >= 0 and t.max() <= 1
-        side = square_side(max(h, w))
+        side = max(h, w)                                                # the whole image: no margin
         assert (p.boxes[:, 2] - p.boxes[:, 0] == side).all()
         expected = h * w / side ** 2
         assert abs(p.ref_mask.mean().item() - expected) < 0.01
@@ -378,3 +379,38 @@ def test_bad_shapes_raise():
         prepare_subject(torch.rand(1, 10, 10, 3), torch.rand(1, 1, 10, 10))
     with pytest.raises(ValueError):
         prepare_subject(torch.rand(1, 10, 10, 3), fill=(0.1, 0.2))
+
+
+@pytest.mark.parametrize("how", ["no mask", "full mask", "opaque alpha"])
+def test_whole_square_image_is_used_as_ip_adapter_does(how):
+    """No mask (or a full one) on a square image: the encoders see the image itself resized, as IP-Adapter feeds
+    CLIP — no 1.04 margin, no grey border (which cost 2-11 % of the IP-Adapter effect)."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 300, 300, 3, generator=g)
+    mask = {"no mask": None, "full mask": torch.ones(1, 300, 300), "opaque alpha": None}[how]
+    src = torch.cat([img, torch.ones(1, 300, 300, 1)], -1) if how == "opaque alpha" else img
+    p = prepare_subject(src, mask)
+    assert p.boxes.tolist() == [[0, 0, 300, 300]]
+    for got, size in ((p.clip_image, 224), (p.ref_image, 512)):
+        want = F.interpolate(img.permute(0, 3, 1, 2), size=(size, size), mode="bicubic", align_corners=False,
+                             antialias=True).clamp(0, 1).permute(0, 2, 3, 1)  # ComfyUI's clip_preprocess resize
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert p.ref_mask.min() == 1.0
+    same = prepare_subject(img[:, :224, :224])  # already 224²: the very pixels
+    assert torch.equal(same.clip_image, img[:, :224, :224])
+
+
+def test_whole_non_square_image_is_padded_not_cropped_and_masked_subjects_keep_the_margin():
+    img, mask = scene(60, 90, (10, 20, 50, 60))
+    p = prepare_subject(img)                       # the whole image, wider than tall: padded to 90², no margin
+    assert p.boxes.tolist() == [[-15, 0, 75, 90]]
+    q = prepare_subject(img, mask)                 # a masked subject: 1.04 × its box (never cropped away)
+    assert q.boxes.tolist() == square_crop_box(torch.tensor([[10, 20, 50, 60]]), 1.04).tolist()
+    edge = torch.zeros(1, 60, 90)
+    edge[0, :, 30:60] = 1
+    edge[0, 0:5, :] = 1                            # touches all four edges: the box is the whole image
+    assert prepare_subject(img, edge).boxes.tolist() == [[-15, 0, 75, 90]]
+    both = prepare_subject(torch.cat([img, img]), torch.stack([torch.ones(60, 90), mask[0]]))  # per view
+    assert both.boxes.tolist() == [[-15, 0, 75, 90]] + q.boxes.tolist()
+    assert prepare_subject(img, whole_scale=None).boxes.tolist() == square_crop_box(
+        torch.tensor([[0, 0, 60, 90]]), 1.04).tolist()  # FLUX: the authors' demo keeps the margin

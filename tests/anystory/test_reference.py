@@ -8,6 +8,7 @@ from anystory.paper.attention import sdpa
 from anystory.paper.reference import (
     ReferenceFeatures,
     reference_bias,
+    reference_token_mask,
     routed_reference_attention,
     routed_reference_attention_sparse,
 )
@@ -101,6 +102,26 @@ def test_reference_features_valid_tokens():
     assert torch.equal(f.flatten(0, 1)[rows], torch.cat([rf.subject_tokens(key, 0), rf.subject_tokens(key, 1)]))
     both = rf.concat(ReferenceFeatures({key: torch.randn(1, 6, 8)}, {key: (2, 3)}))
     assert both.valid[key].shape == (3, 6) and both.valid[key][2].all()
+
+
+def test_reference_token_mask_keeps_any_coverage_as_the_authors_code():
+    """A reference token is the subject's when any of its pixels is (pooled coverage > 0), as the authors'
+    ``adaptive_avg_pool2d(mask, (s, s)) > 0`` (junjiehe96/AnyStory, generate.py ``encode_ref_condition``);
+    the old rule (coverage > 0.5) dropped the subject's edge."""
+    mask = torch.zeros(1, 8, 8)
+    mask[0, 0:4, 0:4] = 1.0      # token (0, 0) of a 2×2 grid: fully covered
+    mask[0, 4:5, 0:1] = 1.0      # token (1, 0): 1/16 covered
+    mask[0, 0:2, 4:8] = 1.0      # token (0, 1): half covered (exactly 0.5: dropped by "> 0.5")
+    got = reference_token_mask(mask, (2, 2))
+    assert got.tolist() == [True, True, True, False]
+    authors = (torch.nn.functional.adaptive_avg_pool2d(mask[:, None], (2, 2)) > 0).flatten()
+    assert torch.equal(got, authors)
+    g = torch.Generator().manual_seed(0)
+    soft = (torch.rand(3, 64, 64, generator=g) > 0.97).float() * torch.rand(3, 64, 64, generator=g)
+    for hw in ((8, 8), (16, 16), (4, 4)):  # any grid, soft masks, several views
+        authors = (torch.nn.functional.adaptive_avg_pool2d(soft[:, None], hw) > 0).flatten()
+        assert torch.equal(reference_token_mask(soft, hw), authors)
+    assert reference_token_mask(torch.zeros(1, 8, 8), (2, 2)).all()  # no subject pixel: every token
 
 
 def test_gamma_zero_is_unpatched_bit_for_bit():

@@ -123,8 +123,31 @@ def test_routing_loss():
     target = one_hot_maps(torch.tensor([[0, 1, 2, 2]]), 3)
     assert routing_loss(target, target, 2).item() == 0.0
     wrong = one_hot_maps(torch.tensor([[1, 0, 2, 2]]), 3)
-    # each subject map differs at 2 of 4 tokens → ‖·‖²/L = 0.5 per subject → (0.5+0.5)/2
-    assert abs(routing_loss(wrong, target, 2).item() - 0.5) < 1e-6
+    # each subject map differs at 2 of 4 tokens → ‖·‖² = 2 per subject → (2+2)/2 (eq. 4); mean: ‖·‖²/L = 0.5
+    assert abs(routing_loss(wrong, target, 2).item() - 2.0) < 1e-6
+    assert abs(routing_loss(wrong, target, 2, reduction="mean").item() - 0.5) < 1e-6
+    with pytest.raises(ValueError, match="reduction"):
+        routing_loss(wrong, target, 2, reduction="max")
+
+
+def test_routing_loss_is_eq4_written_out():
+    """Eq. 4 by hand on soft maps: (1/N) Σ_i Σ_u (M_i[u] − M_i^gt[u])², per sample, averaged over the batch;
+    λ = 0.1 is the trainer's. The "mean" option is exactly the sum / (h·w)."""
+    g = torch.Generator().manual_seed(3)
+    B, N, h, w = 2, 3, 4, 5
+    maps = torch.rand(B, N + 1, h * w, generator=g, dtype=torch.float64).softmax(1)
+    target = one_hot_maps(torch.randint(0, N + 1, (B, h * w), generator=g), N + 1, torch.float64)
+    by_hand = 0.0
+    for b in range(B):
+        per_sample = 0.0
+        for i in range(N):  # subject routes only: the background (last) route is not in eq. 4
+            per_sample += sum((float(maps[b, i, u]) - float(target[b, i, u])) ** 2 for u in range(h * w))
+        by_hand += per_sample / N
+    by_hand /= B
+    got = routing_loss(maps, target, N)
+    assert abs(got.item() - by_hand) < 1e-6
+    assert abs(0.1 * got.item() - 0.1 * by_hand) < 1e-7  # λ·L_route with the paper's λ
+    torch.testing.assert_close(routing_loss(maps, target, N, reduction="mean"), got / (h * w))
 
 
 def test_resize_index_nearest():

@@ -239,6 +239,10 @@ def test_layer_routing_loss_is_the_paper_loss_on_soft_maps():
     got = T.layer_routing_loss(logits, tgt)
     want = routing_loss(soft_maps(logits), one_hot_maps(tgt, 4), 3)
     torch.testing.assert_close(got, want)
+    # eq. 4 (the default): a sum over the 10 tokens; the mean option is that / 10
+    diff = (soft_maps(logits)[:, :3] - one_hot_maps(tgt, 4)[:, :3]) ** 2
+    torch.testing.assert_close(got, diff.sum(-1).sum(1).mean() / 3)
+    torch.testing.assert_close(T.layer_routing_loss(logits, tgt, "mean"), got / 10)
     got.backward()
     assert logits.grad.abs().sum() > 0
     perfect = one_hot_maps(tgt, 4) * 50.0
@@ -247,6 +251,26 @@ def test_layer_routing_loss_is_the_paper_loss_on_soft_maps():
     bg_only = torch.zeros(1, 2, 4)
     bg_only[0, 1] = 50.0
     assert T.layer_routing_loss(bg_only, torch.ones(1, 4, dtype=torch.long)) < 1e-12
+
+
+def test_background_route_is_encoded_from_the_zero_image_convention():
+    """The trainer's background route (E_{N+1}, R_{N+1}) comes from the subject branch's zero image: zeros of the
+    normalised CLIP input (IP-Adapter's) by default — given to the model as pixel values when the encoder can take
+    them, else as the image that normalises to them — or black pixels ((0 − mean)/std) for files trained so."""
+    from anystory.paper.encoder import CLIP_MEAN, CLIP_STD, zero_image_pixels, zero_image_rgb
+    seen = {}
+    enc = T.Encoders(clip=lambda im: seen.setdefault("image", im) * 0 + 1,
+                     clip_pixels=lambda px: seen.setdefault("pixels", px)[:, :1] * 0 + 2)
+    assert float(enc.background().flatten()[0]) == 2.0
+    assert torch.equal(seen["pixels"], torch.zeros(1, 3, T.CLIP_SIZE, T.CLIP_SIZE)) and "image" not in seen
+    only_images = T.Encoders(clip=lambda im: seen.setdefault("image", im) * 0 + 1)
+    only_images.background()
+    torch.testing.assert_close(seen["image"][0, 0, 0], torch.tensor(CLIP_MEAN))  # the mean colour: normalises to 0
+    black = zero_image_pixels("pixel_black")
+    torch.testing.assert_close(black[0, :, 0, 0], -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD))
+    assert torch.equal(zero_image_rgb("pixel_black"), torch.zeros(1, 224, 224, 3))
+    with pytest.raises(ValueError, match="zero image"):
+        zero_image_pixels("grey")
 
 
 def test_iou_per_subject():

@@ -186,11 +186,11 @@ class Env:
     extra: dict = field(default_factory=dict)
 
     def encode(self, image, am=None, mask=None, subjects=None, label="", strength=1.0, reference="auto",
-               model="default", clip=None):
+               model="default", clip=None, **kw):
         model = self.model if model == "default" else model
         res = node(self.pack, "AnyStorySubjectEncode").encode(
             am or self.am, clip or self.clip, self.vae, image, mask=mask, model=model, subjects=subjects,
-            label=label, strength=strength, reference=reference)
+            label=label, strength=strength, reference=reference, **kw)
         return res
 
     def apply(self, subjects=None, am=None, model=None, router_mode="masks", eta=1.0, gamma=1.0,

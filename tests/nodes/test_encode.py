@@ -39,6 +39,14 @@ def _two_colour_image(h=64, w=96):
     return img
 
 
+def _subject_views(seen):
+    """The images a CLIP stand-in was given, less the background route's zero image (either convention)."""
+    import torch
+    enc = F.pack_mod("anystory.paper.encoder")
+    blanks = [enc.zero_image_rgb(z) for z in enc.ZERO_IMAGES]
+    return [im for im in seen if not any(im.shape == b.shape and torch.equal(im, b) for b in blanks)]
+
+
 def _colours(img):
     """(red pixels, blue pixels, neutral-fill pixels) of [.., H, W, 3]."""
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
@@ -62,7 +70,7 @@ def test_mask_white_is_subject_any_size(env):
     assert crop.shape == (1, 512, 512, 3) and 0 <= float(crop.min()) and float(crop.max()) <= 1
     red, blue, fill = _colours(crop)
     assert red > 0.2 * 512 * 512 and blue < 0.01 * 512 * 512 and fill > 0.2 * 512 * 512, (red, blue, fill)
-    seen = [im for im in env.clip.seen if im.abs().max() > 0][-1]  # what CLIP encoded (not the zero image)
+    seen = _subject_views(env.clip.seen)[-1]  # what CLIP encoded (not the zero image)
     assert seen.shape == (1, 224, 224, 3)
     red, blue, _ = _colours(seen)
     assert red > 0.2 * 224 * 224 and blue < 0.01 * 224 * 224
@@ -110,7 +118,7 @@ def test_image_batch_is_views_of_one_subject(env):
     one = env.encode(a)["result"][0].subjects[0]
     n_before = len(env.clip.seen)
     both = env.encode(torch.cat([a, b]))["result"][0]
-    views = [im for im in env.clip.seen[n_before:] if im.abs().max() > 0]
+    views = _subject_views(env.clip.seen[n_before:])
     assert len(views) == 1, "the views were not encoded in one CLIP call"
     views = views[0]
     assert len(both) == 1, "two views made two subjects"
@@ -119,7 +127,8 @@ def test_image_batch_is_views_of_one_subject(env):
     # tokens pooled: E = QFormer(mean of the two views' CLIP features)
     assert views.shape == (2, 224, 224, 3)
     feats = env.clip.encode_image(views).penultimate_hidden_states
-    zero = env.clip.encode_image(torch.zeros(1, 224, 224, 3)).penultimate_hidden_states
+    blank = F.pack_mod("anystory.paper.encoder").zero_image_rgb()  # the stand-in's zero image: mean grey
+    zero = env.clip.encode_image(blank).penultimate_hidden_states
     emb = env.am.adapter.encode(feats.mean(0, keepdim=True), zero)
     torch.testing.assert_close(s.E, emb.E[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(both.E_bg, emb.E[1], rtol=1e-5, atol=1e-6)
@@ -285,6 +294,126 @@ def test_reference_features_leave_the_gpu_in_one_transfer(env):
     assert all(f.device == mm.intermediate_device() for f in refs.features.values())
 
 
+def comfy_clip_vision(device: str, dtype, width: int = 64, layers: int = 3, seed: int = 0):
+    """ComfyUI's own ClipVisionModel class and methods (a small config of CLIP-H: ``width`` wide, ``layers``
+    deep, 224 px, patch 14 → 257 tokens) with random weights, built on ``device`` without the CLI's --cpu."""
+    import json
+
+    import torch
+
+    import comfy.clip_model
+    import comfy.clip_vision
+    import comfy.model_patcher
+    import comfy.ops
+    cfg = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json").read_text())
+    cfg.update(num_hidden_layers=layers, hidden_size=width, intermediate_size=2 * width,
+               num_attention_heads=4, projection_dim=32)
+
+    class Vision(comfy.clip_vision.ClipVisionModel):
+        def __init__(self):
+            self.image_size = 224
+            self.image_mean, self.image_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+            self.return_all_hidden_states = False
+            self.load_device = torch.device(device)
+            self.dtype = dtype
+            self.model = comfy.clip_model.CLIPVisionModelProjection(cfg, dtype, device, comfy.ops.manual_cast)
+            self.patcher = comfy.model_patcher.ModelPatcher(self.model, load_device=self.load_device,
+                                                            offload_device=self.load_device)
+
+    torch.manual_seed(seed)
+    cv = Vision()
+    cv.model.to(device)  # as ComfyUI's load_model_gpu does (some layers are built on the CPU)
+    with torch.no_grad():
+        for p in cv.model.parameters():
+            p.normal_(0, 0.05)
+    return cv
+
+
+# ------------------------------------------------------------------------------------------------
+# the background route's zero image (issue 19 item 1)
+# ------------------------------------------------------------------------------------------------
+def test_background_route_is_clip_of_the_normalised_zero_image(env, monkeypatch):
+    """E_{N+1}, R_{N+1} (and CFG's unconditional image tokens) come from CLIP of zeros of the ALREADY-NORMALISED
+    input, as IP-Adapter and UniPortrait make them (``image_encoder(torch.zeros_like(clip_image))``), not from a
+    black image through ComfyUI's normalisation (≈ −1.79, −1.75, −1.48: the old path, ComfyUI_IPAdapter_plus's),
+    which stays available as blank_image = black pixels; "as trained" follows the model file."""
+    import torch
+    enc = F.pack_mod("nodes.clip")
+    sdxl = F.pack_mod("nodes.sdxl")
+    F.pack_mod("nodes.state").BACKGROUND_FEATURES.clear()
+    cv = comfy_clip_vision("cpu", torch.float32, width=F.CLIP_H, layers=2)  # ComfyUI's real class, CLIP-H wide
+    with torch.no_grad():
+        zeros = cv.model(pixel_values=torch.zeros(1, 3, 224, 224), intermediate_output=-2)[1]
+        old = cv.encode_image(torch.zeros(1, 224, 224, 3), crop=False)["penultimate_hidden_states"]
+    assert torch.equal(enc.background_features(cv), zeros)
+    assert (zeros - old).abs().max() > 0.05                                  # the two conventions differ
+    assert torch.equal(enc.background_features(cv, "pixel_black"), old)     # bit for bit the old path
+    assert len(F.pack_mod("nodes.state").BACKGROUND_FEATURES) == 2           # one entry per convention
+
+    img = F.subject_image(seed=5)
+    ad = env.am.adapter
+    res = env.encode(img, clip=cv, reference="off")["result"][0]
+    feats = cv.encode_image(F.pack_mod("anystory.prepare").prepare_subject(img).clip_image,
+                            crop=False)["penultimate_hidden_states"]
+    want = ad.encode(feats, zeros)
+    torch.testing.assert_close(res.E_bg, want.E[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.R_bg, want.R[1], rtol=1e-5, atol=1e-6)
+    assert res.subjects[0].zero_image == "normalized_zeros"
+    black = env.encode(img, clip=cv, reference="off", blank_image="black pixels (IPAdapter_plus)")["result"][0]
+    torch.testing.assert_close(black.E_bg, ad.encode(feats, old).E[1], rtol=1e-5, atol=1e-6)
+    assert (black.E_bg - res.E_bg).abs().max() > 1e-3
+    torch.testing.assert_close(black.subjects[0].E, res.subjects[0].E)       # the subject's own tokens: unchanged
+    monkeypatch.setitem(ad.meta, "zero_image", "pixel_black")               # a native file trained with black
+    as_trained = env.encode(img, clip=cv, reference="off")["result"][0]
+    assert torch.equal(as_trained.E_bg, black.E_bg) and as_trained.subjects[0].zero_image == "pixel_black"
+    forced = env.encode(img, clip=cv, reference="off", blank_image="zeros after normalisation (IP-Adapter)")
+    assert torch.equal(forced["result"][0].E_bg, res.E_bg)
+    # a chain whose encodes disagree: the first one's background route, a warning on the node
+    two = env.encode(F.subject_image(seed=6), clip=cv, reference="off", subjects=forced["result"][0])
+    assert torch.equal(two["result"][0].E_bg, res.E_bg)
+    assert any("blank_image differs" in w for w in two["ui"]["anystory_subject"][0]["warnings"])
+    assert list(sdxl.BLANK_IMAGES) == ["as trained (model file)", "zeros after normalisation (IP-Adapter)",
+                                       "black pixels (IPAdapter_plus)"]
+    with pytest.raises(_err(env.pack), match="blank_image"):
+        env.encode(img, clip=cv, reference="off", blank_image="grey")
+
+
+# ------------------------------------------------------------------------------------------------
+# the ReferenceNet pass's vector conditioning (issue 19 item 5)
+# ------------------------------------------------------------------------------------------------
+def test_reference_pass_gets_the_prompt_pooled_output_and_the_reference_size(env):
+    """The ReferenceNet's y is SDXL's: [the positive prompt's pooled output, size embeddings of the 512²
+    reference] exactly as ComfyUI's SDXL model builds it (comfy.model_base.SDXL.encode_adm), not zeros;
+    without a conditioning the pooled part is zero and the size part stays; the features depend on it."""
+    import torch
+    unet = env.model.model.diffusion_model
+    seen = []
+    hook = unet.label_emb.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().float().clone()))
+    img = F.subject_image(seed=7)
+    pooled = env.pos[0][1]["pooled_output"]
+    try:
+        a = env.encode(img, reference="shared", conditioning=env.pos)["result"][0].subjects[0]
+        b = env.encode(img, reference="shared")["result"][0].subjects[0]
+        c = env.encode(img, reference="shared", conditioning=env.neg)["result"][0].subjects[0]
+    finally:
+        hook.remove()
+    assert len(seen) == 3
+    want = env.model.model.encode_adm(pooled_output=pooled, width=512, height=512)  # ComfyUI's y, 512² latent
+    torch.testing.assert_close(seen[0], want.float(), rtol=1e-6, atol=1e-6)
+    assert seen[0][:, :1280].abs().max() > 0.1
+    assert torch.equal(seen[1][:, :1280], torch.zeros_like(seen[1][:, :1280]))  # no conditioning: zero pooled …
+    torch.testing.assert_close(seen[1][:, 1280:], want[:, 1280:].float())      # … and the reference's size
+    ref = F.pack_mod("anystory.paper.reference")
+    torch.testing.assert_close(ref.reference_y(pooled, (512, 512)), want.float(), rtol=1e-6, atol=1e-6)
+    key = next(iter(a.refs.features))
+    assert (a.refs.features[key] - b.refs.features[key]).abs().max() > 1e-4
+    assert (a.refs.features[key] - c.refs.features[key]).abs().max() > 1e-4
+    with pytest.raises(_err(env.pack), match="pooled output"):
+        env.encode(img, reference="shared", conditioning=env.harness.tiny_cond(ctx=F.CTX, pooled=False))
+    with pytest.raises(_err(env.pack), match="CONDITIONING"):
+        env.encode(img, reference="shared", conditioning="a prompt")
+
+
 needs_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()",
                                 reason="NO CUDA DEVICE: the encoders' CUDA graphs are only checked on a GPU machine "
                                        "(run this file there)")
@@ -307,16 +436,17 @@ def test_reference_pass_through_a_cuda_graph_gives_the_eager_features(env):
         with torch.inference_mode():
             for i in range(4):
                 x = torch.randn(2, 4, 16, 24, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
-                got, grids = refnet.reference_pass(unet, x, torch.float32, shared=True)
+                y = torch.randn(2, unet.label_emb[0][0].in_features, device="cuda")  # a new prompt each time
+                got, grids = refnet.reference_pass(unet, x, torch.float32, shared=True, y=y)
                 got = refnet._to_device(got, "cuda", copy=True)  # as reference_features does
-                want, want_grids = refnet.capture_features(unet, x, torch.float32, x.device, shared=True)
+                want, want_grids = refnet.capture_features(unet, x, torch.float32, x.device, shared=True, y=y)
                 assert grids == want_grids and set(got) == set(want)
                 for k in want:
                     torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)
                     assert got[k].data_ptr() != want[k].data_ptr()
             assert graphs.stats == {"eager": 1, "capture": 1, "replay": 2}
             unet.cpu().cuda()
-            got, _ = refnet.reference_pass(unet, x, torch.float32, shared=True)
+            got, _ = refnet.reference_pass(unet, x, torch.float32, shared=True, y=y)
             for k in want:
                 torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)
             assert graphs.stats["capture"] == 2
@@ -327,38 +457,14 @@ def test_reference_pass_through_a_cuda_graph_gives_the_eager_features(env):
 @needs_cuda
 def test_clip_vision_through_a_cuda_graph_gives_encode_image(comfy, monkeypatch):
     """ComfyUI's CLIP vision model (a small config of the real class) through the graphed path equals its
-    own encode_image, subject after subject."""
-    import json
-
+    own encode_image, subject after subject; the background route's zero image goes through the same graph."""
     import torch
 
-    import comfy.clip_model
     import comfy.clip_vision
     import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.ops
     enc = F.pack_mod("nodes.clip")
     state = F.pack_mod("nodes.state")
-    cfg = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json").read_text())
-    cfg.update(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4, projection_dim=32)
-
-    class Vision(comfy.clip_vision.ClipVisionModel):
-        def __init__(self):  # ComfyUI's own class and methods, built on the GPU without the CLI's --cpu
-            self.image_size = 224
-            self.image_mean, self.image_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-            self.return_all_hidden_states = False
-            self.load_device = torch.device("cuda")
-            self.dtype = torch.float16
-            self.model = comfy.clip_model.CLIPVisionModelProjection(cfg, torch.float16, "cuda", comfy.ops.manual_cast)
-            self.patcher = comfy.model_patcher.ModelPatcher(self.model, load_device=self.load_device,
-                                                            offload_device=self.load_device)
-
-    torch.manual_seed(0)
-    cv = Vision()
-    cv.model.to("cuda")  # as ComfyUI's load_model_gpu does (some layers are built on the CPU)
-    with torch.no_grad():
-        for p in cv.model.parameters():
-            p.normal_(0, 0.05)
+    cv = comfy_clip_vision("cuda", torch.float16, width=64, layers=3)
     monkeypatch.setattr(mm, "load_model_gpu", lambda patcher: None)
     monkeypatch.setattr(state, "ENCODER_GRAPHS", F.pack_mod("anystory.fast.graphs").ForwardGraphs(enabled=True, min_vram_gb=0))
     with torch.inference_mode():
@@ -372,6 +478,11 @@ def test_clip_vision_through_a_cuda_graph_gives_encode_image(comfy, monkeypatch)
             torch.testing.assert_close(got, cv.model(pixel_values=px, intermediate_output=-2)[1].float(),
                                        atol=1e-3, rtol=1e-3)  # graph vs eager kernels
         assert state.ENCODER_GRAPHS.stats == {"eager": 1, "capture": 1, "replay": 2}
+        zeros = torch.zeros(1, 3, 224, 224, device="cuda", dtype=torch.float16)
+        torch.testing.assert_close(enc.zero_image_features(cv), cv.model(pixel_values=zeros, intermediate_output=-2)[1]
+                                   .float(), atol=1e-3, rtol=1e-3)  # the normalised zeros, through the graph
         monkeypatch.setenv("ANYSTORY_CLIP_FP32", "1")
         got = enc.clip_features(cv, img)  # fp32 compute, as encode_image (another input dtype: captured anew)
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+        black = cv.encode_image(torch.zeros(1, 224, 224, 3), crop=False)["penultimate_hidden_states"]
+        torch.testing.assert_close(enc.zero_image_features(cv, "pixel_black").cpu(), black, atol=1e-5, rtol=1e-5)
