@@ -462,7 +462,7 @@ class Bench:
         err = same_model_error(self.model, pipe, self.cfg, a.size, self.device, self.dtype)
         self.log(f"one plain transformer call, ComfyUI vs the authors' forward on the shared weights: relative "
                  f"difference {err:.2e}")
-        if err > (1e-4 if self.dtype == torch.float32 else 2e-2):
+        if err > (1e-4 if self.dtype == torch.float32 else 1e-1):  # bf16 over 57 blocks: ~2e-2; wrong views: ~1
             raise RuntimeError(f"the authors' transformer does not compute ComfyUI's FLUX (relative {err:.2e}): the "
                                "weight views are wrong")
         runs, ratios = [], []
