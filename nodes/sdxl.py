@@ -201,10 +201,11 @@ class SDXLFamily:
         if refs is not None:
             ref_keys = [s.key for s in layout if s.key in refs.features][1:]  # layer 1 has no M^0: dropped
         # Ŵ_k/Ŵ_v projections of E, once; the adapter then stays out of sampling's VRAM unless the
-        # learned router needs its weights every step
+        # learned router or the file's reference projections W̃ (once per run) need its weights
         mm.load_models_gpu([anystory.patcher])
         runtime.precompute_routes(mm.get_torch_device())
-        install(patched, driver, ref_keys, [anystory.patcher] if runtime.uses_learned_router else [])
+        needs_adapter = runtime.uses_learned_router or runtime.uses_reference_proj  # its weights while sampling
+        install(patched, driver, ref_keys, [anystory.patcher] if needs_adapter else [])
         recorder.mode = plan.mode
         log.info("AnyStory: %d subject(s), router %s, η=%.2f γ=%.2f, %d layers, references at %d layers",
                  n, plan.mode, opt.eta, opt.gamma, len(layout), len(ref_keys))

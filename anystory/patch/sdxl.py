@@ -41,7 +41,8 @@ class RoutedPatch:
     """Router + routed injection for one AnyStory Apply on a UNet.
 
     routing: who decides M^l (anystory.routing); attn1: layer key → the denoising UNet's self-attention
-    module there (its to_k/to_v project G_i^l; needed only with references). Plain attention is the
+    module there (its to_k/to_v project G_i^l where the adapter has no W̃_k^l, W̃_v^l; needed only with
+    references). Plain attention is the
     ``base`` each hook receives (the host's own attention, or another patch that was there first); the
     routed attentions carry their routing in extra head dimensions (anystory.fast.grouped) and call
     torch's fused SDPA directly, so no backend can drop a mask."""
@@ -95,6 +96,11 @@ class RoutedPatch:
     @property
     def uses_learned_router(self) -> bool:
         return self.routing.learned
+
+    @property
+    def uses_reference_proj(self) -> bool:
+        """The adapter's W̃_k^l, W̃_v^l project G_i^l while sampling (its weights must be on the device)."""
+        return self.inputs.refs is not None and bool(self.adapter.reference_layers)
 
     def precompute_routes(self, device=None) -> None:
         self.kv.precompute_routes(device)
@@ -244,7 +250,7 @@ class RoutedPatch:
         refs = self.inputs.refs
         run = self._caches()
         if (not state.active or refs is None or state.last_index is None or key not in refs.features
-                or self.kv.attn1 is None or run.gamma_zero):
+                or run.gamma_zero or self.kv.reference_projection(key) is None):
             return base(q, k, v)
         if hw is None or hw[0] * hw[1] != q.shape[1] or q.shape[0] != state.batch or not state.any_cond:
             return base(q, k, v)
