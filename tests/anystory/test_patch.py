@@ -8,7 +8,14 @@ from anystory.layers import LayerLayout
 from anystory.paper.attention import sdpa
 from anystory.paper.reference import ReferenceFeatures, routed_reference_attention
 from anystory.paper.router import resize_index
-from anystory.patch import CallState, RoutedPatch, RoutingInputs, chunks_from_roles
+from anystory.patch import (
+    NEGATIVE_BACKGROUND,
+    NEGATIVE_REFERENCES,
+    CallState,
+    RoutedPatch,
+    RoutingInputs,
+    chunks_from_roles,
+)
 from anystory.recorder import RoutingRecorder
 from anystory.routing import MODE_MASKS, MODE_MIXED, MODE_ROUTER, make_routing, resolve_mode
 from anystory.synthetic import random_adapter
@@ -50,7 +57,7 @@ def routing_for(mode, ad, emb, n, masks=None, attention_router=None, feather=Fal
 
 
 def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0, recorder=None,
-         attention_router=None, feather=False, reference_proj=None):
+         attention_router=None, feather=False, reference_proj=None, negative_rows=NEGATIVE_BACKGROUND):
     """``masks``: True = :func:`halves`, a tensor = those masks, False = none; ``reference_proj``: the
     adapter's W̃_k^l, W̃_v^l ("all" or a list of layers N; the other weights stay the same)."""
     torch.manual_seed(seed)
@@ -62,7 +69,7 @@ def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0
     if refs:
         rf = ReferenceFeatures({k: torch.randn(n, 7, C) for k in GRIDS}, {k: (1, 7) for k in GRIDS})
     inputs = RoutingInputs(E=emb.E, eta=torch.full((n + 1,), float(eta)), gamma=torch.full((n,), float(gamma)),
-                           refs=rf)
+                           refs=rf, negative_rows=negative_rows)
     proj = torch.nn.Linear(C, C, bias=False)
     routing = routing_for(mode, ad, emb, n, region, attention_router, feather)
     rp = RoutedPatch(ad, LAYOUT, inputs, routing, attn1={k: Attn1(proj) for k in GRIDS}, recorder=recorder)
@@ -195,6 +202,42 @@ def test_reference_projections_of_the_file_replace_the_unet_attn1():
     torch.testing.assert_close(without[mid]["a1"][:1], routed_reference_attention(
         o["q"][:1], o["k"][:1], o["v"][:1], *stand_in, index[:1], HEADS, torch.tensor([2.0, 2.0])),
         atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("roles", [(True, False), (False, True), (False,)])
+def test_negative_rows_with_the_same_references_as_positive(roles):
+    """negative_rows = "same references as positive": the uncond rows are routed as the cond rows (here the
+    region masks: the same map) and attend to the references (eq. 6-8 with W_k, W_v of attn1 and M^{l-1}),
+    while their attn2 still gets the background route only (the dropped CLIP condition). Also in a call of
+    uncond rows alone (ComfyUI splits cond and uncond when memory is short)."""
+    rp, proj = make(mode=MODE_MASKS, eta=1.0, gamma=2.0, negative_rows=NEGATIVE_REFERENCES)
+    bg_rp, _ = make(mode=MODE_MASKS, eta=1.0, gamma=2.0)
+    rp.begin_run()
+    bg_rp.begin_run()
+    outs, bg_outs = run_call(rp, roles=roles), run_call(bg_rp, roles=roles)
+    key = ("middle", 0, 0)
+    o = outs[key]
+    neg = [i for i, r in enumerate(roles) if not r]
+    index = resize_index(o["prev"][0], o["prev"][1], (2, 3))
+    assert (o["prev"][0] == o["prev"][0][neg[0]]).all()  # every row routed alike by the masks
+    feats = rp.inputs.refs.features[key]
+    kr, vr = [proj(feats[i]) for i in range(2)], [proj(feats[i]) * 0.5 for i in range(2)]
+    want = routed_reference_attention(o["q"], o["k"], o["v"], kr, vr, index, HEADS, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(o["a1"], want, atol=5e-4, rtol=5e-4)  # all rows, uncond included
+    for i in neg:
+        plain = sdpa(o["q"][i:i + 1], o["k"][i:i + 1], o["v"][i:i + 1], HEADS)
+        assert (o["a1"][i:i + 1] - plain).abs().max() > 1e-3  # the references reach the uncond row
+        torch.testing.assert_close(bg_outs[key]["a1"][i:i + 1], plain, atol=5e-4, rtol=5e-4)  # default: none
+        for k in GRIDS:  # attn2: the background route on the uncond rows in both settings
+            assert (outs[k]["index"][i] == 2).all()
+            assert torch.equal(outs[k]["index"], bg_outs[k]["index"])
+    for i in (i for i, r in enumerate(roles) if r):  # cond rows: the same in both settings
+        torch.testing.assert_close(o["a1"][i], bg_outs[key]["a1"][i], atol=1e-6, rtol=1e-6)
+
+
+def test_negative_rows_setting_is_checked():
+    with pytest.raises(ValueError, match="negative_rows must be one of"):
+        make(negative_rows="both")
 
 
 def test_learned_router_and_mixed_mode():
