@@ -265,7 +265,8 @@ class TrainRoutedAttn2:
                 for g in state.groups:
                     E = g.E.to(ip.to_k_ip.weight.dtype)
                     kv.append((ip.to_k_ip(E), ip.to_v_ip(E)))                  # [b, K, m, C]
-            state._kv[self.spec.key] = kv
+            if not self.trainable:  # trainable: projected in every call, so that a checkpointed block's
+                state._kv[self.spec.key] = kv  # recomputation saves the same tensors as its forward
         parts = []
         for gi, (m, (kr, vr)) in enumerate(zip(maps, kv)):
             qg = state.gather(q, gi)

@@ -344,6 +344,8 @@ def test_stage1_trains_exactly_the_encoder_side(setup):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
     for k, v in unet.state_dict().items():
         assert torch.equal(v, unet_before[k]), f"the frozen UNet changed: {k}"
+    trainer.config.grad_checkpointing = True  # the checkpointed blocks recompute what their forward saved
+    assert T.train_step(trainer, opt, batch, cfg, 1)["grad_norm"] > 0
     # condition dropout: the dropped sample's instances get E_{N+1}
     E = trainer.encode_routes(batch.clip_feats, batch.clip_bg, [True])
     assert E[0].shape[0] == batch.clip_feats[0].shape[0] + 1
