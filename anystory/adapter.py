@@ -6,9 +6,12 @@ One ``nn.Module`` whose ``state_dict()`` keys are exactly the native checkpoint'
 - ``ip_adapter.{N}.to_k_ip.weight`` / ``.to_v_ip.weight``   Ŵ_k^l, Ŵ_v^l (N = 1, 3, …)
 - ``routing_proj.*``   routing QFormer → R_i (1 query)                 [native only]
 - ``router.{N}.*``     the per-layer router                              [native only]
+- ``reference_proj.{N}.to_k.weight`` / ``.to_v.weight``   W̃_k^l, W̃_v^l of eq. 6-8 (C × C), for
+  any subset of the layers                                             [native only, optional]
 
 Slots that public weights cannot fill stay empty (``routing_proj``/``router`` None) and the pack
-falls back to a training-free stand-in (user masks, attention router); :attr:`slots` says which.
+falls back to a training-free stand-in (user masks, attention router); a layer without W̃ projects
+the reference features G_i^l with the denoising UNet's own attn1 W_k^l, W_v^l. :attr:`slots` says which.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from .paper.encoder import (
     encode_routes,
 )
 from .paper.injection import DecoupledKV
+from .paper.reference import ReferenceProjection
 from .paper.router import LayerRouter
 
 KIND_NATIVE = "anystory-sdxl"
@@ -58,7 +62,10 @@ class LayoutMismatch(ValueError):
 class AnyStoryAdapter(nn.Module):
     def __init__(self, subject_proj: Resampler, layer_dims: dict[int, int],
                  routing_proj: Optional[Resampler] = None, router_dim: int = 256, router_heads: int = 4,
-                 with_router: bool = False, kind: str = KIND_NATIVE, meta: Optional[dict] = None):
+                 with_router: bool = False, kind: str = KIND_NATIVE, meta: Optional[dict] = None,
+                 reference_layers: Optional[list] = None):
+        """reference_layers: the layers N (of ``layer_dims``) that get their own W̃_k^l, W̃_v^l
+        (``reference_proj``); None or empty: none (every layer uses the UNet's attn1 weights)."""
         super().__init__()
         route_dim = subject_proj.output_dim
         self.kind = kind
@@ -74,6 +81,25 @@ class AnyStoryAdapter(nn.Module):
                                          for n, c in sorted(layer_dims.items())})
         self.router_dim = router_dim
         self.router_heads = router_heads
+        self.reference_proj = None
+        if reference_layers:
+            self.attach_reference_proj(reference_layers)
+
+    def attach_reference_proj(self, layers: Optional[list] = None) -> nn.ModuleDict:
+        """Give layers N (default: all) their own W̃_k^l, W̃_v^l (ReferenceProjection, PyTorch's default
+        init) unless they have them; returns ``reference_proj``."""
+        dims = self.layer_dims
+        layers = sorted(dims) if layers is None else sorted(int(n) for n in layers)
+        unknown = [n for n in layers if n not in dims]
+        if unknown:
+            raise ValueError(f"reference projections for layers {unknown[:8]} that have no ip_adapter weights")
+        if self.reference_proj is None:
+            self.reference_proj = nn.ModuleDict()
+        like = next(iter(self.ip_adapter.values())).to_k_ip.weight
+        for n in layers:
+            if str(n) not in self.reference_proj:
+                self.reference_proj[str(n)] = ReferenceProjection(dims[n]).to(like.device, like.dtype)
+        return self.reference_proj
 
     # --- what is in it -------------------------------------------------------------------------
     @property
@@ -96,13 +122,27 @@ class AnyStoryAdapter(nn.Module):
         return zero_image_of(self.meta)
 
     @property
+    def reference_layers(self) -> list[int]:
+        """The layers N with their own W̃_k^l, W̃_v^l (the others use the UNet's attn1 weights)."""
+        return sorted(int(n) for n in self.reference_proj) if self.reference_proj is not None else []
+
+    def reference_projection(self, ckpt_index: int) -> Optional[ReferenceProjection]:
+        """W̃_k^l, W̃_v^l of layer N, or None (then the UNet's attn1 W_k^l, W_v^l stand in)."""
+        rp = self.reference_proj
+        return rp[str(ckpt_index)] if rp is not None and str(ckpt_index) in rp else None
+
+    @property
     def slots(self) -> dict[str, str]:
         native = self.kind == KIND_NATIVE
+        n_ref, n = len(self.reference_layers), len(self.ip_adapter)
+        ref = ("the UNet's own attn1 weights" if not n_ref else
+               f"native AnyStory W̃ ({n_ref} of {n} layers" + (", the UNet's attn1 elsewhere)" if n_ref < n else ")"))
         return {
             "subject encoder": "native AnyStory" if native else "public IP-Adapter Plus",
             "router": "native AnyStory" if self.has_router else "training-free (attention router / user masks)",
             "zero image": ("zeros after normalisation (IP-Adapter)" if self.zero_image == ZERO_IMAGE_NORMALISED
                            else "black pixels"),
+            "reference projections": ref,
         }
 
     def describe(self) -> str:

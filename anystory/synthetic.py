@@ -29,11 +29,15 @@ def _init_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
 
 def random_adapter(layout: LayerLayout, kind: str = KIND_NATIVE, num_tokens: Optional[int] = None,
                    router_dim: int = 256, router_heads: int = 4, clip_dim: int = 1280, qformer_dim: int = 1280,
-                   depth: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32) -> AnyStoryAdapter:
+                   depth: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   reference_proj=None) -> AnyStoryAdapter:
     """An adapter for ``layout`` with random weights.
 
     kind: "anystory-sdxl" (subject + routing QFormer + router; m=64 by default) or
-    "ip-adapter-plus-sdxl" (subject QFormer + Ŵ_k/Ŵ_v only; m=16 as ip-adapter-plus_sdxl_vit-h)."""
+    "ip-adapter-plus-sdxl" (subject QFormer + Ŵ_k/Ŵ_v only; m=16 as ip-adapter-plus_sdxl_vit-h).
+    reference_proj (native only): W̃_k^l, W̃_v^l of eq. 6-8 for ``"all"`` layers or a list of layers N
+    (``reference_proj.N.*``), random near the identity (I + noise: keys/values close to the UNet's
+    stand-in scale); None: none (the UNet's attn1 stands in)."""
     native = kind == KIND_NATIVE
     m = num_tokens or (64 if native else 16)
     heads = max(1, qformer_dim // 64)
@@ -42,10 +46,20 @@ def random_adapter(layout: LayerLayout, kind: str = KIND_NATIVE, num_tokens: Opt
     if native:
         routing = Resampler(dim=qformer_dim, depth=depth, heads=heads, num_queries=1, embedding_dim=clip_dim)
     dims = {s.ckpt_index: s.dim for s in layout}
+    if reference_proj is not None and not native:
+        raise ValueError("reference projections (W̃) belong to native AnyStory files only")
+    ref_layers = sorted(dims) if reference_proj == "all" else reference_proj
     ad = AnyStoryAdapter(subject, dims, routing_proj=routing, router_dim=router_dim, router_heads=router_heads,
-                         with_router=native, kind=kind,
-                         meta={"format": kind, "synthetic": "random weights"})
-    _init_(ad, seed)
+                         with_router=native, kind=kind, meta={"format": kind, "synthetic": "random weights"})
+    if ref_layers:
+        with torch.random.fork_rng(devices=[]):  # the global RNG moves as without W̃ (callers seed after)
+            ad.attach_reference_proj(ref_layers)
+    _init_(ad, seed)  # W̃ come last: every other weight is the same as without them
+    if ad.reference_proj is not None:
+        with torch.no_grad():
+            for proj in ad.reference_proj.values():
+                for lin in (proj.to_k, proj.to_v):
+                    lin.weight.add_(torch.eye(lin.weight.shape[0]))
     return ad.to(dtype)
 
 

@@ -17,7 +17,10 @@ Configurations: plain; AnyStory on public weights (IP-Adapter Plus tokens, share
 attention router) with 1/2/4 subjects; native AnyStory (random adapter with router, native random
 ReferenceNet) with 1/2/4 subjects; regional IP-Adapter Plus through this pack (region masks, no router,
 no references) with 1/2/4 subjects; and IPAdapter_plus itself (regional, attn masks) when it is
-installed in ComfyUI's custom_nodes.
+installed in ComfyUI's custom_nodes. ``--negative-rows both`` measures every configuration with reference
+features twice: with AnyStory Apply's default negative rows (background only: no references there) and with
+``negative_rows`` = "same references as positive" (the CFG negative rows routed and attending to the
+references too); the second row's note gives its cost as the ratio of the two rows' × plain.
 """
 from __future__ import annotations
 
@@ -319,11 +322,22 @@ class Bench:
                 cfg = CONFIGS[group]
                 am = self.make(cfg["kind"], refnet=cfg["refnet"])
                 enc_ms = self.encode_timing(am, cfg["reference"])
+                modes = NEGATIVE_MODES[args.negative_rows] if cfg["reference"] != "off" else [None]
                 for n in counts:
-                    m, pos, neg = _patched(self, group, n, am=am)
-                    self.record(cfg["name"], n, *self.time_sampling(m, pos, neg), enc_ms, note=graph_stats(m))
-                    del m
-                    self.settle(f"{group} {n}")
+                    base = None  # × plain of the default negative rows, for the alternative's note
+                    for neg_rows in modes:
+                        kw = {} if neg_rows is None else {"negative_rows": neg_rows}
+                        m, pos, neg = _patched(self, group, n, am=am, **kw)
+                        ms, ratio, total, peak = self.time_sampling(m, pos, neg)
+                        note = graph_stats(m)
+                        if neg_rows is None:
+                            base = ratio
+                        elif base:
+                            note += f"; x{ratio / base:.3f} the default negative rows (ratio of the × plain)"
+                        name = cfg["name"] + ("" if neg_rows is None else f" [negative rows: {neg_rows}]")
+                        self.record(name, n, ms, ratio, total, peak, enc_ms, note=note)
+                        del m
+                        self.settle(f"{group} {n} {neg_rows or ''}")
                 if cfg["refnet"]:
                     am.refnet = None
                     am._refnet_module = None
@@ -407,6 +421,9 @@ def profile(b: Bench, group: str, n: int, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"profile_{group}_{n}.txt").write_text(table + "\n\n" + cpu_table)
 
+
+NEGATIVE_SAME = "same references as positive"  # AnyStoryApply's negative_rows alternative (its default: None here)
+NEGATIVE_MODES = {"background": [None], "same": [NEGATIVE_SAME], "both": [None, NEGATIVE_SAME]}
 
 CONFIGS = {  # group → adapter, reference mode, whether subjects carry labels, AnyStoryApply inputs
     "public": dict(name="anystory public (shared, attention)", kind="ip-adapter-plus-sdxl", refnet=False,
@@ -514,6 +531,7 @@ ABLATIONS = [  # (label, AnyStoryApply overrides, environment while sampling): t
     ("routing + eq. 5 only (γ = 0)", dict(gamma=0.0), {}),
     ("routing + eq. 6-8 only (η = 0)", dict(eta=0.0), {}),
     ("routing only (η = γ = 0)", dict(eta=0.0, gamma=0.0), {}),
+    ("negative rows with the same references as positive", dict(negative_rows=NEGATIVE_SAME), {}),
 ]
 
 
@@ -671,6 +689,9 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="1,2,4")
     ap.add_argument("--configs", default="public,native,regional,ipadapter_plus")
     ap.add_argument("--quick", action="store_true", help="tiny UNet, for checking the script on a CPU")
+    ap.add_argument("--negative-rows", choices=tuple(NEGATIVE_MODES), default="background",
+                    help="AnyStoryApply's negative_rows for the configurations with references: background (its "
+                         "default), same (same references as positive) or both (each, one after the other)")
     ap.add_argument("--profile", default="", help="GROUP:N[,GROUP:N] (plain|public|native|encode|encode_parts|ablate_public|ablate_native|"
                                                   "host_plain|host_public|host_native|syncs_public|syncs_native|syncs_regional|graphs_public|"
                                                   "graphs_native) — profiles "

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Router training cost at full SDXL shapes — ms per step and peak VRAM, gradient checkpointing on/off.
+"""Training cost at full SDXL shapes — ms per step and peak VRAM, gradient checkpointing on/off; the router
+(stage 2, default) or the subject encoder (``--stage 1``).
 
     python bench/train_gpu.py --out bench/results                # on the GPU machine (1024², batch 1)
+    python bench/train_gpu.py --stage 1 --out bench/results      # stage 1: QFormer + Ŵ + W̃ + ReferenceNet
     python bench/train_gpu.py --quick --device cpu --out /tmp/x   # a smoke run of the script itself
 
 Everything is built in this process, never loaded from disk, with bench/benchmark.py's helpers: the
@@ -14,9 +16,16 @@ routers' Gumbel maps in eq. 5 at every layer, loss = ε-MSE + 0.1·routing loss,
 QFormer + 70 routers. Text conditioning is a fixed random context (computed once per caption in real
 runs, not part of a step).
 
+With ``--reference`` (default auto, as the script: stage 2 with the UNet itself as frozen ReferenceNet,
+stage 1 with a trainable ReferenceNet copied from the UNet) a step also runs the ReferenceNet on the reference
+views (``--ref-size``, through the VAE) and eq. 6-8 at every layer but the first. Stage 1 trains the subject
+QFormer, the 70 Ŵ_k/Ŵ_v, the 70 W̃_k/W̃_v and the ReferenceNet (AdamW, fp32 master weights), routed by the
+instance masks, 10 % condition dropout.
+
 Per configuration (autocast dtype × gradient checkpointing): ms/step = median of the steps after the
 warm-up ones; peak VRAM = ``torch.cuda.max_memory_allocated`` over the training steps (targets'
-VAE encoding excluded). Writes ``train_latest.json`` and ``train_latest.md`` under --out.
+VAE encoding excluded). Writes ``train_latest.json`` / ``train_latest.md`` (stage 1:
+``train_stage1_latest.*``) under --out.
 """
 from __future__ import annotations
 
@@ -53,10 +62,15 @@ def main(argv=None) -> int:
                     help="autocast:checkpointing pairs (bf16|fp16|no : on|off)")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="tiny UNet, for checking the script on a CPU")
+    ap.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: the router; 1: the subject encoder")
+    ap.add_argument("--reference", choices=("auto", "native", "shared", "off"), default="auto",
+                    help="the reference branch while training (scripts/train_router.py --reference)")
+    ap.add_argument("--ref-size", type=int, default=512, help="side of the reference views the ReferenceNet sees")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.warmup = min(args.size, 128), min(args.steps, 3), min(args.warmup, 1)
+        args.ref_size = min(args.ref_size, 64)
 
     B = _load("anystory_benchmark", REPO / "bench" / "benchmark.py")
     import torch
@@ -88,7 +102,8 @@ def main(argv=None) -> int:
                                      "adapter": "random ip-adapter-plus"})
         argv_t = ["--data", str(tmp / "data"), "--out", str(tmp / f"out-{prec}-{ckpt}.safetensors"),
                   "--steps", str(args.steps), "--resolution", str(args.size), "--mixed-precision", prec,
-                  "--device", str(device), "--no-progress", "--save-every", "0", "--warmup", "0"]
+                  "--device", str(device), "--no-progress", "--save-every", "0", "--warmup", "0",
+                  "--stage", str(args.stage), "--reference", args.reference, "--ref-size", str(args.ref_size)]
         if ckpt == "on":
             argv_t.append("--grad-checkpointing")
         print(f"[train-bench] === {prec} autocast, gradient checkpointing {ckpt}", flush=True)
@@ -113,17 +128,21 @@ def main(argv=None) -> int:
     devname = torch.cuda.get_device_name(device) if cuda else "cpu"
     data = {"device": devname, "date": dt.date.today().isoformat(), "torch": torch.__version__,
             "size": args.size, "batch": 1, "subjects_per_image": 2, "steps": args.steps, "warmup_steps": args.warmup,
-            "unet_params": n_unet, "layers": len(layout), "quick": args.quick,
-            "configs": results}
+            "unet_params": n_unet, "layers": len(layout), "quick": args.quick, "stage": args.stage,
+            "reference": args.reference, "ref_size": args.ref_size, "configs": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "train_latest" if not args.quick else "train_quick"
+    name = ("train_latest" if not args.quick else "train_quick") if args.stage == 2 else \
+        ("train_stage1_latest" if not args.quick else "train_stage1_quick")
     (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    lines = [f"# AnyStory router training — {devname}, {data['date']}", "",
+    trained = (f"routing QFormer + {len(layout)} routers" if args.stage == 2 else
+               f"subject QFormer + {len(layout)} Ŵ + {len(layout)} W̃ (+ the ReferenceNet with reference native)")
+    lines = [f"# AnyStory stage-{args.stage} training — {devname}, {data['date']}", "",
              f"SDXL UNet {'(quick, tiny)' if args.quick else 'full shapes'} ({n_unet / 1e9:.2f} B, {len(layout)} "
-             f"layers), random weights stored fp16; {args.size}², batch 1, 2 instances per image; trained: routing "
-             f"QFormer + {len(layout)} routers (AdamW); median of {args.steps - args.warmup} steps after "
-             f"{args.warmup} warm-up; a step includes CLIP-H on the augmented reference crops.", "",
+             f"layers), random weights stored fp16; {args.size}², batch 1, 2 instances per image; trained: {trained} "
+             f"(AdamW); reference branch {args.reference} (views at {args.ref_size}²); median of "
+             f"{args.steps - args.warmup} steps after {args.warmup} warm-up; a step includes CLIP-H on the "
+             "augmented reference crops.", "",
              "| autocast | gradient checkpointing | ms/step | peak VRAM GB |", "|---|---|---|---|"]
     for r in results:
         if "error" in r:

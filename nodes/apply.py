@@ -2,6 +2,7 @@
 subjects, each confined to where the router puts it; returns the routing recorder."""
 from __future__ import annotations
 
+from ..anystory.patch.state import NEGATIVE_BACKGROUND, NEGATIVE_ROWS
 from ..anystory.routing import MODE_ATTENTION, MODE_AUTO, MODE_MASKS, MODE_MIXED, MODE_ROUTER
 from . import checks, live
 from .family import family_for
@@ -72,6 +73,14 @@ class AnyStoryApply:
                 "threshold": ("FLOAT", {"default": 0.35, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                                         "Attention router: a token belongs to a subject when that subject's "
                                         "normalised word attention there is at least this; else background."}),
+                "negative_rows": (list(NEGATIVE_ROWS), {"default": NEGATIVE_BACKGROUND, "tooltip":
+                                  "What the negative-prompt rows of CFG get (cfg > 1). 'background only': no subject "
+                                  "tokens and no reference features there, so CFG also amplifies the references "
+                                  "(strongest likeness; the default). 'same references as positive': they are routed "
+                                  "as the positive rows and attend to the same reference features (the paper never "
+                                  "drops those in training; only the subject tokens, 10 % of the time), so CFG "
+                                  "amplifies the prompt and the subject tokens only: milder details, and more "
+                                  "work per step. SDXL only."}),
                 "flux_options": (ANYSTORY_FLUX_OPTIONS, {"tooltip":
                                  "FLUX only: the authors' settings (Redux and reference windows and strengths, ref "
                                  "mask, router, ref cache) from AnyStory FLUX Options; absent = their defaults. SDXL "
@@ -82,7 +91,7 @@ class AnyStoryApply:
 
     def apply(self, model, anystory, subjects, router_mode="auto", eta=1.0, gamma=1.0, start_percent=0.0,
               end_percent=1.0, region_masks=None, record_routing=True, feather=0, warmup_steps=2, threshold=0.35,
-              flux_options=None, unique_id=None):
+              flux_options=None, unique_id=None, negative_rows=NEGATIVE_BACKGROUND):
         anystory = checks.check_model(anystory)
         subjects = checks.check_subjects(subjects, anystory)
         if len(subjects) == 0:
@@ -92,7 +101,8 @@ class AnyStoryApply:
                                 "never act. Make start_percent ≤ end_percent.")
         options = ApplyOptions(router_mode=router_mode, eta=eta, gamma=gamma, start_percent=start_percent,
                                end_percent=end_percent, region_masks=region_masks, record_routing=record_routing,
-                               feather=feather, warmup_steps=warmup_steps, threshold=threshold, flux=flux_options)
+                               feather=feather, warmup_steps=warmup_steps, threshold=threshold,
+                               negative_rows=negative_rows, flux=flux_options)
         patched, routing = family_for(anystory, model).apply(model, anystory, subjects, options)
         live.attach(routing, unique_id)
         return (patched, routing)

@@ -5,7 +5,10 @@ Installed on a ``model.clone()`` only (:meth:`SamplingDriver.install`):
   the sampled latent is checked for NaN/inf once;
 - PREDICT_NOISE wrapper: once per step → σ (from the run's schedule and the call count for samplers that
   call the model once per step, else read from the device: one host sync), step index, start/end window,
-  and which conditioning uuids are positive (cond) or negative (uncond);
+  and which conditioning uuids are positive (cond) or negative (uncond). Cond rows are routed to the
+  subjects; uncond rows (CFG's negative prompt, DualCFGGuider's middle prompt) get the background route and,
+  unless AnyStory Apply's negative_rows says "same references as positive", no references
+  (anystory.patch.state.NEGATIVE_ROWS says why);
 - DIFFUSION_MODEL wrapper: once per model call → a fresh CallState (the maps of this call only), which
   the family's hooks (SDXL: nodes/sdxl_hooks.py; FLUX: nodes/flux/patch.py) find in ``transformer_options``;
   a runtime with ``run_call`` runs the call itself (FLUX appends its subject tokens to the text there). The

@@ -22,7 +22,7 @@ from ..anystory.attention_router import AttentionRouter, observed_layers
 from ..anystory.layers import layout_from_state_dict, transformer_blocks
 from ..anystory.paper.encoder import ZERO_IMAGE_NORMALISED, ZERO_IMAGE_PIXEL_BLACK
 from ..anystory.paper.reference import ReferenceFeatures
-from ..anystory.patch import RoutedPatch, RoutingInputs
+from ..anystory.patch import NEGATIVE_BACKGROUND, NEGATIVE_ROWS, RoutedPatch, RoutingInputs
 from ..anystory.prepare import prepare_subject
 from ..anystory.recorder import RoutingRecorder
 from ..anystory.routing import RoutingChoiceError, make_routing, resolve_mode
@@ -61,6 +61,7 @@ class ApplyOptions:
     feather: int = 0
     warmup_steps: int = 2
     threshold: float = 0.35
+    negative_rows: str = NEGATIVE_BACKGROUND  # what CFG's uncond rows get (anystory.patch.state.NEGATIVE_ROWS)
     flux: Optional[object] = None  # ANYSTORY_FLUX_OPTIONS (nodes/flux/options.py); the SDXL family ignores it
 
 
@@ -207,8 +208,11 @@ class SDXLFamily:
         unet = model.model.diffusion_model
         attn1 = {key: tb.attn1 for key, tb in transformer_blocks(unet).items()}
         recorder = RoutingRecorder(n, subjects.labels, enabled=bool(opt.record_routing))
-        runtime = RoutedPatch(ad, layout, RoutingInputs(E=E, eta=eta_t, gamma=gamma_t, refs=refs), routing,
-                              attn1=attn1, recorder=recorder)
+        if opt.negative_rows not in NEGATIVE_ROWS:
+            raise AnyStoryError(f"negative_rows {opt.negative_rows!r} is not known: choose one of "
+                                f"{', '.join(repr(r) for r in NEGATIVE_ROWS)}.")
+        inputs = RoutingInputs(E=E, eta=eta_t, gamma=gamma_t, refs=refs, negative_rows=opt.negative_rows)
+        runtime = RoutedPatch(ad, layout, inputs, routing, attn1=attn1, recorder=recorder)
         ms = model.get_model_object("model_sampling")
         driver = SamplingDriver(runtime, ms.percent_to_sigma(opt.start_percent), ms.percent_to_sigma(opt.end_percent),
                                 uuid.uuid4().hex[:10], subject_labels=[s.label for s in subjects.subjects])
@@ -217,13 +221,14 @@ class SDXLFamily:
         if refs is not None:
             ref_keys = [s.key for s in layout if s.key in refs.features][1:]  # layer 1 has no M^0: dropped
         # Ŵ_k/Ŵ_v projections of E, once; the adapter then stays out of sampling's VRAM unless the
-        # learned router needs its weights every step
+        # learned router or the file's reference projections W̃ (once per run) need its weights
         mm.load_models_gpu([anystory.patcher])
         runtime.precompute_routes(mm.get_torch_device())
-        install(patched, driver, ref_keys, [anystory.patcher] if runtime.uses_learned_router else [])
+        needs_adapter = runtime.uses_learned_router or runtime.uses_reference_proj  # its weights while sampling
+        install(patched, driver, ref_keys, [anystory.patcher] if needs_adapter else [])
         recorder.mode = plan.mode
-        log.info("AnyStory: %d subject(s), router %s, η=%.2f γ=%.2f, %d layers, references at %d layers",
-                 n, plan.mode, opt.eta, opt.gamma, len(layout), len(ref_keys))
+        log.info("AnyStory: %d subject(s), router %s, η=%.2f γ=%.2f, %d layers, references at %d layers, "
+                 "negative rows: %s", n, plan.mode, opt.eta, opt.gamma, len(layout), len(ref_keys), opt.negative_rows)
         return patched, recorder
 
 

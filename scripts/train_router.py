@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train an AnyStory router (stage 2) for the subject branch you have, on your own images.
+"""Train AnyStory on your own images: the router (stage 2, default) or the subject encoder (stage 1).
 
     python scripts/train_router.py --data DIR --checkpoint sd_xl_base_1.0.safetensors \\
         --clip-vision CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors \\
@@ -7,14 +7,23 @@
         [--eval-data DIR] [--steps 2000] [--batch 1] [--lr 1e-4] [--mixed-precision bf16] [--grad-checkpointing]
 
     torchrun --nproc_per_node 4 scripts/train_router.py ...      # several GPUs (DDP, one process per GPU)
+    python scripts/train_router.py --stage 1 ...                 # stage 1: subject encoder + ReferenceNet + W̃
 
 Data folder: ``name.png`` + ``name_mask0.png``, ``name_mask1.png`` … (white = instance) or one
 ``name_labels.png`` with instance ids; optional ``name_ref<i>.png`` reference crops and ``name.txt``
 captions (see ``anystory.train.scan_dataset``). Trained: the routing QFormer and the per-layer routers;
 frozen: the SDXL UNet, CLIP-H, the adapter's subject QFormer and Ŵ_k/Ŵ_v. Loss: ε-MSE + λ·routing loss
-(λ = 0.1; eq. 4: a sum over each layer's tokens, ``--routing-reduction mean`` for a mean) with
-straight-through Gumbel-softmax maps in eq. 5. Reference attention (eq. 6-8) is not
-active during training.
+(λ = 0.1; eq. 4: a sum over each layer's tokens, ``--routing-reduction mean`` for a mean) with straight-through
+Gumbel-softmax maps in eq. 5. As in the paper the reference attention (eq. 6-8) is on (``--reference auto``: the
+``--refnet`` ReferenceNet file, frozen, else the UNet itself as ReferenceNet; ``off`` trains without it).
+
+Stage 1 (``--stage 1``, the paper's subject-encoder stage, same data and CLI): trained: the subject QFormer,
+Ŵ_k/Ŵ_v, the reference projections W̃_k/W̃_v and the ReferenceNet (``--reference native``, the default: a
+copy of the UNet without cross-attention, or the ``--refnet`` file to continue; ``shared``: the frozen UNet
+serves as ReferenceNet and W̃ train; ``off``: neither); frozen: the UNet, CLIP-H, the router if the file has
+one. Routing by the instance masks (no router yet), the CLIP image condition dropped for
+``--condition-dropout`` (10 %) of the samples, loss = ε-MSE. Writes ``--out`` (with W̃) and the ReferenceNet
+(``--refnet-out``, default ``<out>_refnet.safetensors``); no routing-IoU table (there is no router).
 
 Writes ``--out`` (a native AnyStory file — the input's subject branch + the trained router — that
 AnyStoryModelLoader loads; written at every ``--save-every`` and at the end), a resumable training
@@ -72,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--state", default=None, help="training state file (default: <out>.state.pt)")
     io.add_argument("--resume", default=None, help="'auto' (the --state file if it exists) or a state file")
     tr = ap.add_argument_group("training")
+    tr.add_argument("--stage", type=int, choices=(1, 2), default=2,
+                    help="2: the router (default); 1: the subject encoder, Ŵ, W̃ and the ReferenceNet")
+    tr.add_argument("--reference", choices=("auto", "native", "shared", "off"), default="auto",
+                    help="the reference branch (eq. 6-8) while training; auto: stage 1 native (trains a "
+                         "ReferenceNet), stage 2 native with --refnet else shared (the UNet as ReferenceNet)")
+    tr.add_argument("--refnet", default=None, help="a ReferenceNet file (stage 2: frozen; stage 1: trained further)")
+    tr.add_argument("--refnet-out", default=None, help="stage 1: where to write the trained ReferenceNet "
+                                                     "(default <out>_refnet.safetensors)")
+    tr.add_argument("--condition-dropout", type=float, default=0.1,
+                    help="stage 1: share of samples whose CLIP image condition is dropped (paper: 10 %%)")
+    tr.add_argument("--ref-size", type=int, default=512, help="side of the reference views the ReferenceNet sees")
     tr.add_argument("--steps", type=int, default=2000, help="optimisation steps (total, including resumed ones)")
     tr.add_argument("--batch", type=int, default=1, help="images per step per process")
     tr.add_argument("--lr", type=float, default=1e-4, help="learning rate of the routers")
@@ -170,7 +190,9 @@ class Parts:
     release_target_encoders: Callable = lambda: None   # free VAE / text encoders after encode_targets
     initial_state: Optional[dict] = None               # the router before training (baseline column)
     file_dtype: object = None                          # the input adapter's dtype (--save-dtype auto)
-    frozen_state: Optional[dict] = None                # the input's subject branch as read (written back as is)
+    frozen_state: Optional[dict] = None                # the input's untrained parts as read (written back as is)
+    reference: str = "off"                             # the reference branch: off | native | shared
+    refnet: object = None                              # the ReferenceNet module (reference native)
 
 
 def import_comfy(device) -> None:
@@ -261,15 +283,22 @@ def load_parts(args, dist: Dist, components: Optional[Components] = None) -> Par
     layout = A.layers.discover_layout(unet)
     adapter.check_layout(layout, names["checkpoint"])
     file_dtype = adapter.subject_proj.proj_in.weight.dtype
-    frozen_state = {k: v.detach().cpu().clone() for k, v in adapter.state_dict().items()
-                    if not k.startswith(("routing_proj.", "router."))}
-    T.attach_router(adapter, router_dim=args.router_dim, router_heads=args.router_heads, seed=args.seed)
-    initial = T.trainable_state(adapter)
+    trained = ("routing_proj.", "router.") if args.stage == 2 else ("subject_proj.", "ip_adapter.", "reference_proj.")
+    frozen_state = {k: v.detach().cpu().clone() for k, v in adapter.state_dict().items() if not k.startswith(trained)}
     fdtype = wdtype if dist.device.type == "cuda" else torch.float32
-    adapter.subject_proj.to(dist.device, fdtype)
-    adapter.ip_adapter.to(dist.device, fdtype)
-    adapter.routing_proj.to(dist.device)
-    adapter.router.to(dist.device)
+    initial = None
+    if args.stage == 2:
+        T.attach_router(adapter, router_dim=args.router_dim, router_heads=args.router_heads, seed=args.seed)
+        initial = T.trainable_state(adapter)
+        adapter.subject_proj.to(dist.device, fdtype)
+        adapter.ip_adapter.to(dist.device, fdtype)
+        if adapter.reference_proj is not None:
+            adapter.reference_proj.to(dist.device, fdtype)
+    else:  # stage 1: the trainer makes the subject branch (and W̃) float32 trainables; the router stays frozen
+        adapter.to(dist.device)
+    if adapter.has_router:
+        adapter.routing_proj.to(dist.device)
+        adapter.router.to(dist.device)
 
     sigmas = getattr(getattr(model, "model_sampling", None), "sigmas", None)
     ac = T.alphas_cumprod_from_sigmas(sigmas.detach().cpu()) if sigmas is not None else T.sdxl_alphas_cumprod()
@@ -324,11 +353,32 @@ def load_parts(args, dist: Dist, components: Optional[Components] = None) -> Par
         mm.soft_empty_cache()
 
     unet.to(dist.device, wdtype).eval().requires_grad_(False)
+    reference, refnet = reference_branch(args, unet, wdtype, dist.device, names)
     encoders = T.Encoders(clip=clip_encode, vae=vae_encode, text=text_encode, zero_image=adapter.zero_image,
                           clip_pixels=clip_pixels)
     return Parts(unet=unet, adapter=adapter, encoders=encoders,
                  alphas_cumprod=ac, prediction=prediction, initial_state=initial, release_target_encoders=release,
-                 file_dtype=file_dtype, frozen_state=frozen_state, names=names)
+                 file_dtype=file_dtype, frozen_state=frozen_state, names=names, reference=reference, refnet=refnet)
+
+
+def reference_branch(args, unet, wdtype, device, names: dict) -> tuple:
+    """(mode, ReferenceNet module or None) of the reference branch: stage 1 native trains a ReferenceNet made
+    from the UNet (or the --refnet file); stage 2 native runs the --refnet file frozen; shared uses the UNet."""
+    A = core()
+    mode = args.reference
+    if mode == "auto":
+        mode = "native" if args.stage == 1 or args.refnet else "shared"
+    if mode != "native":
+        return mode, None
+    if args.stage == 2 and not args.refnet:
+        raise SystemExit("--reference native in stage 2 needs --refnet (a trained ReferenceNet file)")
+    refnet = A.train.make_refnet(unet)
+    if args.refnet:
+        A.train.load_refnet_weights(refnet, A.checkpoint.load_refnet(args.refnet).state_dict)
+        names["refnet"] = Path(args.refnet).name
+    if args.stage == 2:
+        return mode, refnet.to(device, wdtype).eval().requires_grad_(False)
+    return mode, refnet.to(device).requires_grad_(True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,16 +397,55 @@ def _save_native(A, adapter, args, parts: Parts, step: int, extra: Optional[dict
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "auto": None}[args.save_dtype]
     if dtype is None:
         dtype = parts.file_dtype or adapter.subject_proj.proj_in.weight.dtype
-    meta = {"trained_router_steps": step, "trained_on": Path(args.data).name,
-            "routing_weight": args.routing_weight, "routing_reduction": args.routing_reduction,
-            "zero_image": parts.encoders.zero_image,
-            "subject_branch": parts.names.get("adapter", ""),
-            "base_checkpoint": parts.names.get("checkpoint", "")}
+    if args.stage == 2:
+        meta = {"trained_router_steps": step, "routing_weight": args.routing_weight,
+                "routing_reduction": args.routing_reduction, "router_reference_branch": parts.reference}
+    else:
+        meta = {"trained_encoder_steps": step, "encoder_reference_branch": parts.reference,
+                "condition_dropout": args.condition_dropout}
+    meta.update({"trained_on": Path(args.data).name, "subject_branch": parts.names.get("adapter", ""),
+                 "zero_image": parts.encoders.zero_image, "base_checkpoint": parts.names.get("checkpoint", "")})
     meta.update(extra or {})
     exp = T.export_adapter(adapter, dtype)
-    if parts.frozen_state:  # the subject branch exactly as read (not through the bf16 copy used in training)
+    if parts.frozen_state:  # the untrained parts exactly as read (not through the bf16 copy used in training)
         exp.load_state_dict({k: v.to(dtype) for k, v in parts.frozen_state.items()}, strict=False)
     A.checkpoint.save_adapter(exp, args.out, extra_meta=meta)
+    if args.stage == 1 and parts.refnet is not None:
+        A.checkpoint.save_refnet({k: v.to(dtype) for k, v in T.refnet_state_dict(parts.refnet).items()},
+                                 _refnet_out(args), {"trained_encoder_steps": step, "trained_on": Path(args.data).name,
+                                                     "base_checkpoint": parts.names.get("checkpoint", "")})
+
+
+def _refnet_out(args) -> Path:
+    if args.refnet_out:
+        return Path(args.refnet_out)
+    out = Path(args.out)
+    return out.with_name(out.stem + "_refnet.safetensors")
+
+
+def _trainer(T, args, parts: Parts, cfg, device) -> tuple:
+    """(trainer module, optimizer, what it trains in words) of the stage."""
+    if args.stage == 1:
+        trainer = T.EncoderTrainer(parts.unet, parts.adapter, cfg, alphas_cumprod=parts.alphas_cumprod,
+                                   refnet=parts.refnet).to(device)
+        what = "subject QFormer + Ŵ" + {"native": " + W̃ + ReferenceNet", "shared": " + W̃"}.get(parts.reference, "")
+        return trainer, T.make_stage1_optimizer(trainer, cfg), what
+    trainer = T.RouterTrainer(parts.unet, parts.adapter, cfg, alphas_cumprod=parts.alphas_cumprod,
+                              refnet=parts.refnet).to(device)
+    return trainer, T.make_optimizer(trainer, cfg), f"routing QFormer + {len(trainer.layout)} routers"
+
+
+def _save_state(T, args, path, trainer, parts: Parts, optimizer, step: int, cfg, scaler) -> None:
+    if args.stage == 1:
+        T.save_stage1_state(path, trainer, optimizer, step, cfg, scaler)
+    else:
+        T.save_training_state(path, parts.adapter, optimizer, step, cfg, scaler)
+
+
+def _restore_state(T, args, path, trainer, parts: Parts, optimizer, scaler) -> int:
+    if args.stage == 1:
+        return T.restore_stage1_state(T.load_stage1_state(path), trainer, optimizer, scaler)
+    return T.restore_training_state(T.load_training_state(path), parts.adapter, optimizer, scaler)
 
 
 def run(args, parts: Parts, dist: Dist) -> dict:
@@ -394,19 +483,20 @@ def run(args, parts: Parts, dist: Dist) -> dict:
                         routing_reduction=args.routing_reduction, tau=args.tau, eta=args.eta,
                         grad_clip=args.grad_clip, mixed_precision=args.mixed_precision,
                         grad_checkpointing=bool(args.grad_checkpointing), prediction=parts.prediction,
-                        timestep_range=_ints(args.timestep_range), seed=args.seed)
-    trainer = T.RouterTrainer(parts.unet, parts.adapter, cfg, alphas_cumprod=parts.alphas_cumprod).to(device)
+                        timestep_range=_ints(args.timestep_range), seed=args.seed, reference=parts.reference,
+                        ref_size=args.ref_size, condition_dropout=args.condition_dropout)
+    trainer, optimizer, what = _trainer(T, args, parts, cfg, device)
     model = trainer
-    if dist.enabled:
+    if dist.enabled:  # stage 1: the ReferenceNet's layers after its last self-attention get no gradient
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(trainer, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = T.make_optimizer(trainer, cfg)
+        model = DDP(trainer, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=args.stage == 1)
     scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" else None
     n_train = sum(p.numel() for p in trainer.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in parts.unet.parameters()) + sum(
         p.numel() for n, p in parts.adapter.named_parameters() if not p.requires_grad)
-    log(f"[train] trainable {n_train / 1e6:.2f} M (routing QFormer + {len(trainer.layout)} routers), "
-        f"frozen {n_frozen / 1e6:.1f} M; {cfg.mixed_precision} autocast, grad checkpointing "
+    log(f"[train] stage {args.stage}: trainable {n_train / 1e6:.2f} M ({what}), frozen {n_frozen / 1e6:.1f} M; "
+        f"reference branch {parts.reference}; {cfg.mixed_precision} autocast, grad checkpointing "
         f"{'on' if cfg.grad_checkpointing else 'off'}")
 
     state_path = _state_path(args)
@@ -414,8 +504,7 @@ def run(args, parts: Parts, dist: Dist) -> dict:
     if args.resume:
         path = state_path if args.resume == "auto" else Path(args.resume)
         if path.is_file():
-            st = T.load_training_state(path)
-            start = T.restore_training_state(st, parts.adapter, optimizer, scaler)
+            start = _restore_state(T, args, path, trainer, parts, optimizer, scaler)
             log(f"[train] resumed from {path} at step {start}")
         elif args.resume != "auto":
             raise SystemExit(f"--resume {path}: no such file")
@@ -428,7 +517,8 @@ def run(args, parts: Parts, dist: Dist) -> dict:
     bar = None
     if main and not args.no_progress and start < args.steps:
         from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=start, desc="router", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=args.steps, initial=start, desc="router" if args.stage == 2 else "encoder", unit="step",
+                   dynamic_ncols=True)
     last = {}
     history = []   # per step: {"step", "loss", "diffusion", "routing", "grad_norm", "lr", "seconds"}
     ema = None
@@ -442,7 +532,8 @@ def run(args, parts: Parts, dist: Dist) -> dict:
         torch.manual_seed(T.step_seed(args.seed, step, dist.rank))
         gen = torch.Generator().manual_seed(T.step_seed(args.seed + 1, step, dist.rank))
         samples = [all_samples[i] for i in batches.batch(step)]
-        batch = T.prepare_batch(samples, parts.encoders, gen, augment=True, aug=aug, cache=cache).to(device)
+        batch = T.prepare_batch(samples, parts.encoders, gen, augment=True, aug=aug, cache=cache,
+                                ref_size=args.ref_size if parts.reference != "off" else None).to(device)
         model.train()
         logs = T.train_step(model, optimizer, batch, cfg, step, scaler)
         if dist.enabled:
@@ -466,9 +557,9 @@ def run(args, parts: Parts, dist: Dist) -> dict:
                   f"routing {ema['routing']:.4f}", flush=True)
         done = step + 1
         if args.save_every > 0 and done % args.save_every == 0 and done < args.steps and main:
-            T.save_training_state(state_path, parts.adapter, optimizer, done, cfg, scaler)
+            _save_state(T, args, state_path, trainer, parts, optimizer, done, cfg, scaler)
             _save_native(A, parts.adapter, args, parts, done)
-        if args.eval_every > 0 and done % args.eval_every == 0 and eval_samples and main:
+        if args.eval_every > 0 and done % args.eval_every == 0 and eval_samples and main and args.stage == 2:
             ev = T.evaluate_routing(trainer, eval_samples, parts.encoders, _ints(args.eval_timesteps),
                                     seed=args.seed, cache=cache, device=device)
             msg = f"[eval] step {done}: routing IoU {ev.mean:.3f} ({', '.join(f'{g} {m:.3f}' for g, (m, _, _) in ev.groups.items())})"
@@ -487,10 +578,14 @@ def run(args, parts: Parts, dist: Dist) -> dict:
     result = {"step": max(start, args.steps), "start": start, "losses": last, "history": history,
               "out": str(args.out), "state": str(state_path), "eval": None, "peak_vram_gb": peak_gb}
     if main:
-        T.save_training_state(state_path, parts.adapter, optimizer, max(start, args.steps), cfg, scaler)
+        _save_state(T, args, state_path, trainer, parts, optimizer, max(start, args.steps), cfg, scaler)
         _save_native(A, parts.adapter, args, parts, max(start, args.steps))
-        log(f"[train] wrote {args.out} (native AnyStory, router trained {max(start, args.steps)} steps) and {state_path}")
-        if eval_samples:
+        what = "router" if args.stage == 2 else "subject encoder"
+        log(f"[train] wrote {args.out} (native AnyStory, {what} trained {max(start, args.steps)} steps) and "
+            f"{state_path}" + (f"; ReferenceNet {_refnet_out(args)}" if args.stage == 1 and parts.refnet is not None else ""))
+        if eval_samples and args.stage == 1:
+            log("[train] stage 1 has no router: no routing-IoU table (--eval-data is used by stage 2)")
+        elif eval_samples:
             ts = _ints(args.eval_timesteps)
             res = {}
             if not args.no_eval_baseline and parts.initial_state is not None:

@@ -5,7 +5,9 @@ Two kinds are read, the architecture always from the weights' shapes (real or me
 - native AnyStory SDXL (``format=anystory-sdxl``): ``subject_proj.*`` (the subject QFormer: CLIP-H
   features of subject i → E_i, m × 2048), ``ip_adapter.{N}.to_k_ip/to_v_ip.weight`` (Ŵ_k^l, Ŵ_v^l of eq. 5,
   C × 2048, N = 1, 3, …, 139 for SDXL's 70 cross-attention layers), optionally ``routing_proj.*`` (one
-  query → R_i) and ``router.{N}.*`` (the router of layer l → the refined map M_i^l);
+  query → R_i), ``router.{N}.*`` (the router of layer l → the refined map M_i^l) and
+  ``reference_proj.{N}.to_k/to_v.weight`` (W̃_k^l, W̃_v^l of eq. 6-8, C × C, for any subset of the layers;
+  a layer without them projects G_i^l with the UNet's own attn1 weights);
 - IP-Adapter Plus SDXL ViT-H (the public stand-in for the subject branch): ``image_proj.*`` (the same
   Resampler, m read from ``latents``) + the same ``ip_adapter.{N}.*``, as safetensors or as the official
   nested ``.bin``. The plus-face variant has the same shapes and loads the same way.
@@ -51,6 +53,7 @@ from .io import flatten, prepare_for_save, read_weights, save_safetensors
 from .refnet import identify_refnet
 
 _ROUTER_LAYER = re.compile(r"^router\.(\d+)\.")
+_REFERENCE_LAYER = re.compile(r"^reference_proj\.(\d+)\.(.+)$")
 _RECREATE = f"{REDOWNLOAD}, or pick {ADAPTER_FILES}"
 
 
@@ -67,6 +70,7 @@ class AdapterPlan:
     router_dim: int = 256
     router_heads: int = 4
     with_router: bool = False
+    reference_layers: list = None        # layers N with W̃_k^l, W̃_v^l (reference_proj.N.*)
 
     def build_meta(self) -> AnyStoryAdapter:
         """The adapter on the meta device (no memory, no init): its state_dict's shapes are the truth."""
@@ -74,7 +78,8 @@ class AdapterPlan:
             sp = Resampler(**self.subject_cfg)
             rp = Resampler(**self.routing_cfg) if self.routing_cfg is not None else None
             return AnyStoryAdapter(sp, self.layer_dims, routing_proj=rp, router_dim=self.router_dim,
-                                   router_heads=self.router_heads, with_router=self.with_router, kind=self.kind)
+                                   router_heads=self.router_heads, with_router=self.with_router, kind=self.kind,
+                                   reference_layers=self.reference_layers)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,6 +203,40 @@ def _plan_router(plan: AdapterPlan, sd: Mapping, meta: Mapping, src: Source) -> 
     plan.router_dim, plan.router_heads, plan.with_router = rdim, heads, True
 
 
+def _plan_reference_proj(plan: AdapterPlan, sd: Mapping, src: Source) -> None:
+    """A native file's reference projections W̃_k^l, W̃_v^l (``reference_proj.N.to_k/to_v.weight``): per
+    layer both or neither, C × C for a layer of width C, only for layers the file has; recorded in ``plan``."""
+    found: dict = {}
+    for k, t in sd.items():
+        m = _REFERENCE_LAYER.match(k)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = (k, t)
+    if found and plan.kind != KIND_NATIVE:
+        k = next(iter(next(iter(found.values())).values()))[0]
+        raise src.fail(ADAPTER, "an adapter variant AnyStory does not know (an IP-Adapter with reference "
+                       "projections)", None, f"reference_proj.* keys (e.g. '{k}') next to image_proj.*")
+    for n, parts in sorted(found.items()):
+        if n not in plan.layer_dims:
+            raise src.damaged(ADAPTER, plan.found, f"reference projections for layer {n}, which has no "
+                              f"ip_adapter.{n}.* weights (layers {sorted(plan.layer_dims)[:6]}…)", _RECREATE)
+        c = plan.layer_dims[n]
+        for name in ("to_k.weight", "to_v.weight"):
+            if name not in parts:
+                other = next(iter(parts))
+                raise src.damaged(ADAPTER, plan.found, f"'reference_proj.{n}.{other}' but no "
+                                  f"'reference_proj.{n}.{name}' (W̃_k^l and W̃_v^l come together)")
+            key, t = parts[name]
+            if shape_of(t) != (c, c):
+                raise src.damaged(ADAPTER, plan.found, f"'{key}' has shape {shape_str(t)}, but layer {n} is {c} wide "
+                                  f"(W̃_k^l, W̃_v^l are {c}×{c})", _RECREATE)
+        extra = sorted(set(parts) - {"to_k.weight", "to_v.weight"})
+        if extra:
+            keys = some_keys(f"reference_proj.{n}.{e}" for e in extra)
+            raise src.fail(ADAPTER, "an adapter variant AnyStory does not know", None,
+                           f"unexpected reference projection keys ({keys})")
+    plan.reference_layers = sorted(found)
+
+
 def _check_meta(plan: AdapterPlan, meta: Mapping, src: Source) -> None:
     """A native file's metadata (subject_tokens, layers, router_dim) agrees with its weights; its zero image
     (``zero_image``, see :func:`~anystory.adapter.zero_image_of`) is one this pack knows."""
@@ -210,6 +249,7 @@ def _check_meta(plan: AdapterPlan, meta: Mapping, src: Source) -> None:
     checks = [("subject_tokens", plan.subject_cfg["num_queries"]), ("layers", len(plan.layer_dims))]
     if plan.with_router:
         checks.append(("router_dim", plan.router_dim))
+    checks.append(("reference_layers", len(plan.reference_layers or [])))
     for key, actual in checks:
         v = meta_int(meta, key, src, ADAPTER)
         if v is not None and plan.kind == KIND_NATIVE and v != actual:
@@ -271,6 +311,7 @@ def identify_adapter(sd: Mapping, meta: Optional[Mapping], src: Source) -> Adapt
     plan = AdapterPlan(KIND_NATIVE if native else KIND_IPADAPTER_PLUS, prefix, subject_cfg, layer_dims, found)
     if native:
         _plan_router(plan, sd, meta, src)
+    _plan_reference_proj(plan, sd, src)
     _check_meta(plan, meta, src)
     _check_sdxl_widths(layer_dims, route_dim, src)
     _check_keys(plan, sd, src)
@@ -353,10 +394,11 @@ def save_adapter(adapter: AnyStoryAdapter, path, extra_meta: Optional[dict] = No
     """Write ``adapter`` as a native AnyStory SDXL file (safetensors, written atomically).
 
     Keys are ``adapter.state_dict()``'s (subject_proj.*, ip_adapter.N.* = Ŵ_k^l/Ŵ_v^l, and when present
-    routing_proj.* / router.N.*). Metadata (strings): format=anystory-sdxl, version, subject_tokens (m),
-    router_dim, router_heads, layers, has_router, zero_image (the background route's zero image it was
-    trained with: ``extra_meta``'s, else ``adapter.zero_image``), plus ``extra_meta``. An adapter loaded from
-    an IP-Adapter file is written as native without router (``derived_from`` records its origin)."""
+    routing_proj.* / router.N.* / reference_proj.N.* = W̃_k^l/W̃_v^l). Metadata (strings): format=anystory-sdxl,
+    version, subject_tokens (m), router_dim, router_heads, layers, has_router, reference_layers (how many layers
+    have W̃), zero_image (the background route's zero image it was trained with: ``extra_meta``'s, else
+    ``adapter.zero_image``), plus ``extra_meta``. An adapter loaded from an IP-Adapter file is written as native
+    without router (``derived_from`` records its origin)."""
     src = Source.of(path)
     tensors = prepare_for_save(adapter.state_dict())
     meta = {str(k): str(v) for k, v in (extra_meta or {}).items()}
@@ -368,6 +410,7 @@ def save_adapter(adapter: AnyStoryAdapter, path, extra_meta: Optional[dict] = No
         "router_heads": str(adapter.router_heads),
         "layers": str(len(adapter.ip_adapter)),
         "has_router": "1" if adapter.has_router else "0",
+        "reference_layers": str(len(adapter.reference_layers)),
     })
     meta.setdefault(ZERO_IMAGE_META, adapter.zero_image)
     if adapter.kind != KIND_NATIVE:
@@ -382,7 +425,7 @@ def inspect_file(path) -> dict:
 
     ``{"kind": "anystory-sdxl" | "ip-adapter-plus-sdxl" | "anystory-sdxl-refnet", "layers": n,
     "subject_tokens": m (0 for a ReferenceNet), "has_router": bool, "file": basename}``, plus
-    ``in_channels`` for a ReferenceNet."""
+    ``reference_layers`` (layers with W̃) for an adapter and ``in_channels`` for a ReferenceNet."""
     sd, meta, src = read_weights(path, ADAPTER, shapes_only=True)
     if sd and (meta.get("format") == FORMAT_REFNET or all(k.startswith(REFNET_PREFIX) for k in sd)):
         cin, n = identify_refnet(sd, meta, src)
@@ -390,4 +433,4 @@ def inspect_file(path) -> dict:
                 "file": src.name, "in_channels": cin}
     plan = identify_adapter(sd, meta, src)
     return {"kind": plan.kind, "layers": len(plan.layer_dims), "subject_tokens": plan.subject_cfg["num_queries"],
-            "has_router": plan.with_router, "file": src.name}
+            "has_router": plan.with_router, "reference_layers": len(plan.reference_layers or []), "file": src.name}

@@ -50,7 +50,7 @@ IP_LAYER = re.compile(r"^ip_adapter\.(\d+)\.(.+)$")
 CROSS_ATTN = re.compile(r"transformer_blocks\.\d+\.(attn2|norm2)\.")
 UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
 DIFFUSERS_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "time_embedding.")
-ADAPTER_ROOTS = ("subject_proj.", "image_proj.", "ip_adapter.", "router.")
+ADAPTER_ROOTS = ("subject_proj.", "image_proj.", "ip_adapter.", "router.", "routing_proj.", "reference_proj.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,9 +86,9 @@ ADAPTER_FILES = ("ip-adapter-plus_sdxl_vit-h.safetensors (models/ipadapter) or a
 ADAPTER = Slot(
     "the AnyStory model", f"pick {ADAPTER_FILES}",
     "a native AnyStory SDXL file (subject_proj.*, ip_adapter.N.to_k_ip/to_v_ip.weight, optionally "
-    "routing_proj.* and router.N.*) or IP-Adapter Plus SDXL ViT-H (image_proj.* Resampler with latents "
-    "1×m×1280 and proj_out 2048×1280, plus 70 ip_adapter.N.to_k_ip/to_v_ip.weight of shape C×2048, "
-    "N = 1, 3, …, 139)")
+    "routing_proj.*, router.N.* and reference_proj.N.to_k/to_v.weight) or IP-Adapter Plus SDXL ViT-H "
+    "(image_proj.* Resampler with latents 1×m×1280 and proj_out 2048×1280, plus 70 "
+    "ip_adapter.N.to_k_ip/to_v_ip.weight of shape C×2048, N = 1, 3, …, 139)")
 REFNET = Slot(
     "the AnyStory ReferenceNet",
     "pick a native anystory_sdxl_refnet.safetensors (models/anystory), or choose none and connect the SDXL "

@@ -1,9 +1,12 @@
 """Routed reference attention (eq. 6-8), at attn1 of layer l with reference strength γ.
 
 The ReferenceNet (a UNet without cross-attention, fed the subject's latent and mask, no noise) gives
-for every subject i and layer l the hidden states G_i^l entering self-attention. The denoising UNet
-projects them with its own attn1 weights, K̃_i^l = G_i^l W_k^l, Ṽ_i^l = G_i^l W_v^l, and attends to
-them next to its own tokens:
+for every subject i and layer l the hidden states G_i^l entering self-attention. They are projected
+with the reference projections of eq. 6-8, K̃_i^l = G_i^l W̃_k^l, Ṽ_i^l = G_i^l W̃_v^l
+(:class:`ReferenceProjection`, trained in stage 1 with the UNet frozen; the tilde marks them as other
+weights than the self-attention's own W_k^l, W_v^l). Where a checkpoint has no W̃ for a layer (IP-Adapter
+files, the shared ReferenceNet), the denoising UNet's own attn1 W_k^l, W_v^l stand in. The UNet attends
+to them next to its own tokens:
 
     Z̃^l = softmax(Q [K, K̃_1^l … K̃_N^l]ᵀ/√d + [0, g(M_1^{l-1}) + log γ_1, …]) · [V, Ṽ_1^l … Ṽ_N^l]
 
@@ -34,6 +37,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+import torch.nn as nn
 
 from .attention import NEG, AttnFn, sdpa
 
@@ -56,6 +60,31 @@ def gamma_is_zero(gamma: Gamma) -> bool:
     if torch.is_tensor(gamma):
         return bool((gamma == 0).all())
     return float(gamma) == 0.0
+
+
+class ReferenceProjection(nn.Module):
+    """W̃_k^l, W̃_v^l of one layer (eq. 6-8): G_i^l (C-wide) → K̃_i^l, Ṽ_i^l (C-wide). Checkpoint keys
+    ``reference_proj.{N}.to_k.weight`` / ``.to_v.weight`` (C×C, no bias, as the UNet's attn1 to_k/to_v)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G: [..., L_ref, C] → (G W̃_k, G W̃_v)."""
+        return self.to_k(G), self.to_v(G)
+
+
+def project_references(G: torch.Tensor, proj) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K̃, Ṽ) = (G W̃_k^l, G W̃_v^l) with ``proj`` a :class:`ReferenceProjection` (its weights taken to G's
+    device and dtype) or, as the stand-in, the UNet's attn1 (called as the host built it: its ``to_k`` /
+    ``to_v`` cast and patch their own weights)."""
+    if isinstance(proj, ReferenceProjection):
+        wk, wv = proj.to_k.weight, proj.to_v.weight
+        return (torch.nn.functional.linear(G, wk.to(G.device, G.dtype)),
+                torch.nn.functional.linear(G, wv.to(G.device, G.dtype)))
+    return proj.to_k(G), proj.to_v(G)
 
 
 RefList = Union[torch.Tensor, list]  # [N, L_ref, C] or a list of N tensors [L_ref_i, C]

@@ -10,6 +10,7 @@
 Routing sources live in anystory.routing; the recorder in anystory.recorder.
 """
 from .sdxl import RoutedPatch
-from .state import CallState, RoutingInputs, chunks_from_roles
+from .state import NEGATIVE_BACKGROUND, NEGATIVE_REFERENCES, NEGATIVE_ROWS, CallState, RoutingInputs, chunks_from_roles
 
-__all__ = ["CallState", "RoutedPatch", "RoutingInputs", "chunks_from_roles"]
+__all__ = ["CallState", "RoutedPatch", "RoutingInputs", "chunks_from_roles", "NEGATIVE_BACKGROUND",
+           "NEGATIVE_REFERENCES", "NEGATIVE_ROWS"]

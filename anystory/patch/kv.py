@@ -2,9 +2,10 @@
 
 - eq. 5: E_i Ŵ_k^l, E_i Ŵ_v^l of every route (the adapter's per-layer projections of the subject tokens),
   projected once when AnyStory Apply runs and kept in the fused layout across runs (η folded in);
-- eq. 6-8: K̃_i^l = G_i^l W_k^l, Ṽ_i^l = G_i^l W_v^l of every subject with references, projected once
-  per run with the denoising UNet's own attn1 projections (which LoRAs or other patches may change
-  between runs), only for the reference tokens that lie on the subject.
+- eq. 6-8: K̃_i^l = G_i^l W̃_k^l, Ṽ_i^l = G_i^l W̃_v^l of every subject with references, projected once
+  per run, only for the reference tokens that lie on the subject, with the adapter's reference projections
+  W̃ where the file has them for layer l (``reference_proj.N``), else with the denoising UNet's own attn1
+  W_k^l, W_v^l (the stand-in, which LoRAs or other patches may change between runs).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..fast.injection import prepare_routes
 from ..fast.reference import prepare_references
 from ..layers import LayerLayout
 from ..paper.injection import project_routes
+from ..paper.reference import project_references
 from .run import RunCaches
 from .state import RoutingInputs
 
@@ -25,7 +27,7 @@ class InjectionKV:
     """Route and reference K/V of one AnyStory Apply.
 
     attn1: layer key → the denoising UNet's self-attention module of that layer (its ``to_k``/``to_v``
-    project G_i^l); None without references."""
+    project G_i^l where the adapter has no W̃ for the layer); None: only the adapter's W̃ project."""
 
     def __init__(self, adapter: AnyStoryAdapter, layout: LayerLayout, inputs: RoutingInputs,
                  attn1: Optional[Mapping] = None):
@@ -37,6 +39,7 @@ class InjectionKV:
         self._routes_prep: dict = {}  # layer key → PreparedRoutes (kept across runs)
         self._routes_src: Optional[tuple] = None  # (E, η, refs) the prepared routes were made from
         self._ref_rows_cache: dict = {}  # layer key → (valid reference rows, lengths), see _ref_rows
+        self._proj: dict = {}  # layer key → W̃ of the adapter or the UNet's attn1 (reference_projection)
 
     def begin_run(self) -> None:
         """Keep what depends on E, η and the references only, unless those were replaced."""
@@ -85,6 +88,18 @@ class InjectionKV:
         return hit
 
     # --- eq. 6-8 -------------------------------------------------------------------------------
+    def reference_projection(self, key):
+        """What projects G_i^l at layer l: the adapter's W̃_k^l, W̃_v^l, else the UNet's attn1, else None
+        (looked up once per layer)."""
+        hit = self._proj.get(key, False)
+        if hit is False:
+            spec = self.layout.get(key)
+            hit = self.adapter.reference_projection(spec.ckpt_index) if spec is not None else None
+            if hit is None and self.attn1 is not None:
+                hit = self.attn1.get(key)
+            self._proj[key] = hit
+        return hit
+
     def _ref_rows(self, key, device):
         """(row index [T] into G^l flattened over subjects, tokens per subject): the subjects' valid
         reference tokens, found once per layer and kept across runs (no boolean indexing, so no device
@@ -97,16 +112,16 @@ class InjectionKV:
         return hit
 
     def ref_kv(self, run: RunCaches, key, like: torch.Tensor):
-        """(K̃_i^l, Ṽ_i^l) per subject for layer l, from G_i^l through the UNet's attn1, once per run (one
-        projection for all subjects)."""
+        """(K̃_i^l, Ṽ_i^l) per subject for layer l, from G_i^l through W̃ (or the UNet's attn1), once per run
+        (one projection for all subjects)."""
         hit = run.ref_kv.get(key)
         if hit is None:
             f = self.inputs.refs.features[key]
             rows, lengths = self._ref_rows(key, f.device)
-            attn1 = self.attn1[key]
+            proj = self.reference_projection(key)
             with torch.no_grad():
                 g = f.flatten(0, 1).index_select(0, rows).to(like.device, like.dtype, non_blocking=True)
-                k, v = attn1.to_k(g), attn1.to_v(g)
+                k, v = project_references(g, proj)
             hit = (list(k.to(like.dtype).split(lengths)), list(v.to(like.dtype).split(lengths)))
             run.ref_kv[key] = hit
         return hit

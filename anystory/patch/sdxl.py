@@ -11,9 +11,13 @@ execution order, per transformer block l:
 
     attn1 (eq. 6-8, uses M^{l-1})  →  route (router → M^l)  →  attn2 (eq. 5, uses M^l)
 
-Rows of the batch come in chunks (ComfyUI batches cond and uncond). Cond rows are routed; uncond rows
-get the background route N+1 everywhere in attn2 (E_{N+1} is the unconditional image embedding) and no
-references in attn1.
+Rows of the batch come in chunks (ComfyUI batches cond and uncond). Cond rows are routed: attn2 gives each
+token its subject's (or the background's) tokens, attn1 its subject's references. Uncond rows (CFG's negative
+prompt) get the background route N+1 everywhere in attn2 (E_{N+1}, the zero image's tokens: the CLIP
+condition dropped, as the paper's 10 % condition dropout trains it) and, by default, no references in attn1;
+with ``RoutingInputs.negative_rows`` = "same references as positive" they are routed as the cond rows are
+and attend to the references too (the reference condition, which training never drops) — the reasons and
+the trade-off are in anystory.patch.state.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ class RoutedPatch:
     """Router + routed injection for one AnyStory Apply on a UNet.
 
     routing: who decides M^l (anystory.routing); attn1: layer key → the denoising UNet's self-attention
-    module there (its to_k/to_v project G_i^l; needed only with references). Plain attention is the
+    module there (its to_k/to_v project G_i^l where the adapter has no W̃_k^l, W̃_v^l; needed only with
+    references). Plain attention is the
     ``base`` each hook receives (the host's own attention, or another patch that was there first); the
     routed attentions carry their routing in extra head dimensions (anystory.fast.grouped) and call
     torch's fused SDPA directly, so no backend can drop a mask."""
@@ -96,6 +101,11 @@ class RoutedPatch:
     def uses_learned_router(self) -> bool:
         return self.routing.learned
 
+    @property
+    def uses_reference_proj(self) -> bool:
+        """The adapter's W̃_k^l, W̃_v^l project G_i^l while sampling (its weights must be on the device)."""
+        return self.inputs.refs is not None and bool(self.adapter.reference_layers)
+
     def precompute_routes(self, device=None) -> None:
         self.kv.precompute_routes(device)
 
@@ -120,22 +130,23 @@ class RoutedPatch:
             hit = self._route_all(spec, n, hw, state)
             if per_grid:
                 state.cache[ck] = hit
-        index, idx_rec, src_rec, weight = hit
+        index, idx_rec, src_rec, weight, ref_index = hit
         state.index[key] = index
         if weight is not None:
             state.weight[key] = weight
-        state.last_index, state.last_hw = index, tuple(hw)
+        state.last_index, state.last_hw = (index if ref_index is None else ref_index), tuple(hw)
         if self.recorder is not None and idx_rec is not None:
             self.recorder.record(state.step, key, hw, idx_rec, src_rec)
 
     def _route_all(self, spec, n: torch.Tensor, hw, state: CallState):
-        """(index [B, L] long, recorded index/source [b, L] uint8 of the first positive chunk — one row
-        per image; further positive entries, e.g. from ConditioningCombine, are other prompts for the
-        same images — and the per-token weight [B, L] or None)."""
+        """(index [B, L] long for attn2, recorded index/source [b, L] uint8 of the first positive chunk — one
+        row per image; further positive entries, e.g. from ConditioningCombine, are other prompts for the
+        same images —, the per-token weight [B, L] or None, and the index [B, L] for eq. 6-8 of the next
+        attn1 when the uncond rows are routed for their references, else None)."""
         run = self._caches()
         B, L, _ = n.shape
         bg = self.inputs.num_subjects
-        parts, weights = [], []
+        parts, weights, ref_parts = [], [], ([] if self.inputs.references_on_negative else None)
         rec = None
         record = self.recorder is not None and getattr(self.recorder, "enabled", True)
         into = self._index_buffer(spec, n, state)
@@ -144,11 +155,15 @@ class RoutedPatch:
             if not is_cond:
                 parts.append(run.constant(("bg", rows, L, n.device), bg, torch.long, (rows, L), n.device))
                 weights.append(None)
+                if ref_parts is not None:  # routed for the references of attn1 only; attn2 stays background
+                    ref_parts.append(self._route_rows(spec, n[sl], hw, state, chunk=sl.start)[0])
                 continue
             idx, src, w = self._route_rows(spec, n[sl], hw, state, chunk=sl.start,
                                            out=into[1][sl.start] if into is not None else None)
             parts.append(idx)
             weights.append(w)
+            if ref_parts is not None:
+                ref_parts.append(idx)
             if rec is None and record:
                 rec = (idx, src)  # the recorder keeps a uint8 copy
         if into is not None:
@@ -159,13 +174,15 @@ class RoutedPatch:
         if self.routing.feathered:
             weight = torch.cat([w if w is not None else torch.ones(p.shape, device=n.device)
                                 for w, p in zip(weights, parts)])
-        return index, (rec[0] if rec else None), (rec[1] if rec else None), weight
+        ref_index = None if ref_parts is None else (torch.cat(ref_parts) if len(ref_parts) > 1 else ref_parts[0])
+        return index, (rec[0] if rec else None), (rec[1] if rec else None), weight, ref_index
 
     def _index_buffer(self, spec, n: torch.Tensor, state: CallState) -> Optional[tuple]:
         """With the learned router alone, replayed from graphs: (one [B, L] route index per layer and
         chunk layout, kept through the run with the uncond rows set to the background once, and views of
         its cond rows that the router graphs write into) — no concatenation per layer. None otherwise."""
-        if not isinstance(self.routing, LearnedRouting) or not self.graphs.usable(n):
+        if (not isinstance(self.routing, LearnedRouting) or not self.graphs.usable(n)
+                or self.inputs.references_on_negative):
             return None
         run = self._caches()
         layout = tuple((sl.start, sl.stop, bool(c)) for sl, c in state.chunks)
@@ -239,14 +256,17 @@ class RoutedPatch:
 
     def self_attention(self, state: CallState, key, q, k, v, heads: int, hw: tuple, base: Callable,
                        plain_sdpa: Optional[Callable] = None) -> torch.Tensor:
-        """attn1 of layer l (token grid hw): eq. 6-8 for cond rows with M^{l-1}; plain attention else.
-        ``plain_sdpa``: the host's SDPA on [B, H, L, D], for the uncond rows (torch's when None)."""
+        """attn1 of layer l (token grid hw): eq. 6-8 with M^{l-1} for cond rows (and uncond rows when
+        ``negative_rows`` routes them, :data:`~anystory.patch.state.NEGATIVE_REFERENCES`); plain attention
+        else. ``plain_sdpa``: the host's SDPA on [B, H, L, D], for the uncond rows (torch's when None)."""
         refs = self.inputs.refs
         run = self._caches()
         if (not state.active or refs is None or state.last_index is None or key not in refs.features
-                or self.kv.attn1 is None or run.gamma_zero):
+                or run.gamma_zero or self.kv.reference_projection(key) is None):
             return base(q, k, v)
-        if hw is None or hw[0] * hw[1] != q.shape[1] or q.shape[0] != state.batch or not state.any_cond:
+        on_negative = self.inputs.references_on_negative
+        if hw is None or hw[0] * hw[1] != q.shape[1] or q.shape[0] != state.batch or not (state.any_cond
+                                                                                         or on_negative):
             return base(q, k, v)
         rk = ("resized", id(state.last_index), tuple(hw))
         hit = state.cache.get(rk)
@@ -263,7 +283,7 @@ class RoutedPatch:
         qe = self._query_extra(state, index, prep.num_subjects, q.dtype)
         graphs = self.graphs.usable(q, k, v)
         # replayed from a graph, the split costs no host time; eagerly, one fused call is cheaper on the host
-        rows = state.cond_rows() if graphs else None
+        rows = state.cond_rows() if graphs and not on_negative else None
         if rows is not None:
             rk2 = ("qe_rows", id(qe), rows.start, rows.stop)
             hit = state.cache.get(rk2)

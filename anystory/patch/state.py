@@ -9,6 +9,21 @@ import torch
 
 from ..paper.reference import ReferenceFeatures
 
+# What CFG's unconditional (negative-prompt) rows get. The paper trains with the CLIP image condition dropped
+# in 10 % of the samples (its tokens replaced by those of the zero image) and never drops the reference
+# features; the unconditional branch of CFG is the prediction without the conditions the guidance amplifies.
+# - NEGATIVE_BACKGROUND (default): the unconditional rows get the background route E_{N+1} (the zero image's
+#   tokens) everywhere in cross-attention and no reference attention: CFG then amplifies the subjects' tokens
+#   AND their reference features (the strongest likeness; half the reference attention work);
+# - NEGATIVE_REFERENCES: the unconditional rows are routed like the positive rows and attend to the same
+#   references (eq. 6-8) — the condition the paper never drops — while their cross-attention still gets E_{N+1}
+#   only (the dropped CLIP condition, as in training): CFG then amplifies the text and the subject tokens, not
+#   the references (milder details, the training distribution on both branches; costs the reference attention
+#   and, with the learned router, the routing of the unconditional rows).
+NEGATIVE_BACKGROUND = "background only"
+NEGATIVE_REFERENCES = "same references as positive"
+NEGATIVE_ROWS = (NEGATIVE_BACKGROUND, NEGATIVE_REFERENCES)
+
 
 @dataclass
 class RoutingInputs:
@@ -18,12 +33,23 @@ class RoutingInputs:
     eta: [K] η per route (η × per-subject strength; the background route gets η).
     gamma: [N] γ per subject (reference strength; 0 = no reference).
     refs: G_i^l of the N subjects (None: no reference attention).
+    negative_rows: what CFG's unconditional rows get (:data:`NEGATIVE_ROWS`, see there).
     """
 
     E: torch.Tensor
     eta: torch.Tensor
     gamma: torch.Tensor
     refs: Optional[ReferenceFeatures] = None
+    negative_rows: str = NEGATIVE_BACKGROUND
+
+    def __post_init__(self):
+        if self.negative_rows not in NEGATIVE_ROWS:
+            raise ValueError(f"negative_rows must be one of {NEGATIVE_ROWS}, got {self.negative_rows!r}")
+
+    @property
+    def references_on_negative(self) -> bool:
+        """The unconditional rows are routed and attend to the references (:data:`NEGATIVE_REFERENCES`)."""
+        return self.negative_rows == NEGATIVE_REFERENCES and self.refs is not None
 
     @property
     def num_routes(self) -> int:
@@ -45,7 +71,7 @@ class CallState:
     step: int = 0
     steps: Optional[int] = None  # steps of the run when the sampler gives them
     uuids: Optional[list] = None  # conditioning uuid per chunk, when ComfyUI gives them
-    last_index: Optional[torch.Tensor] = None  # [B, L] route index of the previous layer, all rows
+    last_index: Optional[torch.Tensor] = None  # [B, L] route index of the previous layer for eq. 6-8, all rows
     last_hw: Optional[tuple] = None
     index: dict = field(default_factory=dict)  # layer key → [B, L] route index of this call
     weight: dict = field(default_factory=dict)  # layer key → [B, L] per-token factor (feathered masks)

@@ -1,4 +1,5 @@
-"""Router training (AnyStory stage 2) on the user's own images — pure torch, no ComfyUI import.
+"""AnyStory training on the user's own images — pure torch, no ComfyUI import: stage 2 (the router, below)
+and stage 1 (the subject encoder: :mod:`.stage1`).
 
 What is trained: the routing QFormer (``routing_proj``, one query → R_i) and the per-layer routers
 (``router.{N}``, :class:`~anystory.router.LayerRouter`, → M_i^l). Everything else is frozen: the SDXL UNet,
@@ -25,10 +26,14 @@ One training sample (paper §3.3):
    (background = route N+1); λ = 0.1. Per layer it is eq. 4, (1/N) Σ_i ‖M_i^l − M_i^gt‖²₂: a sum over the
    layer's h·w tokens (``TrainConfig.routing_reduction = "sum"``; ``"mean"`` divides by h·w).
 
-Left out in this version: the routed reference attention (eq. 6-8, ReferenceNet features G_i^l) is not
-active during training — it does not depend on the router's parameters except through M^{l-1} and the
-router is what is trained. Text-free/image-free dropout of the paper's stage 1 is not used (stage 1 is
-not trained here).
+With ``TrainConfig.reference`` "native" / "shared" the routed reference attention (eq. 6-8) is active as in
+the paper: a frozen ReferenceNet (or the frozen UNet itself) gives G_i^l of every instance's reference view,
+projected with W̃ (the adapter's, else the UNet's attn1) and routed by the previous layer's router maps (an
+index: no gradient reaches the router through it, only through eq. 5 and the routing loss).
+
+Stage 1 (:class:`~.stage1.EncoderTrainer`) trains the subject QFormer, Ŵ, W̃ and the ReferenceNet with the
+UNet frozen, routes by the ground-truth masks (no router yet) and drops the CLIP image condition for 10 %
+of the samples.
 
 Modules (each piece usable alone; ``scripts/train_router.py`` wires them for real checkpoints):
 
@@ -36,7 +41,10 @@ Modules (each piece usable alone; ``scripts/train_router.py`` wires them for rea
   instance-id label PNG + optional reference crops and captions), :func:`make_shapes_dataset`;
 - ``augment``: :func:`augment_reference`, :func:`reference_views`;
 - ``hooks``: the training-mode routing hooks (:class:`RoutingState`, ground truth :func:`instance_index`,
-  per-layer loss :func:`layer_routing_loss`) and :func:`gradient_checkpointing`;
+  per-layer loss :func:`layer_routing_loss`, the reference attention) and :func:`gradient_checkpointing`;
+- ``reference``: the ReferenceNet pass with gradients (:func:`capture_reference_features`), the trainable
+  ReferenceNet (:func:`make_refnet`, :func:`refnet_state_dict`);
+- ``stage1``: :class:`EncoderTrainer`, :func:`attach_stage1`, its optimizer and resumable state;
 - ``trainer``: the ε schedule (:func:`sdxl_alphas_cumprod`), :func:`attach_router`, :class:`RouterTrainer`
   (an ``nn.Module`` holding only the trainables, DDP-wrappable; its forward is one UNet call + losses),
   :func:`train_step`, the resumable state (:func:`save_training_state` / :func:`load_training_state`:
@@ -58,9 +66,26 @@ from .data import (
 )
 from .evaluation import RoutingEval, evaluate_routing, format_iou_table, iou_per_subject, layer_group
 from .hooks import RoutingState, gradient_checkpointing, instance_index, layer_routing_loss
+from .reference import (
+                   capture_reference_features,
+                   load_refnet_weights,
+                   make_refnet,
+                   reference_latents,
+                   refnet_state_dict,
+)
+from .stage1 import (
+                   EncoderTrainer,
+                   attach_stage1,
+                   load_stage1_state,
+                   make_stage1_optimizer,
+                   restore_stage1_state,
+                   save_stage1_state,
+)
 from .trainer import (
+                   REFERENCE_MODES,
                    BatchInputs,
                    Encoders,
+                   ReferenceBranch,
                    RouterTrainer,
                    StepBatches,
                    TrainConfig,
@@ -92,6 +117,11 @@ __all__ = [
     "TrainConfig", "Encoders", "BatchInputs", "encode_targets", "prepare_batch", "RouterTrainer", "make_optimizer",
     "step_seed", "train_step", "save_training_state", "load_training_state", "restore_training_state",
     "StepBatches",
+    "REFERENCE_MODES", "ReferenceBranch",
+    # stage 1 and the reference branch
+    "EncoderTrainer", "attach_stage1", "make_stage1_optimizer", "save_stage1_state", "load_stage1_state",
+    "restore_stage1_state", "capture_reference_features", "make_refnet", "load_refnet_weights",
+    "refnet_state_dict", "reference_latents",
     # evaluation
     "iou_per_subject", "layer_group", "RoutingEval", "evaluate_routing", "format_iou_table",
 ]

@@ -76,7 +76,8 @@ def evaluate_routing(trainer: RouterTrainer, samples: Sequence[TrainSample], enc
     count = 0
     for b0 in range(0, len(samples), batch_size):
         chunk = list(samples[b0:b0 + batch_size])
-        batch = prepare_batch(chunk, encoders, None, augment=False, cache=cache).to(device)
+        ref_size = trainer.config.ref_size if getattr(trainer, "references", None) is not None else None
+        batch = prepare_batch(chunk, encoders, None, augment=False, cache=cache, ref_size=ref_size).to(device)
         latent_hw = tuple(batch.x0.shape[-2:])
         for ti, t in enumerate(timesteps):
             g = torch.Generator().manual_seed(step_seed(seed, b0, ti))

@@ -9,6 +9,13 @@ whole-instance masks on that layer's grid, :func:`layer_routing_loss`); the attn
 (:class:`TrainRoutedAttn2`) adds η·Σ_i σ(M_i^l) ⊙ Attn(Q, E_i Ŵ_k^l, E_i Ŵ_v^l) (eq. 5) to the text
 attention, with Ŵ and E frozen, so the gradient reaches the router through the maps. Both follow
 ComfyUI's ``transformer_options`` protocol by duck typing (no ComfyUI import).
+
+Stage 1 (the subject encoder, :mod:`.stage1`) has no router yet: :class:`TrainGroundTruthPatch` routes by the
+ground-truth instance masks instead, and :class:`TrainRoutedAttn2` then lets the gradient reach E_i and Ŵ.
+The reference branch (eq. 6-8, both stages when references are on): :class:`TrainReferenceAttn1` at attn1
+of every layer but the first, G_i^l projected with W̃_k^l, W̃_v^l (the UNet's attn1 where the adapter has
+none), routed by M^{l-1} — the previous layer's ground truth (stage 1) or its router maps (stage 2; an
+index, so no gradient reaches the router through eq. 6-8).
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from ..adapter import AnyStoryAdapter
 from ..layers import LayerLayout, block_key
 from ..paper.attention import sdpa
 from ..paper.injection import routed_cross_attention_sum
-from ..paper.router import ROUTING_REDUCTIONS, gumbel_maps, one_hot_maps, routing_loss, soft_maps
+from ..paper.reference import project_references, routed_reference_attention
+from ..paper.router import ROUTING_REDUCTIONS, gumbel_maps, one_hot_maps, resize_index, routing_loss, soft_maps
 
 STATE_KEY = "anystory_train_state"
 
@@ -61,8 +69,8 @@ class RouteGroup:
     """Rows of the batch with the same number of routes K = N+1 (last = background)."""
 
     rows: torch.Tensor          # [b] long
-    E: torch.Tensor             # [b, K, m, 2048] (frozen)
-    R: torch.Tensor             # [b, K, 2048] (trainable graph)
+    E: torch.Tensor             # [b, K, m, 2048] (frozen in stage 2, trainable graph in stage 1)
+    R: Optional[torch.Tensor]   # [b, K, 2048] (trainable graph; None in stage 1: no router)
     masks: Optional[list]       # b × [N, H, W] instance masks, or None
     full: bool = False          # rows == all rows in order
 
@@ -75,8 +83,10 @@ class RoutingState:
     """Per UNet call: the routes of every row and what the layers computed (maps for eq. 5, routing
     losses, and in eval mode the predicted / ground-truth route index per layer)."""
 
-    def __init__(self, E: list, R: list, masks: Optional[list], mode: str = "train", tau: float = 1.0,
-                 eta: float = 1.0, reduction: str = "sum"):
+    def __init__(self, E: list, R: Optional[list], masks: Optional[list], mode: str = "train", tau: float = 1.0,
+                 eta: float = 1.0, refs: Optional[list] = None, reduction: str = "sum"):
+        """refs: per row, G^l of its subjects ({layer key: [N_b, L_ref, C]}) or None (no reference
+        attention for that row); None: no reference branch. reduction: of the routing loss (eq. 4: "sum")."""
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if reduction not in ROUTING_REDUCTIONS:
@@ -92,7 +102,8 @@ class RoutingState:
         self.groups: list[RouteGroup] = []
         for K, rows in sorted(by_k.items()):
             r = torch.tensor(rows, dtype=torch.long, device=E[0].device)
-            self.groups.append(RouteGroup(r, torch.stack([E[b] for b in rows]), torch.stack([R[b] for b in rows]),
+            self.groups.append(RouteGroup(r, torch.stack([E[b] for b in rows]),
+                                          torch.stack([R[b] for b in rows]) if R is not None else None,
                                           [masks[b] for b in rows] if masks is not None else None,
                                           full=rows == list(range(self.batch))))
         self.order = torch.cat([g.rows for g in self.groups])
@@ -100,6 +111,8 @@ class RoutingState:
         self.maps: dict = {}
         self.losses: dict = {}
         self.pred: dict = {}        # key → (hw, pred [B, L], gt [B, L] or None, K per row)
+        self.refs = refs
+        self.hw: dict = {}          # key → (h, w) of the layers routed so far
         self._targets: dict = {}
         self._kv: dict = {}
 
@@ -122,6 +135,17 @@ class RoutingState:
         if len(parts) == 1 and self.groups[0].full:
             return parts[0]
         return torch.cat(parts).index_select(0, self.inverse.to(parts[0].device))
+
+    def reference_index(self, prev_key, hw: tuple, device) -> Optional[torch.Tensor]:
+        """M^{l-1} as a route index [B, L] on the grid ``hw`` (values 0…N_b, N_b = background): the previous
+        layer's maps (argmax; ground-truth one-hot maps in stage 1, router maps in stage 2) resized to
+        this layer's grid; None before any layer was routed."""
+        maps = self.maps.get(prev_key)
+        if maps is None or prev_key not in self.hw:
+            return None
+        parts = [m.detach().argmax(1) for m in maps]  # [b, L_prev] per group
+        index = self.scatter(parts)
+        return resize_index(index.to(device), self.hw[prev_key], tuple(hw))
 
     def routing_loss(self) -> torch.Tensor:
         """Mean over layers of the per-layer routing loss (0 when no layer had masks)."""
@@ -154,6 +178,7 @@ class TrainRouterPatch:
         if hw[0] * hw[1] != n.shape[1] or n.shape[0] != state.batch:
             raise RuntimeError(f"AnyStory training: layer {key} got {n.shape[0]}×{n.shape[1]} tokens, expected "
                                f"{state.batch}×{hw[0] * hw[1]} (another patch re-tiles tokens?)")
+        state.hw[key] = hw
         router = self.adapter.router[str(spec.ckpt_index)]
         maps, loss, preds, gts = [], n.new_zeros((), dtype=torch.float32), [], []
         with_loss = False
@@ -185,13 +210,46 @@ class TrainRouterPatch:
         return n, context, value
 
 
+class TrainGroundTruthPatch:
+    """attn2_patch of stage 1 (no router yet): σ(M^l) = the one-hot ground-truth routes of layer l (every
+    instance on its whole-instance mask, the background elsewhere), stored for the attn2 replace and as
+    M^{l-1} of the next layer's reference attention."""
+
+    def __init__(self, layout: LayerLayout):
+        self.layout = layout
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, n, context, value, extra_options):
+        state: Optional[RoutingState] = extra_options.get(STATE_KEY)
+        if state is None or "block" not in extra_options:
+            return n, context, value
+        key = block_key(extra_options)
+        shape = extra_options.get("activations_shape")
+        if self.layout.get(key) is None or shape is None:
+            return n, context, value
+        hw = (int(shape[-2]), int(shape[-1]))
+        state.hw[key] = hw
+        maps = []
+        for gi, g in enumerate(state.groups):
+            tgt = state.targets(gi, hw, n.device)
+            if tgt is None:
+                raise RuntimeError("AnyStory stage-1 training routes by the instance masks: every sample needs them")
+            maps.append(one_hot_maps(tgt, g.K))
+        state.maps[key] = maps
+        return n, context, value
+
+
 class TrainRoutedAttn2:
     """attn2 replace: text attention + η·Σ_i σ(M_i) ⊙ Attn(Q, E_i Ŵ_k, E_i Ŵ_v) (eq. 5, the sum form,
-    differentiable in the maps). Ŵ and E are frozen; the gradient reaches the router through the maps."""
+    differentiable in the maps). Stage 2: Ŵ and E are frozen, the gradient reaches the router through the
+    maps; stage 1 (``trainable``): the gradient reaches E_i (the subject QFormer) and Ŵ."""
 
-    def __init__(self, adapter: AnyStoryAdapter, spec):
+    def __init__(self, adapter: AnyStoryAdapter, spec, trainable: bool = False):
         self.adapter = adapter
         self.spec = spec
+        self.trainable = trainable
 
     def __deepcopy__(self, memo):
         return self
@@ -207,11 +265,12 @@ class TrainRoutedAttn2:
         if kv is None:
             ip = self.adapter.ip_adapter[str(self.spec.ckpt_index)]
             kv = []
-            with torch.no_grad():
+            with torch.no_grad() if not self.trainable else contextlib.nullcontext():
                 for g in state.groups:
                     E = g.E.to(ip.to_k_ip.weight.dtype)
                     kv.append((ip.to_k_ip(E), ip.to_v_ip(E)))                  # [b, K, m, C]
-            state._kv[self.spec.key] = kv
+            if not self.trainable:  # trainable: projected in every call, so that a checkpointed block's
+                state._kv[self.spec.key] = kv  # recomputation saves the same tensors as its forward
         parts = []
         for gi, (m, (kr, vr)) in enumerate(zip(maps, kv)):
             qg = state.gather(q, gi)
@@ -219,9 +278,56 @@ class TrainRoutedAttn2:
         return out + state.scatter(parts).to(out.dtype)
 
 
-def transformer_options(patch: TrainRouterPatch, replaces: dict, state: RoutingState) -> dict:
-    """ComfyUI's transformer_options for one UNet call with the training hooks."""
-    return {"patches": {"attn2_patch": [patch]}, "patches_replace": {"attn2": dict(replaces)}, STATE_KEY: state}
+class TrainReferenceAttn1:
+    """attn1 replace of layer l (not the first: it has no M^{l-1}): eq. 6-8 in the dense paper form for every
+    row with reference features, K̃_i = G_i^l W̃_k^l, Ṽ_i = G_i^l W̃_v^l (the adapter's ``reference_proj``, else
+    the UNet's own ``attn1`` as the stand-in), routed by M^{l-1} (:meth:`RoutingState.reference_index`), γ = 1.
+    Rows without references, and calls without a state, get the plain attention."""
+
+    def __init__(self, adapter: AnyStoryAdapter, spec, prev_key, attn1=None):
+        self.adapter = adapter
+        self.spec = spec
+        self.prev_key = prev_key
+        self.attn1 = attn1
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def projection(self):
+        own = self.adapter.reference_projection(self.spec.ckpt_index)
+        return own if own is not None else self.attn1
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        state: Optional[RoutingState] = extra_options.get(STATE_KEY)
+        shape = extra_options.get("activations_shape")
+        proj = self.projection()
+        if state is None or not state.refs or shape is None or proj is None:
+            return sdpa(q, k, v, heads)
+        index = state.reference_index(self.prev_key, (int(shape[-2]), int(shape[-1])), q.device)
+        if index is None or index.shape != q.shape[:2]:
+            return sdpa(q, k, v, heads)
+        rows = []
+        for b in range(q.shape[0]):
+            G = state.refs[b].get(self.spec.key) if state.refs[b] is not None else None
+            qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]
+            if G is None or G.shape[0] == 0:
+                rows.append(sdpa(qb, kb, vb, heads))
+                continue
+            kr, vr = project_references(G.flatten(0, 1).to(q.dtype), proj)
+            n, L = G.shape[0], G.shape[1]
+            rows.append(routed_reference_attention(qb, kb, vb, list(kr.view(n, L, -1)), list(vr.view(n, L, -1)),
+                                                   index[b:b + 1], heads, gamma=1.0))
+        return torch.cat(rows)
+
+
+def transformer_options(patch, replaces: dict, state: RoutingState, attn1: Optional[dict] = None) -> dict:
+    """ComfyUI's transformer_options for one UNet call with the training hooks (``patch``: the router's or
+    the ground truth's attn2_patch; ``attn1``: the reference attention's replaces, when references are on)."""
+    out = {"patches": {"attn2_patch": [patch]}, "patches_replace": {"attn2": dict(replaces)}, STATE_KEY: state}
+    if attn1:
+        out["patches_replace"]["attn1"] = dict(attn1)
+    return out
 
 
 # ================================================================================================

@@ -25,12 +25,20 @@ from torch.utils.data import DistributedSampler
 
 from ..adapter import KIND_NATIVE, AnyStoryAdapter
 from ..checkpoint.io import atomic_write
-from ..layers import LayerLayout, discover_layout
+from ..layers import LayerLayout, discover_layout, transformer_blocks
 from ..paper.encoder import ZERO_IMAGE_NORMALISED, Resampler, zero_image_pixels, zero_image_rgb
 from ..paper.router import LayerRouter
 from .augment import CLIP_SIZE, AugmentConfig, reference_views
 from .data import DatasetError, TrainSample
-from .hooks import RoutingState, TrainRoutedAttn2, TrainRouterPatch, gradient_checkpointing, transformer_options
+from .hooks import (
+    RoutingState,
+    TrainReferenceAttn1,
+    TrainRoutedAttn2,
+    TrainRouterPatch,
+    gradient_checkpointing,
+    transformer_options,
+)
+from .reference import capture_reference_features, reference_latents
 
 TRAIN_STATE_FORMAT = "anystory-router-train"
 TRAIN_STATE_VERSION = 1
@@ -127,6 +135,9 @@ class TrainConfig:
     prediction: str = "eps"               # "eps" | "v"
     timestep_range: tuple = (0, 1000)
     seed: int = 0
+    reference: str = "off"                # the reference branch (eq. 6-8): "off" | "native" | "shared"
+    ref_size: int = 512                   # side of the reference views the ReferenceNet sees
+    condition_dropout: float = 0.1        # stage 1: share of samples whose CLIP image condition is dropped
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -179,11 +190,13 @@ class BatchInputs:
     clip_bg: torch.Tensor            # [1, 257, D]
     masks: list                      # B × [N_b, H, W]
     names: list
+    ref_latents: Optional[list] = None  # B × [N_b, 4, h, w]: the reference views for the ReferenceNet
 
     def to(self, device) -> "BatchInputs":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        refs = None if self.ref_latents is None else [mv(r) for r in self.ref_latents]
         return BatchInputs(mv(self.x0), mv(self.context), mv(self.y), [mv(f) for f in self.clip_feats],
-                           mv(self.clip_bg), [mv(m) for m in self.masks], list(self.names))
+                           mv(self.clip_bg), [mv(m) for m in self.masks], list(self.names), refs)
 
 
 @torch.no_grad()
@@ -206,10 +219,11 @@ def encode_targets(samples: Sequence[TrainSample], encoders: Encoders, cache: Op
 @torch.no_grad()
 def prepare_batch(samples: Sequence[TrainSample], encoders: Encoders, gen: Optional[torch.Generator] = None,
                   augment: bool = True, aug: AugmentConfig = AugmentConfig(),
-                  cache: Optional[dict] = None) -> BatchInputs:
+                  cache: Optional[dict] = None, ref_size: Optional[int] = None) -> BatchInputs:
     """Everything the trainer needs for a batch, from the frozen encoders: latents and text conditioning
     (cached per sample name), the instances' reference views through CLIP (augmented in training), the
-    background route's CLIP features and the instance masks."""
+    background route's CLIP features and the instance masks; with ``ref_size`` also the same views at that
+    size through the VAE for the ReferenceNet (the reference branch)."""
     cache = {} if cache is None else cache
     enc = encode_targets(samples, encoders, cache)
     views = [reference_views(s, gen, augment, aug) for s in samples]
@@ -222,30 +236,80 @@ def prepare_batch(samples: Sequence[TrainSample], encoders: Encoders, gen: Optio
         per.append(feats[o:o + c] if c else bg.new_zeros(0, *bg.shape[1:]))
         o += c
     y = None if enc[0][2] is None else torch.stack([e[2] for e in enc])
+    refs = None
+    if ref_size:
+        if encoders.vae is None:
+            raise ValueError("the reference branch needs encoders.vae (reference latents)")
+        lat = reference_latents(allv, encoders.vae, ref_size).cpu() if allv is not None else None
+        refs = [lat[sum(counts[:i]):sum(counts[:i + 1])] if c else torch.zeros(0, 4, ref_size // 8, ref_size // 8)
+                for i, c in enumerate(counts)]
     return BatchInputs(torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), y, per, bg,
-                       [s.masks for s in samples], [s.name for s in samples])
+                       [s.masks for s in samples], [s.name for s in samples], refs)
 
 
-class RouterTrainer(nn.Module):
-    """The trainable part (routing QFormer + routers, registered as submodules: what DDP synchronises)
-    and a reference to the frozen UNet and adapter. ``forward(batch)`` = one UNet call with routing
-    active + losses; returns ``{"loss", "diffusion", "routing", "state"}``."""
+REFERENCE_MODES = ("off", "native", "shared")
 
-    def __init__(self, unet: nn.Module, adapter: AnyStoryAdapter, config: TrainConfig = TrainConfig(),
-                 alphas_cumprod: Optional[torch.Tensor] = None, layout: Optional[LayerLayout] = None):
-        super().__init__()
-        if not adapter.has_router:
-            raise ValueError("RouterTrainer needs an adapter with a router: call attach_router(adapter) first")
-        self.routing_proj = adapter.routing_proj
-        self.router = adapter.router
+
+class ReferenceBranch:
+    """The reference branch of a training step (eq. 6-8): the ReferenceNet pass on the batch's reference
+    latents → G_i^l per row (:func:`~.reference.capture_reference_features`) and the attn1 replaces that
+    attend to them (:class:`~.hooks.TrainReferenceAttn1`, every layer but the first).
+
+    mode "native": ``refnet`` (a UNet without cross-attention; trained when its parameters require grad);
+    "shared": the frozen denoising UNet itself, its cross-attention zeroed for the pass."""
+
+    def __init__(self, unet: nn.Module, adapter: AnyStoryAdapter, layout: LayerLayout, mode: str,
+                 refnet: Optional[nn.Module] = None):
+        if mode not in REFERENCE_MODES or mode == "off":
+            raise ValueError(f"reference mode must be 'native' or 'shared', got {mode!r}")
+        if mode == "native" and refnet is None:
+            raise ValueError("reference mode 'native' needs a ReferenceNet module")
+        self.mode = mode
+        self.refnet = refnet if mode == "native" else unet
+        blocks = transformer_blocks(unet)
+        specs = list(layout)
+        self.replaces = {s.key: TrainReferenceAttn1(adapter, s, p.key, getattr(blocks.get(s.key), "attn1", None))
+                         for p, s in zip(specs, specs[1:])}
+        attn2 = next((tb.attn2 for tb in blocks.values() if getattr(tb, "attn2", None) is not None), None)
+        self.context_dim = int(attn2.to_k.weight.shape[1]) if attn2 is not None else 2048
+        label = getattr(unet, "label_emb", None)
+        self.adm = int(label[0][0].in_features) if getattr(unet, "num_classes", None) is not None else None
+
+    def features(self, ref_latents: Optional[list]) -> Optional[list]:
+        """Per row {layer key: G^l [N_b, L_ref, C]} (None for a row without instances); gradients flow
+        into a ReferenceNet that trains."""
+        if ref_latents is None:
+            raise ValueError("the reference branch needs the batch's reference latents (prepare_batch ref_size=)")
+        counts = [x.shape[0] for x in ref_latents]
+        if not sum(counts):
+            return [None] * len(counts)
+        x = torch.cat([x for x in ref_latents if x.shape[0]])
+        trains = any(p.requires_grad for p in self.refnet.parameters())
+        with torch.no_grad() if not trains else contextlib.nullcontext():
+            feats = capture_reference_features(self.refnet, x, shared=self.mode == "shared",
+                                               context_dim=self.context_dim, adm=self.adm)
+        out, o = [], 0
+        for c in counts:
+            out.append({k: f[o:o + c] for k, f in feats.items()} if c else None)
+            o += c
+        return out
+
+
+class _DiffusionTrainer(nn.Module):
+    """What both stages share: the noise schedule, x_t and the target, one UNet call with the training hooks
+    under autocast (and gradient checkpointing), the ε/v MSE."""
+
+    def _setup(self, unet: nn.Module, adapter: AnyStoryAdapter, config: TrainConfig,
+               alphas_cumprod: Optional[torch.Tensor], layout: Optional[LayerLayout], refnet: Optional[nn.Module]):
         self._frozen = (unet, adapter)          # a tuple: not registered (DDP must not touch them)
+        unet.requires_grad_(False)              # the UNet is frozen in both stages
         self.config = config
         self.layout = layout or discover_layout(unet)
         adapter.check_layout(self.layout, "the UNet")
         ac = alphas_cumprod if alphas_cumprod is not None else sdxl_alphas_cumprod()
         self.register_buffer("alphas_cumprod", ac.double().clone(), persistent=False)
-        self.patch = TrainRouterPatch(adapter, self.layout)
-        self.replaces = {spec.key: TrainRoutedAttn2(adapter, spec) for spec in self.layout}
+        self.references = (None if config.reference == "off"
+                           else ReferenceBranch(unet, adapter, self.layout, config.reference, refnet))
 
     @property
     def unet(self) -> nn.Module:
@@ -254,6 +318,66 @@ class RouterTrainer(nn.Module):
     @property
     def adapter(self) -> AnyStoryAdapter:
         return self._frozen[1]
+
+    def _autocast(self, device):
+        dt = AUTOCAST[self.config.mixed_precision]
+        if dt is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=dt)
+
+    def _noised(self, x0: torch.Tensor, t: Optional[torch.Tensor], noise: Optional[torch.Tensor]):
+        """(x_t, t, target) at timesteps t (random in the configured range when None)."""
+        cfg = self.config
+        dev, B = x0.device, x0.shape[0]
+        if noise is None:
+            noise = torch.randn_like(x0, dtype=torch.float32)
+        if t is None:
+            lo, hi = cfg.timestep_range
+            t = torch.randint(int(lo), int(hi), (B,), device=dev)
+        t = t.to(dev).long()
+        ac = self.alphas_cumprod.to(dev)[t].float().view(B, 1, 1, 1)
+        x_t = ac.sqrt() * x0.float() + (1 - ac).sqrt() * noise.float()
+        target = noise.float() if cfg.prediction == "eps" else ac.sqrt() * noise.float() - (1 - ac).sqrt() * x0.float()
+        return x_t, t, target
+
+    def _run(self, batch: BatchInputs, t, noise, make_state: Callable, patch, replaces: dict) -> tuple:
+        """(diffusion loss, state): one UNet call on x_t with the hooks; ``make_state(refs)`` builds the
+        RoutingState inside autocast (the routes' encoders run there)."""
+        cfg, unet = self.config, self.unet
+        x_t, t, target = self._noised(batch.x0, t, noise)
+        wdtype = next(unet.parameters()).dtype
+        with self._autocast(batch.x0.device):
+            refs = self.references.features(batch.ref_latents) if self.references is not None else None
+            state = make_state(refs)
+            attn1 = self.references.replaces if self.references is not None else None
+            opts = transformer_options(patch, replaces, state, attn1)
+            y = batch.y.to(wdtype) if batch.y is not None else None
+            with gradient_checkpointing(unet, cfg.grad_checkpointing and torch.is_grad_enabled()):
+                pred = unet(x_t.to(wdtype), timesteps=t.float(), context=batch.context.to(wdtype), y=y,
+                            transformer_options=opts)
+        return F.mse_loss(pred.float(), target), state
+
+
+class RouterTrainer(_DiffusionTrainer):
+    """Stage 2. The trainable part (routing QFormer + routers, registered as submodules: what DDP
+    synchronises) and a reference to the frozen UNet and adapter. ``forward(batch)`` = one UNet call with
+    routing active (and, with ``config.reference`` on, the reference attention of a frozen ReferenceNet /
+    the shared UNet, as the paper trains the router) + losses; returns ``{"loss", "diffusion", "routing",
+    "state"}``."""
+
+    def __init__(self, unet: nn.Module, adapter: AnyStoryAdapter, config: TrainConfig = TrainConfig(),
+                 alphas_cumprod: Optional[torch.Tensor] = None, layout: Optional[LayerLayout] = None,
+                 refnet: Optional[nn.Module] = None):
+        super().__init__()
+        if not adapter.has_router:
+            raise ValueError("RouterTrainer needs an adapter with a router: call attach_router(adapter) first")
+        self.routing_proj = adapter.routing_proj
+        self.router = adapter.router
+        if refnet is not None:
+            refnet.requires_grad_(False)  # frozen in stage 2 (not a registered submodule either)
+        self._setup(unet, adapter, config, alphas_cumprod, layout, refnet)
+        self.patch = TrainRouterPatch(adapter, self.layout)
+        self.replaces = {spec.key: TrainRoutedAttn2(adapter, spec) for spec in self.layout}
 
     def encode_routes(self, clip_feats: list, clip_bg: torch.Tensor) -> tuple:
         """Per sample E [N_b+1, m, 2048] (frozen subject QFormer, no grad) and R [N_b+1, 2048] (routing
@@ -271,39 +395,16 @@ class RouterTrainer(nn.Module):
             o += c
         return E, R
 
-    def _autocast(self, device):
-        dt = AUTOCAST[self.config.mixed_precision]
-        if dt is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(device).type, dtype=dt)
-
     def forward(self, batch: BatchInputs, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                 mode: str = "train") -> dict:
         cfg = self.config
-        unet = self.unet
-        x0 = batch.x0
-        dev = x0.device
-        B = x0.shape[0]
-        if noise is None:
-            noise = torch.randn_like(x0, dtype=torch.float32)
-        if t is None:
-            lo, hi = cfg.timestep_range
-            t = torch.randint(int(lo), int(hi), (B,), device=dev)
-        t = t.to(dev).long()
-        ac = self.alphas_cumprod.to(dev)[t].float().view(B, 1, 1, 1)
-        x_t = ac.sqrt() * x0.float() + (1 - ac).sqrt() * noise.float()
-        target = noise.float() if cfg.prediction == "eps" else ac.sqrt() * noise.float() - (1 - ac).sqrt() * x0.float()
-        wdtype = next(unet.parameters()).dtype
-        with self._autocast(dev):
+
+        def make_state(refs):
             E, R = self.encode_routes(batch.clip_feats, batch.clip_bg)
-            state = RoutingState(E, R, batch.masks, mode=mode, tau=cfg.tau, eta=cfg.eta,
-                                 reduction=cfg.routing_reduction)
-            opts = transformer_options(self.patch, self.replaces, state)
-            y = batch.y.to(wdtype) if batch.y is not None else None
-            with gradient_checkpointing(unet, cfg.grad_checkpointing and torch.is_grad_enabled()):
-                pred = unet(x_t.to(wdtype), timesteps=t.float(), context=batch.context.to(wdtype), y=y,
-                            transformer_options=opts)
-        diffusion = F.mse_loss(pred.float(), target)
+            return RoutingState(E, R, batch.masks, mode=mode, tau=cfg.tau, eta=cfg.eta, refs=refs,
+                                reduction=cfg.routing_reduction)
+
+        diffusion, state = self._run(batch, t, noise, make_state, self.patch, self.replaces)
         routing = state.routing_loss().to(diffusion)
         loss = diffusion + cfg.routing_weight * routing
         return {"loss": loss, "diffusion": diffusion.detach(), "routing": routing.detach(), "state": state}

@@ -27,6 +27,7 @@ from ...anystory.flux.adapter import FluxAdapter
 from ...anystory.flux.encoder import REDUX_TOKENS, ROUTER_TOKENS, SubjectEncoder, siglip_token_mask
 from ...anystory.flux.reference import pack_latent
 from ...anystory.flux.subject import FluxReference, FluxSubject
+from ...anystory.patch.state import NEGATIVE_BACKGROUND
 from ...anystory.prepare import prepare_subject
 from ...anystory.recorder import RoutingRecorder
 from ..checks import check_weights_finite
@@ -194,6 +195,9 @@ class FluxFamily:
         if opt.region_masks is not None:
             raise AnyStoryError("region_masks are not supported on FLUX (its router decides every region): "
                                 "disconnect region_masks.")
+        if opt.negative_rows != NEGATIVE_BACKGROUND:
+            log.warning("AnyStory: negative_rows %r applies to SDXL models only; on FLUX the negative-prompt rows "
+                        "see no subject, as in the authors' pipeline", opt.negative_rows)
         subs = subjects.subjects
         n = len(subs)
         if fo.router == "off" and opt.router_mode == "router":

@@ -143,7 +143,36 @@ def test_native_round_trip_with_router(tmp_path):
     e1, e2 = ad.encode(x, bg), back.encode(x, bg)
     assert torch.equal(e1.E, e2.E) and torch.equal(e1.R, e2.R)
     assert inspect_file(path) == {"kind": "anystory-sdxl", "layers": 4, "subject_tokens": 8, "has_router": True,
-                                  "file": "anystory_sdxl.safetensors"}
+                                  "reference_layers": 0, "file": "anystory_sdxl.safetensors"}
+    assert back.reference_proj is None and back.reference_layers == []  # no W̃: the UNet's attn1 stands in
+    assert "UNet's own attn1" in back.slots["reference projections"]
+
+
+@pytest.mark.parametrize("layers", ["all", [3, 5]])
+def test_native_round_trip_with_reference_projections(tmp_path, layers):
+    """W̃_k^l, W̃_v^l of eq. 6-8 (reference_proj.N.to_k/to_v.weight, C×C) for all or some layers: saved,
+    identified, loaded back with the same values; the metadata and inspect_file count them."""
+    ad = random_adapter(tiny_layout(), num_tokens=8, router_dim=32, router_heads=2, clip_dim=32, qformer_dim=64,
+                        depth=1, reference_proj=layers)
+    want = sorted(ad.layer_dims) if layers == "all" else layers
+    assert ad.reference_layers == want
+    assert tuple(ad.state_dict()["reference_proj.5.to_k.weight"].shape) == (64, 64)
+    if layers == "all":
+        assert tuple(ad.state_dict()["reference_proj.7.to_k.weight"].shape) == (128, 128)  # the middle block
+    path = tmp_path / "anystory_sdxl.safetensors"
+    save_adapter(ad, path)
+    back = load_adapter(path)
+    assert back.reference_layers == want and back.meta["reference_layers"] == str(len(want))
+    assert_state_equal(ad.state_dict(), back.state_dict())
+    assert inspect_file(path)["reference_layers"] == len(want)
+    g = torch.randn(3, 64)
+    k, v = back.reference_projection(5)(g)
+    torch.testing.assert_close(k, g @ ad.reference_proj["5"].to_k.weight.T)
+    assert back.reference_projection(7 if layers == "all" else 1) is (None if layers != "all" else
+                                                                      back.reference_proj["7"])
+    assert "W̃" in back.slots["reference projections"]
+    with pytest.raises(ValueError, match="native AnyStory files only"):
+        random_adapter(tiny_layout(), kind=KIND_IPADAPTER_PLUS, reference_proj="all")
 
 
 def test_native_load_dtype_and_heads_default(tmp_path):
@@ -231,7 +260,7 @@ def test_ipadapter_plus_full_safetensors(full_ipa):
     assert ad.meta["file_format"] == "pt" and ad.meta["variant"] == "plus"
     assert inspect_file(full_ipa["safetensors"]) == {
         "kind": "ip-adapter-plus-sdxl", "layers": 70, "subject_tokens": 16, "has_router": False,
-        "file": "ip-adapter-plus_sdxl_vit-h.safetensors"}
+        "reference_layers": 0, "file": "ip-adapter-plus_sdxl_vit-h.safetensors"}
 
 
 def test_ipadapter_plus_full_bin_weights_only(full_ipa, monkeypatch):
@@ -428,6 +457,22 @@ def _case_files(tmp_path):
          lambda s: None, {"format": "anystory-sdxl", "version": "2"})
     edit(nat, "router_only.safetensors", ["incomplete AnyStory model"], ["without the routing QFormer"],
          lambda s: [s.pop(k) for k in list(s) if k.startswith("routing_proj.")])
+    wt = {f"reference_proj.{n}.{w}.weight": torch.zeros(c, c) for n, c in tiny_adapter().layer_dims.items()
+          for w in ("to_k", "to_v")}
+    edit(nat, "ref_proj_shape.safetensors", damaged_native, ["'reference_proj.7.to_v.weight' has shape 64×64",
+                                                              "layer 7 is 128 wide"],
+         lambda s: s.update(wt, **{"reference_proj.7.to_v.weight": torch.zeros(64, 64)}))
+    edit(nat, "ref_proj_no_v.safetensors", damaged_native, ["no 'reference_proj.3.to_v.weight'"],
+         lambda s: s.update({"reference_proj.3.to_k.weight": torch.zeros(64, 64)}))
+    edit(nat, "ref_proj_layer.safetensors", damaged_native, ["reference projections for layer 9"],
+         lambda s: s.update({f"reference_proj.9.{w}.weight": torch.zeros(64, 64) for w in ("to_k", "to_v")}))
+    edit(nat, "ref_proj_bias.safetensors", ["adapter variant AnyStory does not know"],
+         ["reference_proj.1.to_k.bias"],
+         lambda s: s.update(wt, **{"reference_proj.1.to_k.bias": torch.zeros(64)}))
+    edit(nat, "ref_proj_meta.safetensors", ["metadata does not match its weights"],
+         ["reference_layers=2", "have 0"], lambda s: None, {"format": "anystory-sdxl", "reference_layers": "2"})
+    edit(ipa, "ipa_ref_proj.safetensors", ["IP-Adapter with reference projections"], ["reference_proj.1.to_k.weight"],
+         lambda s: s.update(wt))
     edit(nat, "router_gap.safetensors", damaged_native, ["router missing for [3]"],
          lambda s: [s.pop(k) for k in list(s) if k.startswith("router.3.")])
     edit(nat, "mixed.safetensors", ["mixes an AnyStory model and an IP-Adapter"],

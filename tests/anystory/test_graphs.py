@@ -10,7 +10,7 @@ from anystory.fast.grouped import GroupedBuffers, query_extra
 from anystory.fast.reference import prepare_references, reference_attention_body
 from anystory.paper.attention import sdpa
 from anystory.paper.reference import routed_reference_attention
-from anystory.patch import CallState, chunks_from_roles
+from anystory.patch import NEGATIVE_BACKGROUND, NEGATIVE_REFERENCES, CallState, chunks_from_roles
 from anystory.routing import MODE_ATTENTION, MODE_MASKS, MODE_ROUTER
 
 from .test_patch import GRIDS, HEADS, LAYOUT, C, make
@@ -133,10 +133,12 @@ def test_cond_rows_of_a_call():
     assert CallState(chunks_from_roles([True], 1)).cond_rows() is None  # all rows: one fused call
 
 
-@pytest.mark.parametrize("mode,roles", [(MODE_MASKS, (True, False)), (MODE_ROUTER, (True, True, False)),
-                                        (MODE_ATTENTION, (False, True))])
+@pytest.mark.parametrize("mode,roles,negative", [(MODE_MASKS, (True, False), False),
+                                                 (MODE_ROUTER, (True, True, False), False),
+                                                 (MODE_ATTENTION, (False, True), False),
+                                                 (MODE_ROUTER, (True, False), True)])  # uncond rows with references
 @torch.inference_mode()
-def test_every_body_writes_the_tensor_it_returns(monkeypatch, mode, roles):
+def test_every_body_writes_the_tensor_it_returns(monkeypatch, mode, roles, negative):
     """With a stand-in capture whose replay re-runs the body (on the CPU), the outputs of every step equal
     the eager ones although the inputs change every step: a body must write its result into the tensor it
     returns (a result made inside a real capture would be stale, or overwritten in the shared pool)."""
@@ -145,7 +147,8 @@ def test_every_body_writes_the_tensor_it_returns(monkeypatch, mode, roles):
 
     def patch(graphs):
         ar = AttentionRouter(2, warmup_steps=1, threshold=0.2, smooth=1) if labels else None
-        rp, _ = make(mode=mode, gamma=1.5, masks=labels is None, attention_router=ar)
+        rp, _ = make(mode=mode, gamma=1.5, masks=labels is None, attention_router=ar,
+                     negative_rows=NEGATIVE_REFERENCES if negative else NEGATIVE_BACKGROUND)
         if graphs:
             rp.graphs = fake_graphs(monkeypatch, max_variants=3)[0]  # the staged variant from step 3 on
             monkeypatch.setattr(rp.graphs, "usable", lambda *t: True)

@@ -8,7 +8,14 @@ from anystory.layers import LayerLayout
 from anystory.paper.attention import sdpa
 from anystory.paper.reference import ReferenceFeatures, routed_reference_attention
 from anystory.paper.router import resize_index
-from anystory.patch import CallState, RoutedPatch, RoutingInputs, chunks_from_roles
+from anystory.patch import (
+    NEGATIVE_BACKGROUND,
+    NEGATIVE_REFERENCES,
+    CallState,
+    RoutedPatch,
+    RoutingInputs,
+    chunks_from_roles,
+)
 from anystory.recorder import RoutingRecorder
 from anystory.routing import MODE_MASKS, MODE_MIXED, MODE_ROUTER, make_routing, resolve_mode
 from anystory.synthetic import random_adapter
@@ -50,17 +57,19 @@ def routing_for(mode, ad, emb, n, masks=None, attention_router=None, feather=Fal
 
 
 def make(mode=MODE_MASKS, eta=1.0, gamma=1.0, n=2, masks=True, refs=True, seed=0, recorder=None,
-         attention_router=None, feather=False):
-    """``masks``: True = :func:`halves`, a tensor = those masks, False = none."""
+         attention_router=None, feather=False, reference_proj=None, negative_rows=NEGATIVE_BACKGROUND):
+    """``masks``: True = :func:`halves`, a tensor = those masks, False = none; ``reference_proj``: the
+    adapter's W̃_k^l, W̃_v^l ("all" or a list of layers N; the other weights stay the same)."""
     torch.manual_seed(seed)
-    ad = random_adapter(LAYOUT, qformer_dim=64, clip_dim=48, depth=1, router_dim=16, router_heads=2, seed=seed)
+    ad = random_adapter(LAYOUT, qformer_dim=64, clip_dim=48, depth=1, router_dim=16, router_heads=2, seed=seed,
+                        reference_proj=reference_proj)
     emb = ad.encode(torch.randn(n, 5, 48), torch.zeros(1, 5, 48))
     region = halves(n) if masks is True else (masks if torch.is_tensor(masks) else None)
     rf = None
     if refs:
         rf = ReferenceFeatures({k: torch.randn(n, 7, C) for k in GRIDS}, {k: (1, 7) for k in GRIDS})
     inputs = RoutingInputs(E=emb.E, eta=torch.full((n + 1,), float(eta)), gamma=torch.full((n,), float(gamma)),
-                           refs=rf)
+                           refs=rf, negative_rows=negative_rows)
     proj = torch.nn.Linear(C, C, bias=False)
     routing = routing_for(mode, ad, emb, n, region, attention_router, feather)
     rp = RoutedPatch(ad, LAYOUT, inputs, routing, attn1={k: Attn1(proj) for k in GRIDS}, recorder=recorder)
@@ -163,6 +172,72 @@ def test_reference_attention_uses_previous_layer_map_and_skips_uncond():
     # the extra routing dims, ~1e-4 of a logit)
     torch.testing.assert_close(o["a1"][1:], sdpa(o["q"][1:], o["k"][1:], o["v"][1:], HEADS), atol=5e-4, rtol=5e-4)
     assert not torch.allclose(o["a1"][:1], sdpa(o["q"][:1], o["k"][:1], o["v"][:1], HEADS))
+
+
+def test_reference_projections_of_the_file_replace_the_unet_attn1():
+    """Eq. 6-8 with the file's W̃_k^l, W̃_v^l (``reference_proj.N``): K̃_i = G_i W̃_k, Ṽ_i = G_i W̃_v. The fast
+    path equals the dense paper form computed with W̃, differs from the UNet's attn1 stand-in, and a layer
+    without W̃ in the file keeps the attn1 stand-in bit for bit."""
+    mid, out = ("middle", 0, 0), ("output", 1, 0)
+    n_mid = LAYOUT.by_key(mid).ckpt_index
+    rp, _ = make(mode=MODE_MASKS, eta=0.0, gamma=2.0, reference_proj=[n_mid])
+    base, proj = make(mode=MODE_MASKS, eta=0.0, gamma=2.0)  # the same weights, no W̃
+    assert rp.adapter.reference_layers == [n_mid] and base.adapter.reference_layers == []
+    assert rp.uses_reference_proj and not base.uses_reference_proj
+    for p in (rp, base):
+        p.begin_run()
+    with_w, without = run_call(rp), run_call(base)
+    o = with_w[mid]
+    index = resize_index(*o["prev"], (2, 3))
+    feats = rp.inputs.refs.features[mid]
+    wt = rp.adapter.reference_proj[str(n_mid)]
+    kr = [feats[i] @ wt.to_k.weight.T for i in range(2)]
+    vr = [feats[i] @ wt.to_v.weight.T for i in range(2)]
+    want = routed_reference_attention(o["q"][:1], o["k"][:1], o["v"][:1], kr, vr, index[:1], HEADS,
+                                      torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(o["a1"][:1], want, atol=5e-4, rtol=5e-4)
+    assert (o["a1"][:1] - without[mid]["a1"][:1]).abs().max() > 1e-2  # W̃ is not the UNet's attn1
+    assert torch.equal(with_w[out]["a1"], without[out]["a1"])  # no W̃ for this layer: attn1 as before
+    stand_in = [proj(feats[i]) for i in range(2)], [proj(feats[i]) * 0.5 for i in range(2)]
+    torch.testing.assert_close(without[mid]["a1"][:1], routed_reference_attention(
+        o["q"][:1], o["k"][:1], o["v"][:1], *stand_in, index[:1], HEADS, torch.tensor([2.0, 2.0])),
+        atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("roles", [(True, False), (False, True), (False,)])
+def test_negative_rows_with_the_same_references_as_positive(roles):
+    """negative_rows = "same references as positive": the uncond rows are routed as the cond rows (here the
+    region masks: the same map) and attend to the references (eq. 6-8 with W_k, W_v of attn1 and M^{l-1}),
+    while their attn2 still gets the background route only (the dropped CLIP condition). Also in a call of
+    uncond rows alone (ComfyUI splits cond and uncond when memory is short)."""
+    rp, proj = make(mode=MODE_MASKS, eta=1.0, gamma=2.0, negative_rows=NEGATIVE_REFERENCES)
+    bg_rp, _ = make(mode=MODE_MASKS, eta=1.0, gamma=2.0)
+    rp.begin_run()
+    bg_rp.begin_run()
+    outs, bg_outs = run_call(rp, roles=roles), run_call(bg_rp, roles=roles)
+    key = ("middle", 0, 0)
+    o = outs[key]
+    neg = [i for i, r in enumerate(roles) if not r]
+    index = resize_index(o["prev"][0], o["prev"][1], (2, 3))
+    assert (o["prev"][0] == o["prev"][0][neg[0]]).all()  # every row routed alike by the masks
+    feats = rp.inputs.refs.features[key]
+    kr, vr = [proj(feats[i]) for i in range(2)], [proj(feats[i]) * 0.5 for i in range(2)]
+    want = routed_reference_attention(o["q"], o["k"], o["v"], kr, vr, index, HEADS, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(o["a1"], want, atol=5e-4, rtol=5e-4)  # all rows, uncond included
+    for i in neg:
+        plain = sdpa(o["q"][i:i + 1], o["k"][i:i + 1], o["v"][i:i + 1], HEADS)
+        assert (o["a1"][i:i + 1] - plain).abs().max() > 1e-3  # the references reach the uncond row
+        torch.testing.assert_close(bg_outs[key]["a1"][i:i + 1], plain, atol=5e-4, rtol=5e-4)  # default: none
+        for k in GRIDS:  # attn2: the background route on the uncond rows in both settings
+            assert (outs[k]["index"][i] == 2).all()
+            assert torch.equal(outs[k]["index"], bg_outs[k]["index"])
+    for i in (i for i, r in enumerate(roles) if r):  # cond rows: the same in both settings
+        torch.testing.assert_close(o["a1"][i], bg_outs[key]["a1"][i], atol=1e-6, rtol=1e-6)
+
+
+def test_negative_rows_setting_is_checked():
+    with pytest.raises(ValueError, match="negative_rows must be one of"):
+        make(negative_rows="both")
 
 
 def test_learned_router_and_mixed_mode():

@@ -425,3 +425,42 @@ def test_layer_group_and_table():
     assert lines[3].split() == ["down", "1/2", "1", "0.200", "0.600"]
     assert lines[-1].split() == ["all", "2", "0.300", "0.650"]
     assert a.as_dict()["groups"]["up 1/4"]["iou"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference branch in training (eq. 6-8 with W̃, routed by M^{l-1})
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("w_tilde", [True, False])
+def test_training_reference_attention_is_the_paper_form(w_tilde):
+    """TrainReferenceAttn1 = routed_reference_attention with K̃ = G W̃_k, Ṽ = G W̃_v (the adapter's W̃, else the
+    UNet's attn1 stand-in) and the previous layer's maps resized to this grid; rows without references get
+    the plain attention."""
+    from anystory.paper.attention import sdpa
+    from anystory.paper.reference import routed_reference_attention
+    from anystory.paper.router import one_hot_maps, resize_index
+    from anystory.train.hooks import STATE_KEY, TrainReferenceAttn1
+
+    layout = tiny_layout()
+    ad = random_adapter(layout, kind=KIND_NATIVE, clip_dim=48, qformer_dim=64, depth=1, num_tokens=4,
+                        router_dim=32, router_heads=2, reference_proj="all" if w_tilde else None)
+    prev, spec = layout[0], layout[2]  # ("input", 4, 0) 32 wide → ("output", 3, 0) 32 wide
+    g = torch.Generator().manual_seed(0)
+    C, H = spec.dim, spec.heads
+    attn1 = torch.nn.Module()
+    attn1.to_k, attn1.to_v = torch.nn.Linear(C, C, bias=False), torch.nn.Linear(C, C, bias=False)
+    rep = TrainReferenceAttn1(ad, spec, prev.key, attn1)
+    G = torch.randn(2, 5, C, generator=g)  # two subjects of row 0; row 1 has none
+    E = [torch.randn(3, 4, 2048, generator=g), torch.randn(3, 4, 2048, generator=g)]
+    state = T.RoutingState(E, None, None, refs=[{spec.key: G}, None])
+    idx_prev = torch.randint(0, 3, (2, 16), generator=g)
+    state.maps[prev.key] = [one_hot_maps(idx_prev, 3)]
+    state.hw[prev.key] = (4, 4)
+    q, k, v = (torch.randn(2, 4, C, generator=g) for _ in range(3))
+    out = rep(q, k, v, {"n_heads": H, "activations_shape": (2, C, 2, 2), STATE_KEY: state})
+    index = resize_index(idx_prev, (4, 4), (2, 2))
+    proj = ad.reference_proj[str(spec.ckpt_index)] if w_tilde else attn1
+    kr, vr = proj.to_k(G.flatten(0, 1)).view(2, 5, C), proj.to_v(G.flatten(0, 1)).view(2, 5, C)
+    want = routed_reference_attention(q[:1], k[:1], v[:1], list(kr), list(vr), index[:1], H)
+    torch.testing.assert_close(out[:1], want)
+    torch.testing.assert_close(out[1:], sdpa(q[1:], k[1:], v[1:], H))
+    assert (out[:1] - sdpa(q[:1], k[:1], v[:1], H)).abs().max() > 1e-3

@@ -125,10 +125,11 @@ class FakeVAE:
 # the environment: tiny model, adapters, stand-ins, conditioning
 # ------------------------------------------------------------------------------------------------
 def make_anystory(layout, kind: str = "anystory-sdxl", seed: int = 0, name: Optional[str] = None,
-                  clip_dim: int = CLIP_H, meta_device: bool = False):
+                  clip_dim: int = CLIP_H, meta_device: bool = False, reference_proj=None):
     """An ANYSTORY value (``nodes.types.AnyStoryModel``) with a random adapter for ``layout``, wrapped
     in a ModelPatcher as AnyStoryModelLoader does. ``meta_device``: weights on the meta device (for
-    refusal tests of layouts too big to materialise; no patcher then)."""
+    refusal tests of layouts too big to materialise; no patcher then); ``reference_proj``: the file's W̃_k^l,
+    W̃_v^l ("all" or a list of layers N, see anystory.synthetic.random_adapter)."""
     import torch
 
     import comfy.model_patcher
@@ -136,7 +137,7 @@ def make_anystory(layout, kind: str = "anystory-sdxl", seed: int = 0, name: Opti
     synthetic = pack_mod("anystory.synthetic")
     types_ = pack_mod("nodes.types")
     kw = dict(kind=kind, clip_dim=clip_dim, qformer_dim=64, depth=1, num_tokens=TINY_TOKENS, router_dim=32,
-              router_heads=2, seed=seed)
+              router_heads=2, seed=seed, reference_proj=reference_proj)
     if meta_device:
         with torch.device("meta"):
             adapter_mod = pack_mod("anystory.adapter")
@@ -194,11 +195,12 @@ class Env:
         return res
 
     def apply(self, subjects=None, am=None, model=None, router_mode="masks", eta=1.0, gamma=1.0,
-              start_percent=0.0, end_percent=1.0, region_masks="default", record_routing=True):
+              start_percent=0.0, end_percent=1.0, region_masks="default", record_routing=True, **options):
+        """``options``: further AnyStoryApply inputs by name (e.g. negative_rows)."""
         masks = self.masks if isinstance(region_masks, str) and region_masks == "default" else region_masks
         return node(self.pack, "AnyStoryApply").apply(
             model or self.model, am or self.am, subjects or self.subjects, router_mode, eta, gamma, start_percent,
-            end_percent, region_masks=masks, record_routing=record_routing)
+            end_percent, region_masks=masks, record_routing=record_routing, **options)
 
     def sample(self, model, latent, steps=2, cfg=5.0, sampler="euler", scheduler="normal", seed=0, pos=None,
                neg=None):

@@ -547,6 +547,50 @@ def test_reference_attention_uses_references(env):
     assert torch.equal(env.sample(noref, lat, steps=2, seed=5), base)
 
 
+def test_reference_projections_of_the_file_are_used_and_loaded_while_sampling(env):
+    """A native file with W̃_k^l, W̃_v^l (reference_proj.N): AnyStoryApply's reference attention projects
+    G_i^l with them (the image differs from the same file without W̃, whose other weights are identical)
+    and ComfyUI loads the adapter with the UNet while sampling (W̃ are projected once per run)."""
+    import torch
+
+    lat = _lat()
+    with_w = F.make_anystory(env.layout, seed=0, reference_proj="all")
+    assert with_w.adapter.reference_layers == sorted(s.ckpt_index for s in env.layout)
+    out = {}
+    for name, am in (("with", with_w), ("without", env.am)):
+        s1 = env.encode(F.subject_image((0.9, 0.2, 0.1), seed=1), am=am, label="the cat")["result"][0]
+        subs = env.encode(F.subject_image((0.1, 0.3, 0.9), (64, 80), seed=2), am=am, subjects=s1,
+                          label="the dog")["result"][0]
+        patched, _ = env.apply(subjects=subs, am=am, eta=0.0, gamma=1.0)
+        owner = F.owner_of(patched)
+        assert owner.runtime.uses_reference_proj == (am is with_w)
+        assert patched.get_additional_models_with_key(owner.state_key) == ([am.patcher] if am is with_w else [])
+        out[name] = env.sample(patched, lat, steps=2, seed=5)
+    assert torch.isfinite(out["with"]).all()
+    assert (out["with"] - out["without"]).abs().max() > 1e-3, "W̃ had no effect"
+
+
+@pytest.mark.parametrize("cfg", [5.0, 1.0])
+def test_negative_rows_same_references_as_positive(env, cfg):
+    """negative_rows 'same references as positive': the uncond rows attend to the references too, so the
+    image differs from the default ('background only') under CFG; at cfg 1 ComfyUI runs no uncond rows and
+    the two are the same bit for bit. η = 0: the references alone."""
+    import torch
+
+    lat = _lat()
+    default, _ = env.apply(eta=0.0, gamma=1.0)
+    same, _ = env.apply(eta=0.0, gamma=1.0, negative_rows="same references as positive")
+    assert F.owner_of(same).runtime.inputs.references_on_negative
+    assert not F.owner_of(default).runtime.inputs.references_on_negative
+    a, b = env.sample(default, lat, steps=2, seed=5, cfg=cfg), env.sample(same, lat, steps=2, seed=5, cfg=cfg)
+    if cfg == 1.0:
+        assert torch.equal(a, b)
+    else:
+        assert (a - b).abs().max() > 1e-4, "the uncond rows saw no references"
+    with pytest.raises(Exception, match="negative_rows 'both' is not known"):
+        env.apply(eta=0.0, gamma=1.0, negative_rows="both")
+
+
 def test_reference_off_subject_gets_no_references(env, caplog):
     """Subject 1 reference='off', subject 2 shared: at the first layer with references, tokens routed to
     subject 1 get plain self-attention, tokens routed to subject 2 get its references."""

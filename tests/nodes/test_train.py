@@ -48,7 +48,7 @@ TRAIN_IMAGES = 48
 EVAL_TIMESTEPS = "100,200"
 COMMON = ["--mixed-precision", "no", "--resolution", str(RES), "--device", "cpu", "--no-progress",
           "--router-dim", "32", "--router-heads", "2", "--lr", "1e-3", "--warmup", "0",
-          "--timestep-range", "0,300", "--eval-timesteps", EVAL_TIMESTEPS, "--seed", "0"]
+          "--timestep-range", "0,300", "--eval-timesteps", EVAL_TIMESTEPS, "--seed", "0", "--ref-size", "64"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,3 +295,118 @@ def test_sampling_path_routes_as_the_training_evaluation(setup, trained, pack, c
         total += pred[0].numel()
     assert total > 0 and len(ev["state"].pred) == len(step_rec)
     assert agree / total >= 0.98, f"sampling and training routing agree on {agree}/{total} tokens"
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 1 (subject encoder + ReferenceNet + W̃) and stage 2 with the reference branch (issue 19, item 7)
+# ------------------------------------------------------------------------------------------------
+def _batch(setup, ref_size=64, n=1):
+    """A training batch of the small folder's first ``n`` samples through the stand-in encoders, with the
+    reference views' latents for the ReferenceNet."""
+    A, model = setup["A"], setup["model"]
+    clip, vae = ColourClip(), UnitVAE()
+    enc = A.train.Encoders(clip=lambda im: clip.encode_image(im)["penultimate_hidden_states"],
+                           vae=lambda im: model.model.process_latent_in(vae.encode(im)), text=fixed_text)
+    ds = A.train.InstanceDataset(setup["root"] / "small", resolution=RES)
+    return A.train.prepare_batch([ds[i] for i in range(n)], enc, augment=False, ref_size=ref_size)
+
+
+def test_stage1_trains_exactly_the_encoder_side(setup):
+    """One stage-1 step (reference native): the subject QFormer, Ŵ, W̃ and the ReferenceNet are the
+    trainer's only parameters and they change; the UNet and the adapter's frozen parts do not. W̃ start as
+    the UNet's attn1 W_k, W_v (the stand-in the pack uses without them). With the condition dropped, a
+    sample's instances get the zero image's tokens E_{N+1}."""
+    import torch
+
+    A, model = setup["A"], setup["model"]
+    T = A.train
+    unet = model.model.diffusion_model
+    unet_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    adapter = A.checkpoint.load_adapter(str(setup["ipa"])).float()
+    refnet = T.make_refnet(unet)
+    cfg = T.TrainConfig(mixed_precision="no", reference="native", ref_size=64, lr=1e-2, condition_dropout=0.0)
+    trainer = T.EncoderTrainer(unet, adapter, cfg, refnet=refnet)
+    names = {n.split(".")[0] for n, p in trainer.named_parameters()}
+    assert names == {"subject_proj", "ip_adapter", "reference_proj", "refnet"}
+    assert all(p.requires_grad for p in trainer.parameters())
+    assert not any(p.requires_grad for p in unet.parameters())
+    spec = setup["layout"][3]
+    blocks = A.layers.transformer_blocks(unet)
+    assert torch.equal(adapter.reference_proj[str(spec.ckpt_index)].to_k.weight, blocks[spec.key].attn1.to_k.weight)
+    before = {k: v.clone() for k, v in trainer.state_dict().items()}
+    opt = T.make_stage1_optimizer(trainer, cfg)
+    batch = _batch(setup)
+    torch.manual_seed(0)
+    logs = T.train_step(trainer, opt, batch, cfg, 0)
+    assert logs["grad_norm"] > 0 and logs["routing"] == 0.0
+    after = trainer.state_dict()
+    for part in ("subject_proj.", "ip_adapter.", "reference_proj.", "refnet."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, unet_before[k]), f"the frozen UNet changed: {k}"
+    trainer.config.grad_checkpointing = True  # the checkpointed blocks recompute what their forward saved
+    assert T.train_step(trainer, opt, batch, cfg, 1)["grad_norm"] > 0
+    # condition dropout: the dropped sample's instances get E_{N+1}
+    E = trainer.encode_routes(batch.clip_feats, batch.clip_bg, [True])
+    assert E[0].shape[0] == batch.clip_feats[0].shape[0] + 1
+    for i in range(E[0].shape[0] - 1):
+        torch.testing.assert_close(E[0][i], E[0][-1])
+    kept = trainer.encode_routes(batch.clip_feats, batch.clip_bg, [False])
+    assert not torch.allclose(kept[0][0], kept[0][-1])
+
+
+def test_stage1_script_writes_files_the_loader_reads_with_their_w_tilde(setup, tmp_path):
+    """``--stage 1`` through the script: the adapter file has W̃ for every layer (loaded back through the
+    checkpoint loader, different from the UNet's attn1 it started from), a subject branch trained away from
+    the IP-Adapter file it started from, and a ReferenceNet file the ReferenceNet loader reads; the two
+    resume like stage 2 (the state file)."""
+    import torch
+
+    TR, A = setup["TR"], setup["A"]
+    out = tmp_path / "encoder.safetensors"
+    res = TR.train(["--stage", "1", "--data", str(setup["root"] / "small"), "--out", str(out), "--steps", "2",
+                    "--save-every", "0", "--ref-size", "64"] + COMMON + ["--lr", "1e-2"],
+                   components=setup["components"]())
+    assert res["step"] == 2 and all(h["grad_norm"] > 0 for h in res["history"])
+    ad = A.checkpoint.load_adapter(str(out))
+    assert ad.reference_layers == sorted(s.ckpt_index for s in setup["layout"]) and not ad.has_router
+    assert ad.meta["trained_encoder_steps"] == "2" and ad.meta["encoder_reference_branch"] == "native"
+    ipa = A.checkpoint.load_adapter(str(setup["ipa"]))
+    assert not torch.allclose(ad.subject_proj.proj_out.weight.float(), ipa.subject_proj.proj_out.weight.float())
+    blocks = A.layers.transformer_blocks(setup["model"].model.diffusion_model)
+    spec = setup["layout"][2]
+    assert not torch.allclose(ad.reference_proj[str(spec.ckpt_index)].to_k.weight.float(),
+                              blocks[spec.key].attn1.to_k.weight.float())
+    refnet = A.checkpoint.load_refnet(str(tmp_path / "encoder_refnet.safetensors"))
+    assert refnet.in_channels == 4 and len(refnet.layout()) == len(setup["layout"])
+    assert A.train.load_stage1_state(res["state"])["step"] == 2
+
+
+def test_stage2_trains_with_the_reference_branch(setup):
+    """Stage 2 with references (the paper's setting, the script's default): the router's training pass runs
+    eq. 6-8 at attn1 — the loss differs from the same pass without references, and from the same pass with
+    the adapter's W̃ instead of the UNet's attn1 — and the router still gets its gradient."""
+    import torch
+
+    A, model = setup["A"], setup["model"]
+    T = A.train
+    unet = model.model.diffusion_model
+    batch = _batch(setup)
+    t, noise = torch.tensor([250]), torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name, ref, w_tilde in (("off", "off", False), ("shared", "shared", False), ("shared+W̃", "shared", True)):
+        adapter = A.checkpoint.load_adapter(str(setup["ipa"])).float()
+        if w_tilde:
+            adapter.attach_reference_proj()
+        T.attach_router(adapter, router_dim=32, router_heads=2, seed=0)
+        trainer = T.RouterTrainer(unet, adapter, T.TrainConfig(mixed_precision="no", reference=ref, ref_size=64))
+        assert (trainer.references is None) == (ref == "off")
+        out = trainer(batch, t=t, noise=noise, mode="eval")
+        losses[name] = float(out["diffusion"])
+        if name == "shared":
+            trainer.train()
+            torch.manual_seed(0)
+            trainer(batch, t=t, noise=noise)["loss"].backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.router.parameters())
+    assert losses["shared"] != pytest.approx(losses["off"], rel=1e-6, abs=1e-9), losses
+    assert losses["shared+W̃"] != pytest.approx(losses["shared"], rel=1e-6, abs=1e-9), losses
