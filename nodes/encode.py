@@ -42,13 +42,19 @@ class AnyStorySubjectEncode:
                                                            "(sigclip_vision_patch14_384.safetensors, as for Redux)."}),
                 "vae": ("VAE", {"tooltip": "The VAE of the model you sample (SDXL VAE / FLUX ae.safetensors): "
                                            "encodes the subject for the reference features."}),
-                "image": ("IMAGE", {"tooltip": "The subject. Several images in a batch = several views of the "
-                                               "same subject (their tokens are averaged / pooled)."}),
+                "image": ("IMAGE", {"tooltip": "The subject, best cut out (a PNG with transparency + its mask, "
+                                               "or an RGBA image from a background-removal node: its alpha is the "
+                                               "mask). Several images in a batch = several views of the same "
+                                               "subject (their tokens are averaged / pooled)."}),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "Where the subject is: WHITE = subject. LoadImage's MASK is white on "
-                                             "the transparent BACKGROUND, so put InvertMask in between. Any size "
-                                             "(resized). Empty: the alpha channel, else the whole image."}),
+                "mask": ("MASK", {"tooltip": "Where the subject is: WHITE = subject, black = background. "
+                                             "LoadImage's MASK is the other way round (white on the transparent "
+                                             "background of a PNG), so put InvertMask in between. Any size "
+                                             "(resized). Not connected: the image's alpha channel if it has one, "
+                                             "else the whole image (a warning on the node says so). No cut-out? "
+                                             "Use a background-removal node (BiRefNet / RMBG, Rembg, Segment "
+                                             "Anything)."}),
                 "model": ("MODEL", {"tooltip": "The MODEL you sample with. SDXL without a native ReferenceNet: used "
                                                "as the ReferenceNet (shared mode) for detail preservation. FLUX: "
                                                "only checked (the reference pass runs at AnyStory Apply)."}),
@@ -95,4 +101,5 @@ class AnyStorySubjectEncode:
                                    "label": subject.label or f"subject {idx + 1}",
                                    "warnings": subject.warnings,
                                    "reference": subject.refs.source if subject.refs is not None else "off"}]
+        ui["warnings"] = list(subject.warnings)  # drawn on the node by web/anystory.js; kept in /history
         return {"ui": ui, "result": (out, crop.cpu())}

@@ -7,7 +7,8 @@
 // - Subject colours: the palette comes from GET /anystory/palette (anystory/preview.py PALETTE_HEX, the
 //   one source of truth); a subject's index is its position in the chain of AnyStorySubjectEncode nodes
 //   (walking the `subjects` inputs), shown as a coloured badge and stripe on each encode node and as a
-//   legend on the Apply node.
+//   legend on the Apply node. An encode node's warnings (e.g. no usable subject mask) are drawn as text
+//   at its bottom.
 // - AnyStory nodes get a node colour and a badge; the model loader shows its `info` text after a run.
 //
 // Everything here is presentation: workflows, /prompt and the node outputs are the same without it.
@@ -276,6 +277,18 @@ function drawApplyPanel(node, ctx) {
     ctx.fillText("maps show here while sampling", x0 + width / 2, my + map / 2);
     ctx.textAlign = "left";
   }
+  if (live?.warning) {
+    // e.g. the attention router cannot start within this run's steps (nodes/live.py sends why)
+    ctx.font = "11px sans-serif";
+    const lines = wrapText(ctx, `⚠ ${live.warning}`, width - 20);
+    ctx.fillStyle = "rgba(58, 22, 22, 0.92)";
+    ctx.fillRect(x0 + 4, my, width - 8, lines.length * 13 + 6);
+    ctx.fillStyle = "#ffd27a";
+    ctx.textBaseline = "top";
+    lines.forEach((line, i) => ctx.fillText(line, x0 + 8, my + 3 + i * 13));
+    ctx.textBaseline = "middle";
+    ctx.font = "12px sans-serif";
+  }
   // legend: subjects in order, then the background
   const items = [...applyLegend(node), ["background", live?.background || AnyStory.background]];
   const colW = (width - 12) / 2;
@@ -322,6 +335,37 @@ function drawLoaderInfo(node, ctx) {
   ctx.textBaseline = "top";
   lay.lines.forEach((line, i) => ctx.fillText(line, PANEL_PAD + 6, lay.top + 5 + i * 14));
   ctx.restore();
+}
+
+function encodeWarnings(node) {
+  const st = liveOf(node);
+  const w = st.warnings ?? st.subject?.warnings;
+  return Array.isArray(w) ? w.map((x) => String(x).replace(/^AnyStory( FLUX)?:\s*/, "")) : [];
+}
+
+function drawEncodeWarnings(node, ctx) {
+  // the encode node's warnings (no usable subject mask, …) as text at the bottom of the node
+  const warnings = encodeWarnings(node);
+  if (!warnings.length) return;
+  ctx.save();
+  ctx.font = "11px sans-serif";
+  const width = node.size[0] - 2 * PANEL_PAD;
+  const lines = wrapText(ctx, warnings.map((w) => `⚠ ${w}`).join("\n"), width - 12);
+  const height = lines.length * 14 + 10;
+  const need = node.computeSize()[1] + height + PANEL_PAD + 96; // keeps room for the crop preview
+  if (node.size[1] < need) {
+    ctx.restore();
+    ensureHeight(node, need); // grow once, next frame draws
+    return;
+  }
+  const top = node.size[1] - height - PANEL_PAD;
+  ctx.fillStyle = "#3a1616";
+  ctx.fillRect(PANEL_PAD, top, width, height);
+  ctx.fillStyle = "#ffd27a";
+  ctx.textBaseline = "top";
+  lines.forEach((line, i) => ctx.fillText(line, PANEL_PAD + 6, top + 5 + i * 14));
+  ctx.restore();
+  AnyStory.stats.warningsDrawn = (AnyStory.stats.warningsDrawn || 0) + 1;
 }
 
 function drawEncodeStripe(node, ctx) {
@@ -429,7 +473,10 @@ app.registerExtension({
       if (this.flags?.collapsed) return r;
       try {
         if (type === T.apply) drawApplyPanel(this, ctx);
-        else if (type === T.encode) drawEncodeStripe(this, ctx);
+        else if (type === T.encode) {
+          drawEncodeStripe(this, ctx);
+          drawEncodeWarnings(this, ctx);
+        }
         else if (type === T.loader) drawLoaderInfo(this, ctx);
       } catch (e) {
         AnyStory.stats.errors += 1;
@@ -447,6 +494,8 @@ app.registerExtension({
         dirty();
       } else if (type === T.encode && output?.anystory_subject?.length) {
         st.subject = output.anystory_subject[0];
+        st.warnings = Array.isArray(output.warnings) ? output.warnings : st.subject.warnings;
+        dirty();
       } else if (type === T.preview) {
         st.live = null;
         st.done = true; // live maps stop until the next run starts
@@ -465,8 +514,7 @@ app.registerExtension({
       node.badges.push(() => {
         const i = subjectIndex(node);
         const col = subjectColor(i, liveOf(node).subject?.color);
-        const warn = liveOf(node).subject?.warnings?.length ? " ⚠" : "";
-        return new Badge(`● ${i + 1} · ${subjectLabel(node, i)}${warn}`, col, textColorOn(col));
+        return new Badge(`● ${i + 1} · ${subjectLabel(node, i)}`, col, textColorOn(col));
       });
     } else if (type === T.apply) {
       node.badges.push(() => {
@@ -488,6 +536,7 @@ app.registerExtension({
 });
 
 AnyStory.subjectIndex = subjectIndex;
+AnyStory.warningsOf = (node) => encodeWarnings(node); // the texts drawn on an encode node
 AnyStory.subjectChain = (node) => subjectChain(node).map((n) => n.id);
 AnyStory.subjectColor = subjectColor;
 AnyStory.previewTargets = (node) => previewTargets(node).map((n) => n.id);

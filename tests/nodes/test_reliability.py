@@ -475,7 +475,7 @@ def test_group_b_then_valid_prompt_renders_the_same(rig):
 # ------------------------------------------------------------------------------------------------
 def test_mask_cases_render(rig):
     """Three subjects in one image: (1) an image without alpha with LoadImage's raw MASK = all black → the whole
-    image, with a warning; (2) InvertMask of it = all white → the whole image, no warning; (3) a 40×48 mask
+    image, with a warning; (2) InvertMask of it = all white → the whole image, with a warning; (3) a 40×48 mask
     (LoadImageMask) for an 80×96 image → resized. The render succeeds. (Reference "off": masks of other sizes
     with references are covered in-process by test_encode.py.)"""
     import numpy as np
@@ -492,7 +492,9 @@ def test_mask_cases_render(rig):
     entry = rig.ok(g)
     warn = {k: entry["outputs"][k]["anystory_subject"][0]["warnings"] for k in ("120", "121", "122")}
     assert any("empty (all black)" in w and "InvertMask" in w for w in warn["120"]), warn
-    assert warn["121"] == [] and warn["122"] == [], warn
+    assert any("all white" in w and "RMBG" in w for w in warn["121"]), warn  # issue 18: never silently
+    assert warn["122"] == [], warn
+    assert entry["outputs"]["121"]["warnings"] == warn["121"]  # the node's text, also in /history
     assert "the subject mask is empty" in rig.srv.log_text()
     img = rig.images(entry, "14d")
     assert len(img) == 1 and img[0].shape == (64, 64, 3) and np.isfinite(img[0]).all()
