@@ -19,8 +19,10 @@ const EXTENSION = "anystory.editor";
 const EVENT = "anystory.routing";
 const T = {
   loader: "AnyStoryModelLoader",
+  unifiedLoader: "AnyStoryLoader", // the loader with presets: drawn like the model loader
   encode: "AnyStorySubjectEncode",
   apply: "AnyStoryApply",
+  applySimple: "AnyStoryApplySimple", // the simple Apply: drawn like the (advanced) Apply
   preview: "AnyStoryRoutingPreview",
   text: "AnyStoryTextEncode",
 };
@@ -202,6 +204,9 @@ class Badge {
 }
 
 /** The node's type name; inside `nodeCreated` (called from the constructor) `node.type` is not set yet. */
+const isApply = (type) => type === T.apply || type === T.applySimple;
+const isLoader = (type) => type === T.loader || type === T.unifiedLoader;
+
 function typeOf(node) {
   return node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type;
 }
@@ -472,12 +477,12 @@ app.registerExtension({
       const r = onDrawForeground?.apply(this, [ctx, ...rest]);
       if (this.flags?.collapsed) return r;
       try {
-        if (type === T.apply) drawApplyPanel(this, ctx);
+        if (isApply(type)) drawApplyPanel(this, ctx);
         else if (type === T.encode) {
           drawEncodeStripe(this, ctx);
           drawEncodeWarnings(this, ctx);
         }
-        else if (type === T.loader) drawLoaderInfo(this, ctx);
+        else if (isLoader(type)) drawLoaderInfo(this, ctx);
       } catch (e) {
         AnyStory.stats.errors += 1;
         if (AnyStory.stats.errors < 5) console.warn("[AnyStory] draw:", e);
@@ -489,7 +494,7 @@ app.registerExtension({
     proto.onExecuted = function (output) {
       const r = onExecuted?.apply(this, arguments);
       const st = liveOf(this);
-      if (type === T.loader && output?.text?.length) {
+      if (isLoader(type) && output?.text?.length) {
         st.info = output.text.join("\n");
         dirty();
       } else if (type === T.encode && output?.anystory_subject?.length) {
@@ -516,7 +521,7 @@ app.registerExtension({
         const col = subjectColor(i, liveOf(node).subject?.color);
         return new Badge(`● ${i + 1} · ${subjectLabel(node, i)}`, col, textColorOn(col));
       });
-    } else if (type === T.apply) {
+    } else if (isApply(type)) {
       node.badges.push(() => {
         const live = liveOf(node).live;
         return new Badge(live ? `AnyStory · ${live.step + 1}/${live.steps}` : "AnyStory");

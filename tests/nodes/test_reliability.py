@@ -184,7 +184,7 @@ class Rig:
         """The shipped two-subject graph. ``variant`` flips the attention router's threshold, which the native
         (learned) router does not use: the same image under another cache key, so ComfyUI really re-runs it."""
         wf = self.demo.demo_workflow("anystory_two_subjects", self.files, size=size, steps=steps)
-        wf["30"]["inputs"]["threshold"] = 0.35 if variant else 0.36
+        wf["30"]["inputs"]["region_threshold"] = 0.35 if variant else 0.36
         wf["40"]["inputs"]["seed"] = VALID_SEED
         wf["42"]["inputs"]["filename_prefix"] = prefix
         return wf
@@ -228,7 +228,7 @@ class Rig:
         return {"class_type": "AnyStorySubjectEncode", "inputs": ins}
 
     @staticmethod
-    def apply(subjects, model=("1", 0), anystory=("3", 0), **kw) -> dict:
+    def apply(subjects, model=("1", 0), anystory=("3", 0), **kw) -> dict:  # the old input names (still read)
         ins = {"model": list(model), "anystory": list(anystory), "subjects": list(subjects), "router_mode": "auto",
                "eta": 1.0, "gamma": 1.0, "start_percent": 0.0, "end_percent": 1.0, "record_routing": True,
                "feather": 0, "warmup_steps": 2, "threshold": 0.35}

@@ -10,7 +10,7 @@ from comfy_harness import load_module as _load  # registered by tests/nodes/conf
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("AnyStoryModelLoader", "AnyStorySubjectEncode", "AnyStoryApply", "AnyStoryRoutingPreview",
-         "AnyStoryTextEncode", "AnyStoryFluxOptions")
+         "AnyStoryTextEncode", "AnyStoryFluxOptions", "AnyStoryLoader", "AnyStoryApplySimple")
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "IMAGE", "MASK", "LATENT", "CONDITIONING",
                 "ANYSTORY", "ANYSTORY_SUBJECTS", "ANYSTORY_ROUTING", "STYLE_MODEL", "ANYSTORY_FLUX_OPTIONS"}
 
