@@ -747,7 +747,9 @@ def test_old_input_names_of_an_api_prompt_still_reach_the_node(env, pack):
     import execution
 
     cls = F.node(pack, "AnyStoryApply").__class__
-    assert not {"subject_strength", "detail_strength"} & set(cls.INPUT_TYPES()["required"])
+    spec = cls.INPUT_TYPES()
+    assert {"subject_strength", "detail_strength", "region_warmup", "region_threshold"} <= set(spec["optional"])
+    assert {"eta", "gamma", "warmup_steps", "threshold"} <= set(spec["hidden"])  # read, not shown
     old = {"router_mode": "masks", "eta": 0.4, "gamma": 0.0, "start_percent": 0.0, "end_percent": 1.0,
            "threshold": 0.5, "warmup_steps": 3}
     data, missing, _ = execution.get_input_data(old, cls, "7")
