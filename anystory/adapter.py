@@ -12,6 +12,7 @@ falls back to a training-free stand-in (user masks, attention router); :attr:`sl
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -21,6 +22,8 @@ from .layers import LayerLayout
 from .paper.encoder import Resampler, SubjectEmbeddings, encode_routes
 from .paper.injection import DecoupledKV
 from .paper.router import LayerRouter
+
+log = logging.getLogger("anystory")
 
 KIND_NATIVE = "anystory-sdxl"
 KIND_IPADAPTER_PLUS = "ip-adapter-plus-sdxl"
@@ -85,11 +88,12 @@ class AnyStoryAdapter(nn.Module):
         if mine == theirs:
             return
         widths = lambda sig: sorted({c for _, c in sig})
+        log.warning("AnyStory: %d adapter layers; %s: %s", len(mine), model_name, layout.describe())
         raise LayoutMismatch(
             f"the AnyStory model ({self.kind}) has per-layer weights for {len(mine)} cross-attention layers "
             f"of widths {widths(mine)}, but {model_name} has {len(theirs)} cross-attention layers of widths "
-            f"{widths(theirs)} ({layout.describe()}). Use an AnyStory/IP-Adapter file made for this "
-            "base model family (SDXL base has 70 layers).")
+            f"{widths(theirs)}: use an AnyStory/IP-Adapter file made for this base model family (SDXL base has "
+            "70 layers).")
 
     # --- the subject branch ----------------------------------------------------------------------
     @torch.no_grad()

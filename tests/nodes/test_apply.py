@@ -327,6 +327,7 @@ def test_refuses_adapter_with_other_layer_layout(env, pack):
     msg = F.raises_pack_error(lambda: env.apply(am=big, subjects=subs), "70 cross-attention layers",
                               "7 cross-attention layers")
     assert "640" in msg and "1280" in msg
+    assert "(C=" not in msg and len(msg) < 320  # the per-block layout goes to the log (issue 18)
 
 
 def test_refuses_subjects_from_another_loader(env, pack):
