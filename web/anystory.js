@@ -203,10 +203,10 @@ class Badge {
   }
 }
 
-/** The node's type name; inside `nodeCreated` (called from the constructor) `node.type` is not set yet. */
 const isApply = (type) => type === T.apply || type === T.applySimple;
 const isLoader = (type) => type === T.loader || type === T.unifiedLoader;
 
+/** The node's type name; inside `nodeCreated` (called from the constructor) `node.type` is not set yet. */
 function typeOf(node) {
   return node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type;
 }
