@@ -362,8 +362,6 @@ FILE_CASES = [
     ("zero bytes", "empty", None, ["0 bytes", "re-download"]),
     ("pickle renamed .safetensors", "pickle_renamed", None, ["pickle", "rename it to .bin"]),
     ("ReferenceNet in the model slot", "REFNET", None, ["ReferenceNet", "ReferenceNet slot"]),
-    ("adapter in the ReferenceNet slot", "tiny_1layer", "tiny_1layer",
-     ["adapter file", "pick it as the AnyStory model"]),
     ("truncated ReferenceNet", "tiny_1layer", "refnet_truncated", ["ReferenceNet", "truncated", "re-download"]),
     ("SD1.5 adapter", "sd15", None, ["SD1.5", "do not fit SDXL", "ip-adapter-plus_sdxl_vit-h"]),
     ("FaceID adapter", "faceid", None, ["FaceID", "InsightFace", "ip-adapter-plus_sdxl_vit-h"]),
@@ -400,6 +398,13 @@ def test_missing_and_traversal_names_are_rejected_at_validation(rig):
     rig.reject(rig.probe(rig.loader(f"../checkpoints/{ckpt}"), out=1), "model_name", "not in list")
     rig.reject(rig.probe(rig.loader(rig.files["anystory"], "/etc/passwd"), out=1), "refnet_name", "not in list")
     rig.reject(rig.probe(rig.loader("../../../../etc/hostname"), out=1), "model_name")
+
+
+def test_adapter_is_not_offered_as_referencenet(rig):
+    """Issue 18 point 7: refnet_name lists ReferenceNet files only, so an adapter there is refused at validation
+    (the loader's own refusal of an adapter as ReferenceNet: tests/anystory/test_checkpoint.py)."""
+    name = Path(rig.bad["tiny_1layer"]).name
+    rig.reject(rig.probe(rig.loader(rig.files["anystory"], name), out=1), "refnet_name", "not in list", name)
 
 
 def test_group_a_then_valid_prompt_renders_the_same(rig):
