@@ -15,6 +15,7 @@ the reference features G_i^l with the denoising UNet's own attn1 W_k^l, W_v^l. :
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -32,6 +33,8 @@ from .paper.encoder import (
 from .paper.injection import DecoupledKV
 from .paper.reference import ReferenceProjection
 from .paper.router import LayerRouter
+
+log = logging.getLogger("anystory")
 
 KIND_NATIVE = "anystory-sdxl"
 KIND_IPADAPTER_PLUS = "ip-adapter-plus-sdxl"
@@ -158,11 +161,12 @@ class AnyStoryAdapter(nn.Module):
         if mine == theirs:
             return
         widths = lambda sig: sorted({c for _, c in sig})
+        log.warning("AnyStory: %d adapter layers; %s: %s", len(mine), model_name, layout.describe())
         raise LayoutMismatch(
             f"the AnyStory model ({self.kind}) has per-layer weights for {len(mine)} cross-attention layers "
             f"of widths {widths(mine)}, but {model_name} has {len(theirs)} cross-attention layers of widths "
-            f"{widths(theirs)} ({layout.describe()}). Use an AnyStory/IP-Adapter file made for this "
-            "base model family (SDXL base has 70 layers).")
+            f"{widths(theirs)}: use an AnyStory/IP-Adapter file made for this base model family (SDXL base has "
+            "70 layers).")
 
     # --- the subject branch ----------------------------------------------------------------------
     @torch.no_grad()

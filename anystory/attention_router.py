@@ -8,21 +8,26 @@ and aggregated over the layers of the coarsest token grid (the most semantic one
     a_i(u) = Σ_l Σ_{τ ∈ label_i} mean_h softmax_τ'(q_u k_τ'/√d)[τ]      (then a_i /= max_u a_i)
 
 At step t+1 every token u is routed to argmax_i a_i(u) when max_i a_i(u) ≥ threshold, else to the
-background — the maps are carried from one step to the next, and routing starts after
-``warmup_steps`` steps (before that every token is background). Optional smoothing (a k×k mean) keeps
-regions compact.
+background — the maps are carried from one step to the next, and routing starts after a warm-up of
+``warmup`` × the run's steps (a share of the schedule, so 1-4 step models route too; ``warmup_steps``
+fixes a number of steps instead). Before that every token is background, and step 0 never routes (it has
+no previous step). Optional smoothing (a k×k mean) keeps regions compact.
 
 Label words are found in the prompt's token ids (ComfyUI's tokenizer, so weighting syntax and prompts
 longer than 77 tokens work): see :func:`find_label_positions`.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .paper.attention import split_heads
+
+DEFAULT_WARMUP = 0.1  # share of the steps before routing starts: 2 of 20 steps, as the fixed 2 steps it replaced
+ASSUMED_STEPS = 20  # a run whose length the sampler does not give
 
 STOP_WORDS = {"a", "an", "the", "of", "and", "with", "in", "on", "at", "to", "his", "her", "its", "their", "my"}
 
@@ -83,12 +88,15 @@ class AttentionRouter:
     State lives here for one sampling run (``begin_run`` clears it); rows are the cond rows of each UNet
     call in order, so the maps of image b at step t+1 come from image b at step t."""
 
-    def __init__(self, num_subjects: int, warmup_steps: int = 2, threshold: float = 0.35, smooth: int = 3,
-                 layers: Optional[set] = None):
-        """layers: the layer keys whose attention is collected (None: every layer of the coarsest grid)."""
+    def __init__(self, num_subjects: int, warmup_steps: Optional[int] = None, threshold: float = 0.35,
+                 smooth: int = 3, layers: Optional[set] = None, warmup: float = DEFAULT_WARMUP):
+        """warmup: the share of a run's steps before routing starts (0…1); warmup_steps: a fixed number of
+        steps instead (None: use ``warmup``). layers: the layer keys whose attention is collected (None: every
+        layer of the coarsest grid)."""
         self.num_subjects = num_subjects
         self.layers = layers
-        self.warmup_steps = int(warmup_steps)
+        self.warmup = float(warmup)
+        self.warmup_steps = None if warmup_steps is None else int(warmup_steps)
         self.threshold = float(threshold)
         self.smooth = int(smooth)
         self.begin_run()
@@ -96,7 +104,28 @@ class AttentionRouter:
     def __deepcopy__(self, memo):
         return self
 
-    def begin_run(self) -> None:
+    def warmup_for(self, steps: Optional[int]) -> int:
+        """Steps of warm-up in a run of ``steps`` steps: ``warmup_steps`` when fixed, else ⌊warmup · steps⌉."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(math.floor(self.warmup * (steps or ASSUMED_STEPS) + 0.5))
+
+    def first_routed_step(self, steps: Optional[int]) -> int:
+        """The first step that can route: after the warm-up, and never step 0 (maps come from the step before)."""
+        return max(1, self.warmup_for(steps))
+
+    def run_warning(self, steps: Optional[int]) -> Optional[str]:
+        """What to tell the user when a run of ``steps`` steps cannot route at all (None when it can)."""
+        if steps is None or self.first_routed_step(steps) < steps:
+            return None
+        if steps <= 1:
+            return ("the attention router decides from the previous step's attention, so a 1-step sampling is "
+                    "never routed: use 2 or more steps, or region masks (router_mode masks)")
+        return (f"region routing would start at step {self.first_routed_step(steps) + 1} of a {steps}-step "
+                "sampling, so it never starts: lower region_warmup (e.g. 0.1)")
+
+    def begin_run(self, steps: Optional[int] = None) -> None:
+        self.steps = steps
         self._assign_key = None
         self._acc: dict = {}     # hw → [Bc, N, L] summed label attention of the step being collected
         self._acc_step = None
@@ -162,7 +191,7 @@ class AttentionRouter:
     def route(self, spec, hw: tuple, rows: int, device, state) -> Optional[torch.Tensor]:
         """Route index [rows, h·w] for a layer of grid hw from the previous step's maps, or None during
         the warm-up / before any maps exist (the caller then routes to the background)."""
-        if state.step < self.warmup_steps:
+        if state.step < self.warmup_for(getattr(state, "steps", None) or self.steps):
             return None
         if self._acc_step is not None and self._acc_step < state.step:
             self._finalize()

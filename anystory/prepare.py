@@ -17,8 +17,10 @@ workflows do). To stay usable when that is forgotten:
 
 - a mask of another size than the image is resized to the image (bilinear, soft values kept);
 - an all-zero mask means "no mask": the whole image is used, with a warning that says how to fix it;
-- a mask that is white along the whole image border (the signature of an un-inverted cut-out mask)
-  is used as given, with a warning.
+- a mask that is white along (nearly) the whole image border (the signature of an un-inverted cut-out
+  mask), an all-white mask (a photo through LoadImage → InvertMask), a mask covering more than 90 % of
+  the image, and no mask at all on an image without alpha are used as given, each with a warning that
+  names the fix (an alpha PNG, a mask, or a background-removal node).
 
 Failures this avoids (two of the most reported with other packs): the square is never shrunk or shifted
 to fit the image, so the subject is never cropped away — where it runs past the border the crop is
@@ -109,6 +111,15 @@ def _indices(flags: Sequence[bool]) -> str:
     return ", ".join(str(i) for i, f in enumerate(flags) if f)
 
 
+BACKGROUND_REMOVAL = ("a background-removal node (BiRefNet / RMBG of ComfyUI-RMBG, Image Rembg of was-node-suite or "
+                      "comfyui-rembg, Segment Anything)")
+MASK_FIX = ("Fix: load a PNG with a transparent background in LoadImage and connect its MASK through InvertMask, "
+            "connect a mask that is white on the subject, or cut the subject out with " + BACKGROUND_REMOVAL + ".")
+FULL_MASK = 1.0 - EMPTY_MASK_EPS  # a mask whose min is above this selects the whole image
+COVER_MAX = 0.9  # a subject mask covering more than this share of the image keeps (most of) the background
+BORDER_INVERTED = 0.9  # share of border pixels selected above which a mask is probably inverted
+
+
 def resolve_mask(image: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[str]]:
     """The subject mask (white = subject) for ``image``, as float32 [B, H, W] in 0..1, and warnings.
 
@@ -119,8 +130,10 @@ def resolve_mask(image: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Tu
     - An all-zero mask (max < 1e-3) means "no mask": that sample uses the whole image and a warning
       says so. ComfyUI's LoadImage gives exactly that (64×64 zeros) for an image without alpha, and
       ``1 − alpha`` (white = background) for a cut-out: its MASK needs InvertMask before it comes here.
-    - A mask that is white along the whole image border is likely such an un-inverted mask: it is used
-      as given, with a warning.
+    - Every way of encoding the background as part of the subject is used as given, with a warning that
+      says how to fix it: no mask and no alpha, an all-white mask or fully opaque alpha (a photo through
+      LoadImage → InvertMask), a mask covering more than 90 % of the image, and a mask white along
+      (nearly) the whole border, the signature of an inverted mask (subject dark).
     """
     image = _as_image(image)
     b_img, h, w, c = image.shape
@@ -131,7 +144,9 @@ def resolve_mask(image: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Tu
         mask = image[..., 3]
         source = "alpha"
     else:
-        return torch.ones(b_img, h, w, dtype=torch.float32, device=image.device), []
+        return torch.ones(b_img, h, w, dtype=torch.float32, device=image.device), [
+            "AnyStory: no subject mask and no alpha channel: the whole image, background included, is encoded as "
+            "the subject. " + MASK_FIX]
 
     b = _batch_size(b_img, mask.shape[0])
     mask = _resize(mask.unsqueeze(1), (h, w), "bilinear").squeeze(1).clamp(0.0, 1.0)
@@ -139,28 +154,47 @@ def resolve_mask(image: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Tu
 
     warnings: List[str] = []
     n = f" of {b}" if b > 1 else ""
-    empty = mask.flatten(1).amax(dim=1) < EMPTY_MASK_EPS
+
+    def which(flags: torch.Tensor) -> str:
+        return f" (image {_indices(flags.tolist())}{n})" if b > 1 else ""
+
+    flat = mask.flatten(1)
+    empty = flat.amax(dim=1) < EMPTY_MASK_EPS
+    full = flat.amin(dim=1) > FULL_MASK
+    cover = (flat > 0.5).float().mean(dim=1)
+    border = torch.cat([mask[:, 0, :], mask[:, -1, :], mask[:, :, 0], mask[:, :, -1]], dim=1)
+    inverted = ((border > 0.5).float().mean(dim=1) >= BORDER_INVERTED) & ~full & ~empty
+    wide = (cover > COVER_MAX) & ~full & ~empty & ~inverted
+    what = "subject mask" if source == "mask" else "image's alpha channel"
     if bool(empty.any()):
-        which = f" (image {_indices(empty.tolist())}{n})" if b > 1 else ""
         if source == "mask":
             warnings.append(
-                f"AnyStory: the subject mask is empty (all black){which}: using the whole image, background "
+                f"AnyStory: the subject mask is empty (all black){which(empty)}: using the whole image, background "
                 f"not removed. White must mark the subject: if you used LoadImage's MASK, add InvertMask "
                 f"(LoadImage's mask is white on the transparent background, and all black for images "
                 f"without alpha), or draw/segment a subject mask.")
         else:
             warnings.append(
-                f"AnyStory: the image's alpha channel is fully transparent{which}: using the whole image, "
-                f"background not removed.")
+                f"AnyStory: the image's alpha channel is fully transparent{which(empty)}: using the whole image, "
+                f"background not removed. " + MASK_FIX)
         mask[empty] = 1.0
-
-    border = torch.cat([mask[:, 0, :], mask[:, -1, :], mask[:, :, 0], mask[:, :, -1]], dim=1)
-    inverted = (border.amin(dim=1) > 0.5) & (mask.flatten(1).mean(dim=1) < 0.95) & ~empty
-    if source == "mask" and bool(inverted.any()):
-        which = f" (image {_indices(inverted.tolist())}{n})" if b > 1 else ""
+    if bool(full.any()):
+        how = (" (a photo without transparency through LoadImage → InvertMask gives exactly that)"
+               if source == "mask" else "")
+        state = "all white" if source == "mask" else "fully opaque"
+        warnings.append(f"AnyStory: the {what} is {state}{which(full)}{how}: the whole image, background included, "
+                        f"is encoded as the subject. " + MASK_FIX)
+    if bool(inverted.any()):
+        pct = ", ".join(f"{100 * float(v):.0f} %" for v in cover[inverted])
         warnings.append(
-            f"AnyStory: the subject mask is white along the whole image border{which}; it may be inverted. "
-            f"White must mark the subject: if it comes from LoadImage's MASK, add InvertMask.")
+            f"AnyStory: the {what} covers {pct} of the image, white along the border and dark inside"
+            f"{which(inverted)}: it is probably "
+            f"inverted (the subject dark, the background selected). White must mark the subject: add InvertMask "
+            f"after LoadImage's MASK, or remove the InvertMask if the mask already was white on the subject.")
+    if bool(wide.any()):
+        pct = ", ".join(f"{100 * float(v):.0f} %" for v in cover[wide])
+        warnings.append(f"AnyStory: the {what} covers {pct} of the image{which(wide)}: most of the background is "
+                        f"encoded as part of the subject. " + MASK_FIX)
     return mask, warnings
 
 

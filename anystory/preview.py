@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .recorder import RunRecord
+from .routing import SOURCE_MASK
 
 PALETTE_HEX = ["#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#42d4f4", "#f032e6"]
 BACKGROUND_HEX = "#1c1c22"
@@ -114,6 +115,17 @@ def render_grid(run: RunRecord, layers: list, steps: list, num_subjects: int, im
             hw, idx, src = rec
             out[y:y + ch, x:x + cw] = index_image(hw, idx[image], src[image], colors, (ch, cw))
     return out
+
+
+def mask_decided(run: RunRecord, layers: list, steps: list, image: int = 0) -> bool:
+    """Whether a user region mask decided any token of the selected (layer, step) maps of ``image`` (the
+    grid's legend names the stripes only then)."""
+    for st in steps:
+        for key in layers:
+            rec = run.steps.get(st, {}).get(key)
+            if rec is not None and rec[2] is not None and bool((rec[2][image] == SOURCE_MASK).any()):
+                return True
+    return False
 
 
 def subject_masks(run: RunRecord, layers: list, steps: list, num_subjects: int, size: tuple,

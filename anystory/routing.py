@@ -103,8 +103,12 @@ class Routing:
     needs_labels = False  # it cannot route at all without the subjects' word positions in the prompt
     num_routes = 0
 
-    def begin_run(self) -> None:
-        """A new sampling run starts: drop what the last one left."""
+    def begin_run(self, steps: Optional[int] = None) -> None:
+        """A new sampling run of ``steps`` steps (None: unknown) starts: drop what the last one left."""
+
+    def run_warning(self, steps: Optional[int]) -> Optional[str]:
+        """Why a run of ``steps`` steps cannot be routed by this source (None when it can)."""
+        return None
 
     def observe(self, state, key, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
         """attn2 of layer l saw the text attention's q, k (the attention router collects there)."""
@@ -169,8 +173,11 @@ class AttentionRouting(Routing):
         self.router = router
         self.num_routes = num_routes
 
-    def begin_run(self) -> None:
-        self.router.begin_run()
+    def begin_run(self, steps: Optional[int] = None) -> None:
+        self.router.begin_run(steps)
+
+    def run_warning(self, steps: Optional[int]) -> Optional[str]:
+        return self.router.run_warning(steps)
 
     def observe(self, state, key, q, k, heads) -> None:
         self.router.observe(state, key, q, k, heads)
@@ -233,8 +240,12 @@ class MixedRouting(Routing):
         self.learned = base.learned
         self.feathered = masks.feathered
 
-    def begin_run(self) -> None:
-        self.base.begin_run()
+    def begin_run(self, steps: Optional[int] = None) -> None:
+        self.base.begin_run(steps)
+
+    def run_warning(self, steps: Optional[int]) -> Optional[str]:
+        w = self.base.run_warning(steps)
+        return None if w is None else w + " (region masks still decide where they cover)"
 
     def observe(self, state, key, q, k, heads) -> None:
         self.base.observe(state, key, q, k, heads)

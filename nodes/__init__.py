@@ -4,18 +4,20 @@ from . import paths
 paths.register()
 
 from . import live  # noqa: E402
-from .apply import AnyStoryApply  # noqa: E402
+from .apply import AnyStoryApply, AnyStoryApplySimple  # noqa: E402
 from .encode import AnyStorySubjectEncode  # noqa: E402
 from .flux.options import AnyStoryFluxOptions  # noqa: E402
-from .loader import AnyStoryModelLoader  # noqa: E402
+from .loader import AnyStoryLoader, AnyStoryModelLoader  # noqa: E402
 from .preview import AnyStoryRoutingPreview  # noqa: E402
 from .text import AnyStoryTextEncode  # noqa: E402
 
 live.register_routes()  # GET /anystory/palette for the web extension (no-op outside a ComfyUI server)
 
 NODE_CLASS_MAPPINGS = {
+    "AnyStoryLoader": AnyStoryLoader,
     "AnyStoryModelLoader": AnyStoryModelLoader,
     "AnyStorySubjectEncode": AnyStorySubjectEncode,
+    "AnyStoryApplySimple": AnyStoryApplySimple,
     "AnyStoryApply": AnyStoryApply,
     "AnyStoryRoutingPreview": AnyStoryRoutingPreview,
     "AnyStoryTextEncode": AnyStoryTextEncode,
@@ -23,9 +25,11 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "AnyStoryLoader": "AnyStory Loader",
     "AnyStoryModelLoader": "AnyStory Model Loader",
     "AnyStorySubjectEncode": "AnyStory Subject Encode",
-    "AnyStoryApply": "AnyStory Apply",
+    "AnyStoryApplySimple": "AnyStory Apply",
+    "AnyStoryApply": "AnyStory Apply (Advanced)",
     "AnyStoryRoutingPreview": "AnyStory Routing Preview",
     "AnyStoryTextEncode": "AnyStory Text Encode (subject words)",
     "AnyStoryFluxOptions": "AnyStory FLUX Options",

@@ -25,30 +25,36 @@ class AnyStorySubjectEncode:
     RETURN_NAMES = ("subjects", "subject_crop")
     OUTPUT_TOOLTIPS = ("The subjects so far, this one last (its index and colour in the routing preview).",
                        "The segmented, square-cropped subject as the encoders saw it (512²).")
-    DESCRIPTION = ("Encodes one subject for AnyStory once per graph run: CLIP-H tokens → subject tokens E_i "
-                   "and routing feature R_i, and ReferenceNet features G_i for detail preservation (SDXL); "
-                   "SigLIP → FLUX.1 Redux + AnyStory → 81 subject and 9 routing tokens, and the FLUX VAE latent "
-                   "of the subject as reference (FLUX). Chain several of these to put several subjects in one "
-                   "image.")
+    DESCRIPTION = ("Encodes one subject for AnyStory, once per graph run: its look (subject tokens from the CLIP "
+                   "vision model, SigLIP + Redux for FLUX), what the router recognises it by, and its fine detail "
+                   "(reference features from a ReferenceNet or the MODEL; the VAE latent for FLUX). Give it a cut-out "
+                   "subject (alpha or mask); a warning on the node says when the background would be encoded too. "
+                   "Chain several of these to put several subjects in one image.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "anystory": (ANYSTORY, {"tooltip": "From AnyStoryModelLoader."}),
+                "anystory": (ANYSTORY, {"tooltip": "From the AnyStory Loader (or AnyStory Model Loader)."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "SDXL: CLIP-ViT-H-14 (laion2B-s32B-b79K), the encoder the "
                                                            "AnyStory / IP-Adapter Plus SDXL ViT-H weights expect. "
                                                            "FLUX: SigLIP so400m-384 "
                                                            "(sigclip_vision_patch14_384.safetensors, as for Redux)."}),
                 "vae": ("VAE", {"tooltip": "The VAE of the model you sample (SDXL VAE / FLUX ae.safetensors): "
                                            "encodes the subject for the reference features."}),
-                "image": ("IMAGE", {"tooltip": "The subject. Several images in a batch = several views of the "
-                                               "same subject (their tokens are averaged / pooled)."}),
+                "image": ("IMAGE", {"tooltip": "The subject, best cut out (a PNG with transparency + its mask, "
+                                               "or an RGBA image from a background-removal node: its alpha is the "
+                                               "mask). Several images in a batch = several views of the same "
+                                               "subject (their tokens are averaged / pooled)."}),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "Where the subject is: WHITE = subject. LoadImage's MASK is white on "
-                                             "the transparent BACKGROUND, so put InvertMask in between. Any size "
-                                             "(resized). Empty: the alpha channel, else the whole image."}),
+                "mask": ("MASK", {"tooltip": "Where the subject is: WHITE = subject, black = background. "
+                                             "LoadImage's MASK is the other way round (white on the transparent "
+                                             "background of a PNG), so put InvertMask in between. Any size "
+                                             "(resized). Not connected: the image's alpha channel if it has one, "
+                                             "else the whole image (a warning on the node says so). No cut-out? "
+                                             "Use a background-removal node (BiRefNet / RMBG, Rembg, Segment "
+                                             "Anything)."}),
                 "model": ("MODEL", {"tooltip": "The MODEL you sample with. SDXL without a native ReferenceNet: used "
                                                "as the ReferenceNet (shared mode) for detail preservation. FLUX: "
                                                "only checked (the reference pass runs at AnyStory Apply)."}),
@@ -57,8 +63,8 @@ class AnyStorySubjectEncode:
                                      "Words of the positive prompt that name this subject (e.g. 'the man', "
                                      "'red car'). Used by the attention router and to label the preview."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
-                                       "This subject's strength: multiplies η (subject tokens) and γ (reference) "
-                                       "of AnyStoryApply for this subject."}),
+                                       "This subject's strength: multiplies AnyStory Apply's subject_strength and "
+                                       "detail_strength for this subject (0 = leave it out)."}),
                 "reference": (list(REFERENCE_MODES), {"default": "auto", "tooltip":
                               "ReferenceNet for detail preservation: auto = native if loaded, else the connected "
                               "MODEL (shared), else off; off = subject tokens only. FLUX: anything but off = the "
@@ -111,4 +117,5 @@ class AnyStorySubjectEncode:
                                    "label": subject.label or f"subject {idx + 1}",
                                    "warnings": subject.warnings,
                                    "reference": subject.refs.source if subject.refs is not None else "off"}]
+        ui["warnings"] = list(subject.warnings)  # drawn on the node by web/anystory.js; kept in /history
         return {"ui": ui, "result": (out, crop.cpu())}

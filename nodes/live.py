@@ -3,7 +3,7 @@ step to the editor that queued the prompt, as a PromptServer message
 
     "anystory.routing": {"node": <AnyStoryApply id>, "step": i (0-based), "steps": n, "final": bool,
                          "image": "data:image/png;base64,…" (≤ 128 px), "labels": [...], "colors": [...],
-                         "background": "#…", "mode": router mode, "prompt_id": …}
+                         "background": "#…", "mode": router mode, "warning": text or null, "prompt_id": …}
 
 and serve the subject palette as ``GET /anystory/palette`` (one source of truth for the web extension:
 anystory/preview.py). The web extension (web/anystory.js) draws the maps on the AnyStoryApply node and
@@ -164,6 +164,7 @@ class LivePreview:
                 "colors": [PALETTE_HEX[i % MAX_SUBJECTS] for i in range(n)],
                 "background": BACKGROUND_HEX,
                 "mode": getattr(recorder, "mode", None),
+                "warning": run.meta.get("warning"),  # e.g. routing cannot start within the run's steps
                 "prompt_id": getattr(srv, "last_prompt_id", None),
             }, sid)
             self._last_sent = now

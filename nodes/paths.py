@@ -8,6 +8,8 @@ import os
 
 import folder_paths
 
+from ..anystory import checkpoint
+from . import state
 from .types import AnyStoryError
 
 EXTENSIONS = {".safetensors", ".sft", ".bin", ".pt", ".pth"}
@@ -41,10 +43,7 @@ def list_models() -> list[str]:
     return out
 
 
-def resolve(name: str) -> str:
-    """Full path of a listed model file; AnyStoryError-style message when it is not there."""
-    if not name or name == "none":
-        raise AnyStoryError("no AnyStory model file selected")
+def _full_path(name: str):
     for folder in FOLDERS:
         try:
             path = folder_paths.get_full_path(folder, name)
@@ -52,6 +51,34 @@ def resolve(name: str) -> str:
             path = None
         if path and os.path.isfile(path):
             return path
+    return None
+
+
+def is_refnet(name: str) -> bool:
+    """Whether the listed file ``name`` is a native ReferenceNet (its safetensors header; cached per file)."""
+    path = _full_path(name)
+    if path is None:
+        return False
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    hit = state.REFNET_FILES.get(key)
+    if hit is None:
+        hit = state.REFNET_FILES[key] = checkpoint.is_refnet_file(path)
+    return hit
+
+
+def list_refnets() -> list[str]:
+    """The ReferenceNet files among :func:`list_models` (adapters and other files left out)."""
+    return [n for n in list_models() if is_refnet(n)]
+
+
+def resolve(name: str) -> str:
+    """Full path of a listed model file; AnyStoryError-style message when it is not there."""
+    if not name or name == "none":
+        raise AnyStoryError("no AnyStory model file selected")
+    path = _full_path(name)
+    if path is not None:
+        return path
     where = "; ".join(p for f in FOLDERS if f in folder_paths.folder_names_and_paths
                       for p in folder_paths.get_folder_paths(f))
     raise AnyStoryError(

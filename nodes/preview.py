@@ -4,6 +4,7 @@ and as one MASK per subject (reference-prompted segmentation)."""
 from __future__ import annotations
 
 import logging
+import textwrap
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from ..anystory.preview import (
     PALETTE_HEX,
     default_layers,
     default_steps,
+    mask_decided,
     parse_selection,
     render_grid,
     subject_masks,
@@ -45,9 +47,11 @@ def labelled_grid(grid: torch.Tensor, layers: list, steps: list, labels: list, c
     """Add row names (layers), column names (steps) and a colour legend to the grid image."""
     g = (grid.clamp(0, 1).numpy() * 255).astype(np.uint8)
     left, top, fs = 70, 22, 12
-    legend_h = 22 + 18 * ((len(labels) + 3) // 4)
-    H, W = g.shape[0] + top + legend_h, g.shape[1] + left
-    canvas = Image.new("RGB", (max(W, 420), H), (12, 12, 16))
+    W = max(g.shape[1] + left, 420)
+    note_lines = textwrap.wrap(note, max(40, (W - 8) // 7)) if note else []
+    legend_h = 22 + 18 * ((len(labels) + 3) // 4) + 14 * max(0, len(note_lines) - 1)
+    H = g.shape[0] + top + legend_h
+    canvas = Image.new("RGB", (W, H), (12, 12, 16))
     canvas.paste(Image.fromarray(g), (left, top))
     d = ImageDraw.Draw(canvas)
     font = _font(fs)
@@ -64,8 +68,8 @@ def labelled_grid(grid: torch.Tensor, layers: list, steps: list, labels: list, c
         yy = y + (i // 4) * 18
         d.rectangle([x, yy, x + 12, yy + 12], fill=col, outline=(200, 200, 200))
         d.text((x + 17, yy), lab[:20], fill=(230, 230, 230), font=font)
-    if note:
-        d.text((4, H - 14), note[:100], fill=(170, 170, 170), font=font)
+    for i, line in enumerate(note_lines):
+        d.text((4, H - 14 * (len(note_lines) - i)), line, fill=(170, 170, 170), font=font)
     return torch.from_numpy(np.asarray(canvas).astype(np.float32) / 255.0)
 
 
@@ -83,7 +87,8 @@ class AnyStoryRoutingPreview:
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("routing_grid", "subject_masks")
     OUTPUT_TOOLTIPS = ("Rows = layers (execution order), columns = steps; one colour per subject (legend), "
-                       "background dark; striped = decided by a region mask.",
+                       "background dark; striped (named in the legend when present) = decided by a region "
+                       "mask.",
                        "One mask per subject, in subject order, at the image size: where the selected maps route "
                        "that subject (averaged over the selected layers and steps).")
     DESCRIPTION = "Shows where AnyStory's router put each subject during the sampling that made 'latent'."
@@ -143,12 +148,16 @@ class AnyStoryRoutingPreview:
         rows = len(lay)
         ch = (grid.shape[0] - (rows + 1) * gap) // rows
         cw = (grid.shape[1] - (len(st) + 1) * gap) // len(st)
-        note = (f"router: {getattr(routing, 'mode', '?')}; striped = decided by a region mask"
-                + ("" if matched else " (latest sampling)"))
+        warning = run.meta.get("warning")
+        note = "; ".join([f"router: {getattr(routing, 'mode', '?')}"]
+                         + (["striped = decided by a region mask"] if mask_decided(run, lay, st, image_index) else [])
+                         + ([] if matched else ["(latest sampling)"]) + ([f"⚠ {warning}"] if warning else []))
         img = labelled_grid(grid, lay, st, routing.labels, (ch, cw), gap, note)[None]
         h, w = samples.shape[-2] * 8, samples.shape[-1] * 8
         masks = subject_masks(run, order, mst, routing.num_subjects, (h, w), image=image_index)
         ui = preview_images(img, prefix="anystory_routing")
+        ui["warnings"] = [warning] if warning else []
+        ui["anystory_routing_note"] = [note]  # the caption under the grid, as text
         return {"ui": ui, "result": (img, masks)}
 
     @staticmethod

@@ -100,7 +100,8 @@ class SamplingDriver:
                 raise AnyStoryError(
                     "the sampled latent contains NaN or infinite values: the model overflowed (fp16) or an input "
                     "holds NaN/inf (e.g. a prompt weight like '(word:1e30)', a LoRA, an image). Check those "
-                    "inputs; for fp16 overflow start ComfyUI with --force-fp32 or --bf16-unet, or lower η/γ. "
+                    "inputs; for fp16 overflow start ComfyUI with --force-fp32 or --bf16-unet, or lower "
+                    "subject_strength / detail_strength. "
                     "Nothing of this run is kept: the next prompt is not affected.")
             return out
         finally:

@@ -18,7 +18,7 @@ import comfy.model_patcher
 
 from ..anystory import checkpoint
 from ..anystory.adapter import AnyStoryAdapter
-from ..anystory.attention_router import AttentionRouter, observed_layers
+from ..anystory.attention_router import DEFAULT_WARMUP, AttentionRouter, observed_layers
 from ..anystory.layers import layout_from_state_dict, transformer_blocks
 from ..anystory.paper.encoder import ZERO_IMAGE_NORMALISED, ZERO_IMAGE_PIXEL_BLACK
 from ..anystory.paper.reference import ReferenceFeatures
@@ -59,7 +59,8 @@ class ApplyOptions:
     region_masks: Optional[torch.Tensor] = None
     record_routing: bool = True
     feather: int = 0
-    warmup_steps: int = 2
+    warmup: float = DEFAULT_WARMUP  # share of the steps before the attention router starts
+    warmup_steps: Optional[int] = None  # a fixed number of steps instead (older workflows)
     threshold: float = 0.35
     negative_rows: str = NEGATIVE_BACKGROUND  # what CFG's uncond rows get (anystory.patch.state.NEGATIVE_ROWS)
     flux: Optional[object] = None  # ANYSTORY_FLUX_OPTIONS (nodes/flux/options.py); the SDXL family ignores it
@@ -191,7 +192,7 @@ class SDXLFamily:
         attention_router = None
         if plan.attention:
             attention_router = AttentionRouter(n, warmup_steps=opt.warmup_steps, threshold=opt.threshold,
-                                               layers=observed_layers(layout))
+                                               layers=observed_layers(layout), warmup=opt.warmup)
         if masks is not None and opt.feather > 0:
             masks = feathered(masks, float(opt.feather))
         warn_duplicates(subjects, attention_router is not None)

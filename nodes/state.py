@@ -4,7 +4,8 @@
 - ``BACKGROUND_FEATURES``: F_clip of the background route's zero image, per CLIP vision model and convention;
 - ``ENCODER_GRAPHS``: the encoders' CUDA graphs (ReferenceNet pass, CLIP vision), kept across encodes and
   dropped when an AnyStory sampling starts;
-- ``HOST_STAGING``: page-locked host buffers for G_i^l, each prepared while the previous subject is encoded.
+- ``HOST_STAGING``: page-locked host buffers for G_i^l, each prepared while the previous subject is encoded;
+- ``REFNET_FILES``: whether a model file is a ReferenceNet (by path, mtime and size), for the loader's list.
 """
 from __future__ import annotations
 
@@ -18,3 +19,4 @@ LOADED_SIZE = 2
 BACKGROUND_FEATURES: dict = {}
 ENCODER_GRAPHS = ForwardGraphs()
 HOST_STAGING = PinnedStaging()
+REFNET_FILES: dict = {}

@@ -56,8 +56,8 @@ WIDGETS = {
                                ("image", "IMAGE"), ("mask", "MASK"), ("model", "MODEL"),
                                ("subjects", "ANYSTORY_SUBJECTS"), ("style_model", "STYLE_MODEL"),
                                ("conditioning", "CONDITIONING")]),
-    "AnyStoryApply": (["router_mode", "eta", "gamma", "start_percent", "end_percent", "record_routing", "feather",
-                       "warmup_steps", "threshold", "negative_rows"],
+    "AnyStoryApply": (["router_mode", "subject_strength", "detail_strength", "start_percent", "end_percent",
+                       "record_routing", "feather", "region_warmup", "region_threshold", "negative_rows"],
                       [("model", "MODEL"), ("routing", "ANYSTORY_ROUTING")],
                       [("model", "MODEL"), ("anystory", "ANYSTORY"), ("subjects", "ANYSTORY_SUBJECTS"),
                        ("region_masks", "MASK"), ("flux_options", "ANYSTORY_FLUX_OPTIONS")]),
@@ -167,8 +167,9 @@ class Graph:
 
 
 BLANK_IMAGE = "as trained (model file)"  # AnyStory Subject Encode's default (nodes/sdxl.py BLANK_IMAGE_DEFAULT)
-APPLY_DEFAULTS = dict(eta=1.0, gamma=1.0, start_percent=0.0, end_percent=1.0, record_routing=True, feather=0,
-                      warmup_steps=2, threshold=0.35, negative_rows="background only")
+APPLY_DEFAULTS = dict(subject_strength=1.0, detail_strength=1.0, start_percent=0.0, end_percent=1.0,
+                      record_routing=True, feather=0, region_warmup=0.1, region_threshold=0.35,
+                      negative_rows="background only")
 
 
 def _base(g: Graph, seed: int = 42, steps: int = 20, width: int = 1024, height: int = 1024,

@@ -7,7 +7,8 @@
 // - Subject colours: the palette comes from GET /anystory/palette (anystory/preview.py PALETTE_HEX, the
 //   one source of truth); a subject's index is its position in the chain of AnyStorySubjectEncode nodes
 //   (walking the `subjects` inputs), shown as a coloured badge and stripe on each encode node and as a
-//   legend on the Apply node.
+//   legend on the Apply node. An encode node's warnings (e.g. no usable subject mask) are drawn as text
+//   at its bottom.
 // - AnyStory nodes get a node colour and a badge; the model loader shows its `info` text after a run.
 //
 // Everything here is presentation: workflows, /prompt and the node outputs are the same without it.
@@ -18,8 +19,10 @@ const EXTENSION = "anystory.editor";
 const EVENT = "anystory.routing";
 const T = {
   loader: "AnyStoryModelLoader",
+  unifiedLoader: "AnyStoryLoader", // the loader with presets: drawn like the model loader
   encode: "AnyStorySubjectEncode",
   apply: "AnyStoryApply",
+  applySimple: "AnyStoryApplySimple", // the simple Apply: drawn like the (advanced) Apply
   preview: "AnyStoryRoutingPreview",
   text: "AnyStoryTextEncode",
 };
@@ -200,6 +203,9 @@ class Badge {
   }
 }
 
+const isApply = (type) => type === T.apply || type === T.applySimple;
+const isLoader = (type) => type === T.loader || type === T.unifiedLoader;
+
 /** The node's type name; inside `nodeCreated` (called from the constructor) `node.type` is not set yet. */
 function typeOf(node) {
   return node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type;
@@ -276,6 +282,18 @@ function drawApplyPanel(node, ctx) {
     ctx.fillText("maps show here while sampling", x0 + width / 2, my + map / 2);
     ctx.textAlign = "left";
   }
+  if (live?.warning) {
+    // e.g. the attention router cannot start within this run's steps (nodes/live.py sends why)
+    ctx.font = "11px sans-serif";
+    const lines = wrapText(ctx, `⚠ ${live.warning}`, width - 20);
+    ctx.fillStyle = "rgba(58, 22, 22, 0.92)";
+    ctx.fillRect(x0 + 4, my, width - 8, lines.length * 13 + 6);
+    ctx.fillStyle = "#ffd27a";
+    ctx.textBaseline = "top";
+    lines.forEach((line, i) => ctx.fillText(line, x0 + 8, my + 3 + i * 13));
+    ctx.textBaseline = "middle";
+    ctx.font = "12px sans-serif";
+  }
   // legend: subjects in order, then the background
   const items = [...applyLegend(node), ["background", live?.background || AnyStory.background]];
   const colW = (width - 12) / 2;
@@ -322,6 +340,37 @@ function drawLoaderInfo(node, ctx) {
   ctx.textBaseline = "top";
   lay.lines.forEach((line, i) => ctx.fillText(line, PANEL_PAD + 6, lay.top + 5 + i * 14));
   ctx.restore();
+}
+
+function encodeWarnings(node) {
+  const st = liveOf(node);
+  const w = st.warnings ?? st.subject?.warnings;
+  return Array.isArray(w) ? w.map((x) => String(x).replace(/^AnyStory( FLUX)?:\s*/, "")) : [];
+}
+
+function drawEncodeWarnings(node, ctx) {
+  // the encode node's warnings (no usable subject mask, …) as text at the bottom of the node
+  const warnings = encodeWarnings(node);
+  if (!warnings.length) return;
+  ctx.save();
+  ctx.font = "11px sans-serif";
+  const width = node.size[0] - 2 * PANEL_PAD;
+  const lines = wrapText(ctx, warnings.map((w) => `⚠ ${w}`).join("\n"), width - 12);
+  const height = lines.length * 14 + 10;
+  const need = node.computeSize()[1] + height + PANEL_PAD + 96; // keeps room for the crop preview
+  if (node.size[1] < need) {
+    ctx.restore();
+    ensureHeight(node, need); // grow once, next frame draws
+    return;
+  }
+  const top = node.size[1] - height - PANEL_PAD;
+  ctx.fillStyle = "#3a1616";
+  ctx.fillRect(PANEL_PAD, top, width, height);
+  ctx.fillStyle = "#ffd27a";
+  ctx.textBaseline = "top";
+  lines.forEach((line, i) => ctx.fillText(line, PANEL_PAD + 6, top + 5 + i * 14));
+  ctx.restore();
+  AnyStory.stats.warningsDrawn = (AnyStory.stats.warningsDrawn || 0) + 1;
 }
 
 function drawEncodeStripe(node, ctx) {
@@ -428,9 +477,12 @@ app.registerExtension({
       const r = onDrawForeground?.apply(this, [ctx, ...rest]);
       if (this.flags?.collapsed) return r;
       try {
-        if (type === T.apply) drawApplyPanel(this, ctx);
-        else if (type === T.encode) drawEncodeStripe(this, ctx);
-        else if (type === T.loader) drawLoaderInfo(this, ctx);
+        if (isApply(type)) drawApplyPanel(this, ctx);
+        else if (type === T.encode) {
+          drawEncodeStripe(this, ctx);
+          drawEncodeWarnings(this, ctx);
+        }
+        else if (isLoader(type)) drawLoaderInfo(this, ctx);
       } catch (e) {
         AnyStory.stats.errors += 1;
         if (AnyStory.stats.errors < 5) console.warn("[AnyStory] draw:", e);
@@ -442,11 +494,13 @@ app.registerExtension({
     proto.onExecuted = function (output) {
       const r = onExecuted?.apply(this, arguments);
       const st = liveOf(this);
-      if (type === T.loader && output?.text?.length) {
+      if (isLoader(type) && output?.text?.length) {
         st.info = output.text.join("\n");
         dirty();
       } else if (type === T.encode && output?.anystory_subject?.length) {
         st.subject = output.anystory_subject[0];
+        st.warnings = Array.isArray(output.warnings) ? output.warnings : st.subject.warnings;
+        dirty();
       } else if (type === T.preview) {
         st.live = null;
         st.done = true; // live maps stop until the next run starts
@@ -465,10 +519,9 @@ app.registerExtension({
       node.badges.push(() => {
         const i = subjectIndex(node);
         const col = subjectColor(i, liveOf(node).subject?.color);
-        const warn = liveOf(node).subject?.warnings?.length ? " ⚠" : "";
-        return new Badge(`● ${i + 1} · ${subjectLabel(node, i)}${warn}`, col, textColorOn(col));
+        return new Badge(`● ${i + 1} · ${subjectLabel(node, i)}`, col, textColorOn(col));
       });
-    } else if (type === T.apply) {
+    } else if (isApply(type)) {
       node.badges.push(() => {
         const live = liveOf(node).live;
         return new Badge(live ? `AnyStory · ${live.step + 1}/${live.steps}` : "AnyStory");
@@ -488,6 +541,7 @@ app.registerExtension({
 });
 
 AnyStory.subjectIndex = subjectIndex;
+AnyStory.warningsOf = (node) => encodeWarnings(node); // the texts drawn on an encode node
 AnyStory.subjectChain = (node) => subjectChain(node).map((n) => n.id);
 AnyStory.subjectColor = subjectColor;
 AnyStory.previewTargets = (node) => previewTargets(node).map((n) => n.id);

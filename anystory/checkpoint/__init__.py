@@ -14,10 +14,10 @@ says, in one sentence, what the file is and which file to pick (``diagnosis``).
 """
 from .adapter import adapter_from_state_dict, inspect_file, load_adapter, save_adapter
 from .diagnosis import FORMAT_ADAPTER, FORMAT_REFNET, FORMAT_VERSION, CheckpointError
-from .refnet import RefNetWeights, build_refnet_state_dict, load_refnet, save_refnet
+from .refnet import RefNetWeights, build_refnet_state_dict, is_refnet_file, load_refnet, save_refnet
 
 __all__ = [
     "CheckpointError", "FORMAT_ADAPTER", "FORMAT_REFNET", "FORMAT_VERSION",
     "load_adapter", "adapter_from_state_dict", "save_adapter",
-    "RefNetWeights", "load_refnet", "save_refnet", "build_refnet_state_dict", "inspect_file",
+    "RefNetWeights", "is_refnet_file", "load_refnet", "save_refnet", "build_refnet_state_dict", "inspect_file",
 ]

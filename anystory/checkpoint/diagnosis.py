@@ -91,8 +91,7 @@ ADAPTER = Slot(
     "ip_adapter.N.to_k_ip/to_v_ip.weight of shape C×2048, N = 1, 3, …, 139)")
 REFNET = Slot(
     "the AnyStory ReferenceNet",
-    "pick a native anystory_sdxl_refnet.safetensors (models/anystory), or choose none and connect the SDXL "
-    "MODEL to AnyStory Subject Encode, which then serves as ReferenceNet",
+    "choose refnet_name none (the SDXL MODEL then serves as ReferenceNet) or anystory_sdxl_refnet.safetensors",
     "an AnyStory ReferenceNet file: refnet.* keys in ComfyUI/ldm UNet names, no transformer_blocks.*.attn2.* / "
     "norm2.* (no cross-attention), refnet.input_blocks.0.0.weight of shape 320×5×3×3 (4 latent channels + 1 "
     "mask channel), metadata format=anystory-sdxl-refnet")

@@ -10,6 +10,8 @@ separate, optional file: without it the SDXL MODEL itself serves as ReferenceNet
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -92,6 +94,29 @@ def identify_refnet(sd: Mapping, meta: Optional[Mapping], src: Source) -> tuple[
         raise src.fail(REFNET, "a UNet without attention blocks, not a ReferenceNet", None,
                        "a UNet without transformer blocks (no transformer_blocks.N.attn1.to_q.weight)")
     return cin, n
+
+
+def is_refnet_file(path) -> bool:
+    """Cheap guess for file lists: a safetensors file whose header says format=anystory-sdxl-refnet or whose keys
+    are ``refnet.*`` (only the header is read); another format only by its name (``…refnet…``). Never raises."""
+    p = str(path)
+    if not p.lower().endswith((".safetensors", ".sft")):
+        return "refnet" in os.path.basename(p).lower()
+    try:
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 200 * 2 ** 20:
+                return False
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(header, dict):
+        return False
+    meta = header.get("__metadata__") or {}
+    if isinstance(meta, dict) and meta.get("format") == FORMAT_REFNET:
+        return True
+    keys = [k for k in header if k != "__metadata__"]
+    return bool(keys) and all(k.startswith(REFNET_PREFIX) for k in keys)
 
 
 def load_refnet(path, device="cpu", dtype: Optional[torch.dtype] = None) -> RefNetWeights:

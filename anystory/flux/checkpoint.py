@@ -20,6 +20,7 @@ Every refusal is a :class:`CheckpointError` naming the file, what was found, wha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -29,6 +30,8 @@ from typing import Mapping, Optional
 import torch
 
 from .lora import LoraWeight, parse_peft_lora, peft_alpha
+
+log = logging.getLogger("anystory")
 
 __all__ = ["CheckpointError", "AnyStoryFluxWeights", "FORMAT", "load_flux_checkpoint", "flux_weights_from_parts",
            "save_flux_safetensors", "read_flux_parts", "is_flux_parts"]
@@ -45,24 +48,29 @@ _EXPECTED = ("the AnyStory FLUX file: a torch pickle (anystory_flux.bin) of {'re
              "transformer, 'redux': redux_up/redux_down LoRA + gate_proj, 'router': router_embedder.* + "
              "transformer.*.attn.processor.to_{q,k}_routing_map_lora_* + router LoRA}, or its .safetensors "
              "conversion (ref./redux./router. keys, metadata format=anystory-flux)")
-_FIX = ("download anystory_flux.bin from the authors' release (junjiehe96/AnyStory) into models/anystory/, "
-        "optionally convert it with scripts/convert_anystory_flux.py; SDXL AnyStory files and Redux/IP-Adapter files "
-        "are different models")
+_FIX = "pick anystory_flux.bin (junjiehe96/AnyStory) or its .safetensors conversion in models/anystory"
+_SHORT = 60  # what was found goes into the message only when this short; always to the log
 
 
 class CheckpointError(ValueError):
     """A file that cannot be used as the AnyStory FLUX model; ``path`` and ``found`` kept for the UI."""
 
-    def __init__(self, message: str, path: Optional[str] = None, found: Optional[str] = None):
+    def __init__(self, message: str, path: Optional[str] = None, found: Optional[str] = None, detail: str = ""):
         super().__init__(message)
         self.path = path
         self.found = found
+        self.detail = detail
 
 
 def _fail(source: str, found: str, path: Optional[str] = None, expected: str = _EXPECTED, fix: str = _FIX):
-    where = f"{os.path.basename(source)}" + (f" ({path})" if path and path != source else "")
-    raise CheckpointError(f"{where} is not usable as the AnyStory FLUX model. Found: {found}. Expected: {expected}. "
-                          f"Fix: {fix}.", path=path, found=found)
+    """The refusal: one sentence (the file, what it is when that is short, the fix); what was found and what is
+    expected (key names, shapes) go to the log and to ``detail``."""
+    name = os.path.basename(source)
+    detail = f"found {found}; expected {expected}"
+    log.warning("AnyStory FLUX: '%s' refused as the AnyStory FLUX model: %s", path or source, detail)
+    what = found if len(found) <= _SHORT and "[" not in found else "another file (details in the console)"
+    raise CheckpointError(f"AnyStory: cannot use '{name}' as the AnyStory FLUX model: it is {what} — {fix}.",
+                          path=path, found=found, detail=detail)
 
 
 @dataclass

@@ -75,7 +75,13 @@ class RoutedPatch:
         self.graphs.clear()
         self.run = RunCaches(self.graphs, eta_zero=bool((self.inputs.eta == 0).all()),
                              gamma_zero=bool((self.inputs.gamma == 0).all()))
-        self.routing.begin_run()
+        sigmas = meta.get("sigmas")
+        steps = int(sigmas.numel()) - 1 if sigmas is not None else None
+        self.routing.begin_run(steps)
+        warning = self.routing.run_warning(steps)
+        if warning is not None:
+            log.warning("AnyStory: %s", warning)
+            meta = {**meta, "warning": warning}
         if self.recorder is not None:
             self.recorder.begin_run(**meta)
 

@@ -50,7 +50,7 @@ class AnyStoryFluxOptions:
         return {"required": {
             "redux_scale": ("FLOAT", {"default": d.redux_scale, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
                             "Strength of the subjects' Redux tokens (81 per subject, appended to the prompt; "
-                            "AnyStory Apply's η and each subject's strength multiply it). 0 = no Redux tokens."}),
+                            "AnyStory Apply's subject_strength and each subject's strength multiply it). 0 = no Redux tokens."}),
             "redux_start": ("FLOAT", {"default": d.redux_start, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                             "Fraction of the steps after which the Redux tokens start acting (the authors: 0.1)."}),
             "redux_end": ("FLOAT", {"default": d.redux_end, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
@@ -63,7 +63,7 @@ class AnyStoryFluxOptions:
                         "Fraction of the steps at which the reference features stop acting."}),
             "ref_shift": ("FLOAT", {"default": d.ref_shift, "min": -10.0, "max": 10.0, "step": 0.05, "tooltip":
                           "Logit offset on every reference key: > 0 the image copies the reference more, < 0 "
-                          "less (AnyStory Apply's γ adds ln γ)."}),
+                          "less (AnyStory Apply's detail_strength adds its logarithm)."}),
             "ref_mask": ("BOOLEAN", {"default": d.ref_mask, "tooltip":
                          "Hide the reference's background tokens (outside the subject mask) from the image; the "
                          "authors keep this on."}),

@@ -86,3 +86,39 @@ def test_maps_carry_per_image_and_reset_per_run():
     assert router.maps().shape == (1, 2, 8, 8)
     router.begin_run()
     assert router.maps() is None
+
+
+def _observe_planted(router, step, q, k):
+    st = _state(step, [[2], [6]])
+    st.layer_hw["k"] = (8, 8)
+    router.observe(st, "k", q, k, 2)
+
+
+def test_warmup_is_a_share_of_the_steps_so_few_step_models_route():
+    """Issue 18 point 5: the warm-up scales with the schedule. 20 steps: 2 (as the fixed 2 steps before);
+    a 2-step sampling (Lightning / Turbo / LCM) routes at its second step — the fixed 2 steps never did."""
+    router = AttentionRouter(2, smooth=1)
+    assert [router.warmup_for(n) for n in (20, 30, 8, 4, 2, 1)] == [2, 3, 1, 0, 0, 0]
+    assert router.first_routed_step(2) == 1 and router.run_warning(2) is None
+    q, k, _ = _planted()
+    router.begin_run(steps=2)
+    st0 = _state(0, [[2], [6]])
+    st0.steps = 2
+    assert router.route(None, (8, 8), 1, "cpu", st0) is None  # step 0: no previous step's maps yet
+    _observe_planted(router, 0, q, k)
+    st1 = _state(1, [[2], [6]])
+    st1.steps = 2
+    route = router.route(None, (8, 8), 1, "cpu", st1)
+    assert route is not None and (route < 2).any()
+    fixed = AttentionRouter(2, warmup_steps=2, smooth=1)  # what old workflows stored: a number of steps
+    fixed.begin_run(steps=2)
+    _observe_planted(fixed, 0, q, k)
+    assert fixed.route(None, (8, 8), 1, "cpu", st1) is None
+
+
+def test_a_run_that_cannot_route_says_why():
+    assert "1-step" in AttentionRouter(2).run_warning(1)
+    w = AttentionRouter(2, warmup=0.9).run_warning(4)
+    assert "never starts" in w and "region_warmup" in w and "step 5 of a 4-step" in w
+    assert AttentionRouter(2, warmup=0.6).run_warning(20) is None
+    assert AttentionRouter(2).run_warning(None) is None  # length unknown: nothing to say

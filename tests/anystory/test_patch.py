@@ -292,6 +292,31 @@ def test_attention_router_mode_routes_after_warmup_with_its_source():
     assert (src == SOURCE_ATTENTION).all()
 
 
+def test_a_run_the_attention_router_cannot_route_is_reported(caplog):
+    """Issue 18 point 5: a 1-step sampling with the attention router never routes; the console and the run's
+    record (read by the preview and the live map) say so. A 4-step sampling routes and says nothing."""
+    import logging
+
+    from anystory.attention_router import AttentionRouter
+    from anystory.routing import MODE_ATTENTION
+
+    rec = RoutingRecorder(2)
+    rp, _ = make(mode=MODE_ATTENTION, masks=False, gamma=0.0, recorder=rec,
+                 attention_router=AttentionRouter(2, threshold=0.2, smooth=1))
+    with caplog.at_level(logging.WARNING, logger="anystory"):
+        rp.begin_run(sigmas=torch.tensor([10.0, 0.0]))
+    run_call(rp, step=0, labels=[[1, 2], [5]])
+    rp.end_run()
+    assert "1-step sampling is never routed" in rec.runs[-1].meta["warning"]
+    assert any("1-step" in r.getMessage() for r in caplog.records)
+    rp.begin_run(sigmas=torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0]))
+    run_call(rp, step=0, labels=[[1, 2], [5]])
+    second = run_call(rp, step=1, labels=[[1, 2], [5]], seed=2)
+    rp.end_run()
+    assert "warning" not in rec.runs[-1].meta
+    assert (second[("input", 1, 0)]["index"][0] < 2).any()  # the default warm-up (0.1 of 4 steps) is over
+
+
 def test_feathered_masks_fade_injection_at_edges():
     soft = torch.zeros(2, 8, 12)
     soft[0, :, :6] = torch.linspace(1.0, 0.6, 6)  # fades towards the middle of the image

@@ -260,11 +260,44 @@ def test_explicit_mask_beats_alpha():
     assert p.boxes.tolist() == square_crop_box(torch.tensor([[5, 90, 40, 135]])).tolist()
 
 
-def test_no_mask_no_alpha_is_whole_image():
+def _names_the_fixes(text):
+    return all(w in text for w in ("InvertMask", "alpha" if "alpha" in text else "transparent", "RMBG",
+                                   "Rembg", "Segment Anything"))
+
+
+def test_no_mask_no_alpha_is_whole_image_with_a_warning_naming_the_fixes():
+    """Issue 18 point 3: a photo without alpha and without a mask is never encoded silently."""
     img, _ = scene(60, 80, (10, 10, 20, 20))
     p = prepare_subject(img)
     assert p.boxes.tolist() == square_crop_box(torch.tensor([[0, 0, 60, 80]]), 1.0).tolist() == [[-10, 0, 70, 80]]
-    assert p.warnings == []
+    assert len(p.warnings) == 1 and "whole image" in p.warnings[0] and _names_the_fixes(p.warnings[0])
+
+
+def test_all_white_mask_warns():
+    """A JPEG through LoadImage → InvertMask: LoadImage's 64×64 zeros become an all-white mask."""
+    img, _ = scene(60, 80, (10, 10, 20, 20))
+    p = prepare_subject(img, 1.0 - torch.zeros(1, 64, 64))
+    assert len(p.warnings) == 1, p.warnings
+    assert "all white" in p.warnings[0] and _names_the_fixes(p.warnings[0])
+    opaque = torch.cat([img, torch.ones(1, 60, 80, 1)], dim=-1)
+    w = prepare_subject(opaque).warnings
+    assert len(w) == 1 and "fully opaque" in w[0] and _names_the_fixes(w[0])
+
+
+def test_mask_covering_most_of_the_image_warns():
+    img, mask = scene(100, 100, (4, 4, 100, 100))                        # 92 % of the image
+    w = prepare_subject(img, mask).warnings
+    assert len(w) == 1 and "92 %" in w[0] and "covers" in w[0] and _names_the_fixes(w[0])
+    img, mask = scene(100, 100, (0, 0, 85, 100))                         # a large subject: fine
+    assert prepare_subject(img, mask).warnings == []
+
+
+def test_inverted_mask_with_a_few_border_gaps_warns():
+    """Subject dark, border mostly selected (not all of it: a cut-out touching the bottom edge)."""
+    img, mask = scene(100, 100, (30, 35, 100, 65))                       # the subject touches the bottom
+    w = prepare_subject(img, 1.0 - mask).warnings
+    assert len(w) == 1 and "inverted" in w[0] and "InvertMask" in w[0] and "79 %" in w[0]
+    assert prepare_subject(img, mask).warnings == []
 
 
 @pytest.mark.parametrize("mask_shape", [(64, 64), (1, 64, 64), (1, 200, 300)])

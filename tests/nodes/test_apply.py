@@ -327,6 +327,7 @@ def test_refuses_adapter_with_other_layer_layout(env, pack):
     msg = F.raises_pack_error(lambda: env.apply(am=big, subjects=subs), "70 cross-attention layers",
                               "7 cross-attention layers")
     assert "640" in msg and "1280" in msg
+    assert "(C=" not in msg and len(msg) < 320  # the per-block layout goes to the log (issue 18)
 
 
 def test_refuses_subjects_from_another_loader(env, pack):
@@ -764,3 +765,68 @@ def test_recorder_buffer_is_made_before_the_second_steps_call(env, monkeypatch):
     made = events.index(("made", 1))
     assert all(e == ("keep", 0) for e in events[:made]) and ("keep", 1) in events[made:]
     assert sorted(routing.runs[-1].steps) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 18: user words, old names, the simple Apply
+# ------------------------------------------------------------------------------------------------
+def test_widgets_and_tooltips_use_user_words(pack):
+    """Point 8: no paper symbols in the Apply nodes' widget names, tooltips or descriptions."""
+    for name in ("AnyStoryApply", "AnyStoryApplySimple", "AnyStorySubjectEncode"):
+        cls = F.node(pack, name).__class__
+        spec = cls.INPUT_TYPES()
+        shown = {**spec.get("required", {}), **spec.get("optional", {})}
+        assert not {"eta", "gamma", "threshold", "warmup_steps"} & set(shown), (name, list(shown))
+        texts = [o[1].get("tooltip", "") for o in shown.values() if len(o) > 1] + [cls.DESCRIPTION]
+        for t in texts:
+            assert not any(sym in t for sym in ("η", "γ", "eq.", "E_i", "R_i", "G_i", "ln ")), (name, t)
+    adv = F.node(pack, "AnyStoryApply").INPUT_TYPES()
+    assert list(adv["optional"])[:4] == ["subject_strength", "detail_strength", "start_percent", "end_percent"]
+
+
+def test_old_input_names_of_an_api_prompt_still_reach_the_node(env, pack):
+    """An API prompt of an older version ({"eta", "gamma", "threshold", "warmup_steps"}) validates (the new names
+    are optional) and ComfyUI hands the old values to the node, which uses them as the new inputs."""
+    import torch
+
+    import execution
+
+    cls = F.node(pack, "AnyStoryApply").__class__
+    spec = cls.INPUT_TYPES()
+    assert {"subject_strength", "detail_strength", "region_warmup", "region_threshold"} <= set(spec["optional"])
+    assert {"eta", "gamma", "warmup_steps", "threshold"} <= set(spec["hidden"])  # read, not shown
+    old = {"router_mode": "masks", "eta": 0.4, "gamma": 0.0, "start_percent": 0.0, "end_percent": 1.0,
+           "threshold": 0.5, "warmup_steps": 3}
+    data, missing, _ = execution.get_input_data(old, cls, "7")
+    assert {k: v[0] for k, v in data.items() if k in old} == old and not missing
+    kw = {k: v[0] for k, v in data.items() if k != "unique_id"}
+    a = cls().apply(env.model, env.am, env.subjects_noref, region_masks=env.masks, **kw)[0]
+    b = cls().apply(env.model, env.am, env.subjects_noref, "masks", 0.4, 0.0, region_masks=env.masks)[0]
+    c = cls().apply(env.model, env.am, env.subjects_noref, "masks", 1.0, 0.0, region_masks=env.masks)[0]
+    out = [env.sample(m, _lat(), steps=2, seed=5) for m in (a, b, c)]
+    assert torch.equal(out[0], out[1]), "the old name 'eta' was not used as subject_strength"
+    assert not torch.equal(out[0], out[2])
+
+
+def test_region_warmup_share_and_old_step_counts():
+    apply = F.pack_mod("nodes.apply")
+    assert apply.warmup_setting(None, None) == (0.1, None)
+    assert apply.warmup_setting(0.25, None) == (0.25, None)
+    assert apply.warmup_setting(2.0, None) == (0.1, 2)  # a UI workflow of an older version stored 2 (steps) here
+    assert apply.warmup_setting(None, 3) == (0.1, 3)    # an API prompt with the old name
+
+
+def test_simple_apply_equals_advanced_apply(env, pack):
+    """Point 10: AnyStory Apply (simple) == AnyStory Apply (Advanced) with the same settings, bit for bit."""
+    import torch
+
+    simple = F.node(pack, "AnyStoryApplySimple").apply(env.model, env.am, env.subjects, 0.8, 1.3, 0.1, 0.9)
+    adv = F.node(pack, "AnyStoryApply").apply(env.model, env.am, env.subjects, "auto", 0.8, 1.3, 0.1, 0.9)
+    assert simple[1].mode == adv[1].mode == "router"
+    a = env.sample(simple[0], _lat(), steps=3, seed=9)
+    b = env.sample(adv[0], _lat(), steps=3, seed=9)
+    plain = env.sample(env.model, _lat(), steps=3, seed=9)
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    spec = F.node(pack, "AnyStoryApplySimple").INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "anystory", "subjects", "subject_strength", "detail_strength",
+                                      "start_percent", "end_percent"]

@@ -97,6 +97,43 @@ def test_all_black_mask_means_whole_image_with_warning(env, caplog):
     assert any("InvertMask" in r.getMessage() and "blob" in r.getMessage() for r in caplog.records)
 
 
+def _centre_mask(h=64, w=96):
+    import torch
+    m = torch.zeros(1, h, w)
+    m[:, 16:48, 24:72] = 1  # a subject in the middle: 25 % of the image
+    return m
+
+
+@pytest.mark.parametrize("case,needle", [("no mask", "no subject mask"), ("all white", "all white"),
+                                         ("covers most", "of the image: most of the background"), ("inverted", "inverted")])
+def test_no_usable_mask_warns_on_the_node(env, case, needle):
+    """Issue 18 points 3-4: a subject whose background would be encoded warns, as text the node shows
+    (ui 'warnings', drawn by web/anystory.js and kept in /history) naming the fixes."""
+    import torch
+    img = _two_colour_image()
+    mask = {"no mask": None, "all white": torch.ones(1, 64, 64),  # a JPEG through LoadImage → InvertMask
+            "covers most": torch.ones(1, 100, 100), "inverted": 1 - _centre_mask()}[case]
+    if case == "covers most":
+        mask[:, :4] = 0
+        mask[:, :, :4] = 0  # 96 × 96 of 100 × 100: over 90 %
+    res = env.encode(img, mask=mask, reference="off")
+    warnings = res["ui"]["warnings"]
+    assert len(warnings) == 1 and needle in warnings[0], warnings
+    assert "InvertMask" in warnings[0]
+    if case != "inverted":
+        assert all(w in warnings[0] for w in ("RMBG", "Rembg", "Segment Anything")), warnings[0]
+    assert res["ui"]["anystory_subject"][0]["warnings"] == warnings
+    assert res["result"][0].subjects[0].warnings == warnings
+
+
+def test_good_alpha_or_mask_gives_no_warning(env):
+    import torch
+    img = _two_colour_image()
+    assert env.encode(img, mask=_centre_mask(), reference="off")["ui"]["warnings"] == []
+    rgba = torch.cat([img, _centre_mask()[..., None]], -1)  # an IMAGE with alpha (e.g. from a rembg node)
+    assert env.encode(rgba, reference="off")["ui"]["warnings"] == []
+
+
 def test_alpha_channel_is_the_mask_when_none_given(env):
     import torch
 

@@ -521,3 +521,14 @@ def test_negative_prompt_rows_are_plain_flux(pack, comfy, flux_model, anystory, 
     ours, plain = call(patched), call(flux_model)
     assert (ours[1] - plain[1]).abs().max().item() < 1e-5          # the negative row: plain FLUX
     assert (ours[0] - plain[0]).abs().max().item() > 1e-2          # the positive row: AnyStory acted
+
+
+def test_flux_encode_warns_like_sdxl_when_the_background_would_be_encoded(pack, anystory, redux, golden_masks):
+    """Issue 18 point 3: the FLUX family's encode shows the same mask warnings on the node (ui 'warnings')."""
+    enc = F.node(pack, "AnyStorySubjectEncode")
+    img, mask = _image(0)
+    res = enc.encode(anystory, GoldenSiglip(0, golden_masks), GoldenVAE(0), img, label="s0", style_model=redux)
+    assert any("no subject mask" in w and "RMBG" in w for w in res["ui"]["warnings"]), res["ui"]["warnings"]
+    res = enc.encode(anystory, GoldenSiglip(0, golden_masks), GoldenVAE(0), img, mask=mask, label="s0",
+                     style_model=redux)
+    assert not any("mask" in w for w in res["ui"]["warnings"]), res["ui"]["warnings"]

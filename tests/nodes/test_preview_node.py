@@ -160,3 +160,35 @@ def test_refusals(env):
     with pytest.raises(err, match="image_index 1 does not exist"):
         out = env.sample(patched, torch.zeros(1, 4, 16, 16), steps=2)
         _preview(env, routing, out, image_index=1)
+
+
+def test_legend_names_the_stripes_only_when_a_mask_decided(env, sampled):
+    """Issue 18 point 5: the caption says "striped = decided by a region mask" only when a mask decided a cell
+    on show (masks mode), not for the learned router."""
+    import torch
+
+    _, routing, out = sampled
+    note = _preview(env, routing, out)["ui"]["anystory_routing_note"][0]
+    assert "striped = decided by a region mask" in note and "router: masks" in note
+    patched, routing = env.apply(router_mode="router", region_masks=None, gamma=0.0)
+    out = env.sample(patched, torch.zeros(1, 4, 16, 24), steps=2, seed=0)
+    res = _preview(env, routing, out)
+    note = res["ui"]["anystory_routing_note"][0]
+    assert "router: router" in note and "striped" not in note, note
+    assert res["ui"]["warnings"] == []
+
+
+def test_a_sampling_that_cannot_route_says_so_under_the_grid(env):
+    """The run's warning (set by the patch when routing cannot start within the steps, see
+    tests/anystory/test_patch.py) is in the caption and in the node's ui warnings (/history)."""
+    import torch
+
+    rec = F.pack_mod("anystory.recorder").RoutingRecorder(2)
+    warning = "the attention router decides from the previous step's attention, so a 1-step sampling is never routed"
+    rec.begin_run(sigmas=torch.tensor([10.0, 0.0]), warning=warning)
+    rec.record(0, ("input", 1, 0), (4, 6), torch.full((1, 24), 2, dtype=torch.uint8), torch.zeros(1, 24, dtype=torch.uint8))
+    latent = torch.ones(1, 4, 4, 6)
+    rec.end_run(output=latent)
+    res = _preview(env, rec, latent)
+    assert res["ui"]["warnings"] == [warning]
+    assert "1-step sampling is never routed" in res["ui"]["anystory_routing_note"][0]

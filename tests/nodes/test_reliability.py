@@ -184,7 +184,7 @@ class Rig:
         """The shipped two-subject graph. ``variant`` flips the attention router's threshold, which the native
         (learned) router does not use: the same image under another cache key, so ComfyUI really re-runs it."""
         wf = self.demo.demo_workflow("anystory_two_subjects", self.files, size=size, steps=steps)
-        wf["30"]["inputs"]["threshold"] = 0.35 if variant else 0.36
+        wf["30"]["inputs"]["region_threshold"] = 0.35 if variant else 0.36
         wf["40"]["inputs"]["seed"] = VALID_SEED
         wf["42"]["inputs"]["filename_prefix"] = prefix
         return wf
@@ -228,7 +228,7 @@ class Rig:
         return {"class_type": "AnyStorySubjectEncode", "inputs": ins}
 
     @staticmethod
-    def apply(subjects, model=("1", 0), anystory=("3", 0), **kw) -> dict:
+    def apply(subjects, model=("1", 0), anystory=("3", 0), **kw) -> dict:  # the old input names (still read)
         ins = {"model": list(model), "anystory": list(anystory), "subjects": list(subjects), "router_mode": "auto",
                "eta": 1.0, "gamma": 1.0, "start_percent": 0.0, "end_percent": 1.0, "record_routing": True,
                "feather": 0, "warmup_steps": 2, "threshold": 0.35}
@@ -362,8 +362,6 @@ FILE_CASES = [
     ("zero bytes", "empty", None, ["0 bytes", "re-download"]),
     ("pickle renamed .safetensors", "pickle_renamed", None, ["pickle", "rename it to .bin"]),
     ("ReferenceNet in the model slot", "REFNET", None, ["ReferenceNet", "ReferenceNet slot"]),
-    ("adapter in the ReferenceNet slot", "tiny_1layer", "tiny_1layer",
-     ["adapter file", "pick it as the AnyStory model"]),
     ("truncated ReferenceNet", "tiny_1layer", "refnet_truncated", ["ReferenceNet", "truncated", "re-download"]),
     ("SD1.5 adapter", "sd15", None, ["SD1.5", "do not fit SDXL", "ip-adapter-plus_sdxl_vit-h"]),
     ("FaceID adapter", "faceid", None, ["FaceID", "InsightFace", "ip-adapter-plus_sdxl_vit-h"]),
@@ -400,6 +398,13 @@ def test_missing_and_traversal_names_are_rejected_at_validation(rig):
     rig.reject(rig.probe(rig.loader(f"../checkpoints/{ckpt}"), out=1), "model_name", "not in list")
     rig.reject(rig.probe(rig.loader(rig.files["anystory"], "/etc/passwd"), out=1), "refnet_name", "not in list")
     rig.reject(rig.probe(rig.loader("../../../../etc/hostname"), out=1), "model_name")
+
+
+def test_adapter_is_not_offered_as_referencenet(rig):
+    """Issue 18 point 7: refnet_name lists ReferenceNet files only, so an adapter there is refused at validation
+    (the loader's own refusal of an adapter as ReferenceNet: tests/anystory/test_checkpoint.py)."""
+    name = Path(rig.bad["tiny_1layer"]).name
+    rig.reject(rig.probe(rig.loader(rig.files["anystory"], name), out=1), "refnet_name", "not in list", name)
 
 
 def test_group_a_then_valid_prompt_renders_the_same(rig):
@@ -475,7 +480,7 @@ def test_group_b_then_valid_prompt_renders_the_same(rig):
 # ------------------------------------------------------------------------------------------------
 def test_mask_cases_render(rig):
     """Three subjects in one image: (1) an image without alpha with LoadImage's raw MASK = all black → the whole
-    image, with a warning; (2) InvertMask of it = all white → the whole image, no warning; (3) a 40×48 mask
+    image, with a warning; (2) InvertMask of it = all white → the whole image, with a warning; (3) a 40×48 mask
     (LoadImageMask) for an 80×96 image → resized. The render succeeds. (Reference "off": masks of other sizes
     with references are covered in-process by test_encode.py.)"""
     import numpy as np
@@ -492,7 +497,9 @@ def test_mask_cases_render(rig):
     entry = rig.ok(g)
     warn = {k: entry["outputs"][k]["anystory_subject"][0]["warnings"] for k in ("120", "121", "122")}
     assert any("empty (all black)" in w and "InvertMask" in w for w in warn["120"]), warn
-    assert warn["121"] == [] and warn["122"] == [], warn
+    assert any("all white" in w and "RMBG" in w for w in warn["121"]), warn  # issue 18: never silently
+    assert warn["122"] == [], warn
+    assert entry["outputs"]["121"]["warnings"] == warn["121"]  # the node's text, also in /history
     assert "the subject mask is empty" in rig.srv.log_text()
     img = rig.images(entry, "14d")
     assert len(img) == 1 and img[0].shape == (64, 64, 3) and np.isfinite(img[0]).all()

@@ -10,7 +10,7 @@ from comfy_harness import load_module as _load  # registered by tests/nodes/conf
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("AnyStoryModelLoader", "AnyStorySubjectEncode", "AnyStoryApply", "AnyStoryRoutingPreview",
-         "AnyStoryTextEncode", "AnyStoryFluxOptions")
+         "AnyStoryTextEncode", "AnyStoryFluxOptions", "AnyStoryLoader", "AnyStoryApplySimple")
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "IMAGE", "MASK", "LATENT", "CONDITIONING",
                 "ANYSTORY", "ANYSTORY_SUBJECTS", "ANYSTORY_ROUTING", "STYLE_MODEL", "ANYSTORY_FLUX_OPTIONS"}
 
@@ -231,3 +231,33 @@ def test_label_missing_from_prompt_is_a_clear_error(comfy_server, model_files, d
 def comfy_server_error(entry):
     import comfy_harness as H
     return H.execution_error(entry)
+
+
+def test_first_hour_loader_mask_warning_and_old_names_through_prompt(comfy_server, model_files):
+    """Issue 18 through /prompt: the AnyStory Loader's public SDXL preset finds the (random) public files by name; a
+    JPEG (no alpha) through LoadImage → InvertMask is an all-white mask: the encode node warns, and the warning is
+    in /history; an AnyStory Apply (Advanced) given the old input names eta / gamma / warmup_steps / threshold (an
+    older API client) validates, and eta reaches the patch as subject_strength."""
+    from PIL import Image
+    Image.new("RGB", (96, 80), (200, 40, 30)).save(comfy_server.base_dir / "input" / "first_hour.jpg")
+    wf = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": model_files["checkpoint"]}},
+        "3": {"class_type": "AnyStoryLoader", "inputs": {"preset": "SDXL · public (IP-Adapter Plus ViT-H)"}},
+        "10": {"class_type": "LoadImage", "inputs": {"image": "first_hour.jpg"}},
+        "11": {"class_type": "InvertMask", "inputs": {"mask": ["10", 1]}},
+        "20": {"class_type": "AnyStorySubjectEncode", "inputs": {
+            "anystory": ["3", 0], "clip_vision": ["3", 1], "vae": ["1", 2], "image": ["10", 0], "mask": ["11", 0],
+            "label": "the fox", "strength": 1.0, "reference": "off"}},
+        "30": {"class_type": "AnyStoryApply", "inputs": {
+            "model": ["1", 0], "anystory": ["3", 0], "subjects": ["20", 0], "router_mode": "attention", "eta": 0.55,
+            "gamma": 0.0, "start_percent": 0.0, "end_percent": 1.0, "warmup_steps": 1, "threshold": 0.3}},
+        "40": {"class_type": "PreviewAny", "inputs": {"source": ["30", 1]}},
+    }
+    entry, outputs = _run(comfy_server, wf, timeout=600)
+    info = " ".join(outputs["3"]["text"])
+    assert "ip-adapter-plus_sdxl_vit-h" in info and "CLIP-ViT-H-14" in info, info
+    warnings = outputs["20"]["warnings"]
+    assert len(warnings) == 1 and "all white" in warnings[0] and "RMBG" in warnings[0], warnings
+    assert outputs["20"]["anystory_subject"][0]["warnings"] == warnings
+    assert "40" in outputs
+    assert "router attention, η=0.55 γ=0.00" in comfy_server.log_text()
