@@ -3,6 +3,10 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 if __package__:  # imported as a package: by ComfyUI (custom_nodes/<folder>), or by pytest from the repo root
     try:
         from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+        from .nodes import examples as _examples
+
+        _examples.install()  # the example subject images the shipped workflows name, into input/ if missing
+        _examples.register_template_order()  # the template browser lists the templates in their numbered order
     except ImportError as e:  # imported outside ComfyUI (e.g. by pytest's rootdir conftest)
         if "comfy" not in str(e) and "folder_paths" not in str(e):
             raise

@@ -8,9 +8,9 @@
    1 + 1 block FLUX.1-dev-shaped transformer, the FLUX VAE, CLIP-L, SigLIP-384, FLUX.1 Redux and an
    anystory_flux.bin, see scripts/make_models.py) in a demo base directory (default run/demo/), unless they
    are there already;
-2. draws two example subjects (RGBA cut-outs) into its input/ folder;
+2. copies the two example subjects (RGBA cut-outs, assets/subjects/) into its input/ folder;
 3. starts ComfyUI (COMFYUI_PATH, default /opt/ComfyUI) on 127.0.0.1 with this pack installed;
-4. queues workflows/api/<workflow>.json through POST /prompt (file names mapped to the demo files,
+4. queues example_workflows/api/<workflow>.json through POST /prompt (file names mapped to the demo files,
    size/steps reduced for a CPU; on FLUX the DualCLIPLoader of CLIP-L + T5-XXL becomes a CLIPLoader of the
    random CLIP-L with type "sd3", which gives FLUX its 4096-wide context — a random T5-XXL is a 9.4 GB file),
    waits through /history and prints where the images are.
@@ -50,50 +50,28 @@ def ensure_comfyui() -> Path:
 
 
 def draw_subjects(input_dir: Path) -> dict:
-    """Two RGBA cut-outs: an orange fox-like figure and a grey robot (alpha = subject)."""
-    from PIL import Image, ImageDraw
+    """The shipped example subjects (assets/subjects/*.png, RGBA cut-outs drawn by scripts/make_examples.py)
+    copied into ``input_dir`` where missing — what the pack does for ComfyUI's input/ when a server loads it."""
+    import shutil
 
     input_dir.mkdir(parents=True, exist_ok=True)
     out = {}
-    fox = Image.new("RGBA", (384, 448), (0, 0, 0, 0))
-    d = ImageDraw.Draw(fox)
-    d.ellipse([92, 210, 292, 430], fill=(226, 120, 40, 255))                  # body
-    d.ellipse([112, 70, 272, 230], fill=(236, 132, 48, 255))                  # head
-    d.polygon([(120, 110), (140, 20), (180, 90)], fill=(210, 100, 30, 255))   # ears
-    d.polygon([(264, 110), (244, 20), (204, 90)], fill=(210, 100, 30, 255))
-    d.ellipse([150, 130, 172, 152], fill=(20, 20, 20, 255))
-    d.ellipse([212, 130, 234, 152], fill=(20, 20, 20, 255))
-    d.ellipse([180, 170, 204, 190], fill=(40, 20, 10, 255))
-    d.ellipse([150, 300, 234, 420], fill=(250, 235, 215, 255))                # chest
-    out["anystory_subject_fox.png"] = fox
-    robot = Image.new("RGBA", (320, 480), (0, 0, 0, 0))
-    d = ImageDraw.Draw(robot)
-    d.rectangle([60, 170, 260, 400], fill=(150, 158, 170, 255))               # body
-    d.rectangle([90, 50, 230, 160], fill=(175, 182, 192, 255))                # head
-    d.rectangle([115, 85, 145, 115], fill=(40, 200, 255, 255))                # eyes
-    d.rectangle([175, 85, 205, 115], fill=(40, 200, 255, 255))
-    d.line([160, 50, 160, 15], fill=(120, 120, 130, 255), width=6)
-    d.ellipse([150, 5, 170, 25], fill=(255, 60, 60, 255))
-    d.rectangle([20, 190, 55, 340], fill=(130, 138, 150, 255))                # arms
-    d.rectangle([265, 190, 300, 340], fill=(130, 138, 150, 255))
-    d.rectangle([90, 400, 140, 470], fill=(110, 118, 130, 255))               # legs
-    d.rectangle([180, 400, 230, 470], fill=(110, 118, 130, 255))
-    d.rectangle([120, 230, 200, 300], fill=(255, 200, 40, 255))               # chest panel
-    out["anystory_subject_robot.png"] = robot
-    for name, img in out.items():
-        path = input_dir / name
-        if not path.exists():
-            img.save(path)
-    return {name: input_dir / name for name in out}
+    for src in sorted((REPO / "assets" / "subjects").glob("*.png")):
+        dst = input_dir / src.name
+        if not dst.exists():
+            shutil.copyfile(src, dst)
+        out[src.name] = dst
+    return out
 
 
 def demo_workflow(name: str, files: dict, size: int, steps: int) -> dict:
-    """workflows/api/<name>.json with the user-facing file names mapped to the demo files."""
+    """example_workflows/api/<name>.json with the user-facing file names mapped to the demo files."""
     sys.path.insert(0, str(REPO / "scripts"))
     import build_workflows as W
 
-    wf = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
     names = {W.CKPT: "checkpoint", W.CLIP_VISION: "clip_vision", W.ANYSTORY: "anystory", W.REFNET: "refnet",
+             W.ROUTER: "anystory",  # a trained router file is a native AnyStory file with a router
              W.IPADAPTER: "ipadapter", W.FLUX_UNET: "flux_unet", W.FLUX_VAE: "flux_vae", W.CLIP_L: "clip_l",
              W.SIGLIP: "siglip", W.REDUX: "redux", W.ANYSTORY_FLUX: "anystory_flux"}
     mapping = {user: files[part] for user, part in names.items() if part in files}
@@ -115,9 +93,9 @@ def demo_workflow(name: str, files: dict, size: int, steps: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-dir", default=str(REPO / "run" / "demo"), help="ComfyUI base directory for the demo")
-    ap.add_argument("--workflow", default="anystory_two_subjects",
-                    help="a workflows/api/*.json name (default: two subjects with routing preview; "
-                         "anystory_flux_two_subjects: the same on FLUX.1-dev)")
+    ap.add_argument("--workflow", default="02_anystory_sdxl_two_subjects",
+                    help="an example_workflows/api/*.json name (default: two subjects with routing preview on "
+                         "the public SDXL files; 05_anystory_flux_two_subjects: the same on FLUX.1-dev)")
     ap.add_argument("--size", type=int, default=512, help="image size (the shipped graph says 1024)")
     ap.add_argument("--steps", type=int, default=8, help="sampling steps (the shipped graph says 20)")
     ap.add_argument("--full", action="store_true", help="full SDXL-shaped random models (for a GPU machine)")
@@ -144,7 +122,7 @@ def main(argv=None) -> int:
         if errors:
             print("\n".join(errors))
             return 1
-        print(f"[demo] server at {server.url}; queueing workflows/api/{args.workflow}.json "
+        print(f"[demo] server at {server.url}; queueing example_workflows/api/{args.workflow}.json "
               f"({args.size}x{args.size}, {args.steps} steps) through /prompt")
         pid = server.queue_prompt(wf)
         entry = server.wait(pid, timeout=args.timeout)

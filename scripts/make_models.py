@@ -2,6 +2,7 @@
 """Write random-weight model files where ComfyUI looks for them (for tests and the demo).
 
     python scripts/make_models.py --models-dir DIR [--full] [--flux] [--force] [--verify] [--only PART ...]
+                                  [--public-names]
 
 No model weights can be downloaded where this pack is built, so every file here has the real
 architecture, key names and shapes, and random values (fp16 safetensors; nothing else is written):
@@ -87,6 +88,43 @@ FULL_UNET = dict(SMALL_UNET, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
                  transformer_depth_middle=10)
 SDXL_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                      "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+# The real downloads' names (what the shipped templates name), for stand-ins: link_public_names() links the
+# random files under these names so a template loads and passes validation with no edit. T5-XXL is not made
+# (see above): its stand-in is the CLIP-L file, enough for validation, not for running DualCLIPLoader.
+PUBLIC_NAMES = {
+    "checkpoint": "checkpoints/sd_xl_base_1.0.safetensors",
+    "clip_vision": "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+    "ipadapter": "ipadapter/ip-adapter-plus_sdxl_vit-h.safetensors",
+    "anystory": "anystory/anystory_sdxl_router.safetensors",  # stands in for a router trained by train_router.py
+    "flux_unet": "diffusion_models/flux1-dev.safetensors",
+    "flux_vae": "vae/ae.safetensors",
+    "clip_l": "text_encoders/clip_l.safetensors",
+    "t5xxl": "text_encoders/t5xxl_fp16.safetensors",
+    "siglip": "clip_vision/sigclip_vision_patch14_384.safetensors",
+    "redux": "style_models/flux1-redux-dev.safetensors",
+    "anystory_flux": "anystory/anystory_flux.bin",
+}
+PUBLIC_STAND_IN = {"t5xxl": "clip_l"}
+
+
+def link_public_names(files: dict, models_dir) -> dict[str, Path]:
+    """Symlinks under ``models_dir`` with the real file names (PUBLIC_NAMES) to the random files ``files``
+    ({part: path}, as make_models returns); parts not in ``files`` are skipped. Returns {part: link}."""
+    models_dir = Path(models_dir)
+    out = {}
+    for part, rel in PUBLIC_NAMES.items():
+        src = files.get(PUBLIC_STAND_IN.get(part, part))
+        if src is None:
+            continue
+        dst = models_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(Path(src).resolve())
+        out[part] = dst
+    return out
 
 
 def file_names(full: bool = False) -> dict[str, str]:
@@ -591,6 +629,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=PARTS + FLUX_PARTS, help="make only these parts")
     ap.add_argument("--flux", action="store_true", help="the FLUX set (FLUX_PARTS) instead of the SDXL one")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--public-names", action="store_true",
+                    help="also link the files under the real downloads' names (PUBLIC_NAMES): the shipped templates "
+                         "then load with no edit")
     ap.add_argument("--verify", action="store_true",
                     help="afterwards load the files through ComfyUI's loaders and run a 2-step 64x64 txt2img "
                          "+ a CLIP vision encode (CPU)")
@@ -598,6 +639,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     parts = a.only or (FLUX_PARTS if a.flux else None)
     files = make_models(a.models_dir, full=a.full, force=a.force, parts=parts, seed=a.seed)
+    if a.public_names:
+        for part, link in link_public_names(files, a.models_dir).items():
+            print(f"[make_models] {part:11s} {link} -> {link.resolve().name}")
     print(f"[make_models] done in {time.perf_counter() - t0:.1f} s")
     if a.verify:
         verify(files)

@@ -9,7 +9,11 @@
 //   (walking the `subjects` inputs), shown as a coloured badge and stripe on each encode node and as a
 //   legend on the Apply node. An encode node's warnings (e.g. no usable subject mask) are drawn as text
 //   at its bottom.
-// - AnyStory nodes get a node colour and a badge; the model loader shows its `info` text after a run.
+// - AnyStory nodes get a node colour and ONE badge: the editor's own badge (node source / id) and ours
+//   (subject index, live step) are merged into one, ours first when it has something to say.
+// - The Routing Preview's grid is shown at a readable size: when it arrives the node grows (never shrinks)
+//   so the grid is drawn at full scale up to GRID_MAX, and never below GRID_MIN_SCALE.
+// - The model loaders show their `info` text after a run.
 //
 // Everything here is presentation: workflows, /prompt and the node outputs are the same without it.
 import { app } from "../../scripts/app.js";
@@ -32,6 +36,11 @@ const NODE_BGCOLOR = "#28243a";
 const BADGE_BG = "#4b3f86";
 const UNKNOWN_COLOR = "#8a8a8a";
 const PANEL_PAD = 8;
+const OUR_BADGE = "__anystoryBadge";
+const PREVIEW_WIDGET = "$$canvas-image-preview"; // the editor's image widget (frontend 1.2x)
+const GRID_MAX = [560, 720]; // the routing grid is shown at full scale up to this size …
+const GRID_MIN_SCALE = 0.5; // … and larger grids at no less than half scale
+const IMAGE_SIZE_TEXT = 15; // the "w × h" line the editor may draw under an image
 
 // Shared state (window.AnyStory once the extension is set up; tests/web read it).
 const AnyStory = {
@@ -39,7 +48,7 @@ const AnyStory = {
   ready: false,
   palette: null, // subject colours in order
   background: "#1c1c22",
-  stats: { events: 0, images: 0, previewUpdates: 0, byNode: {}, lastStep: null, errors: 0 },
+  stats: { events: 0, images: 0, previewUpdates: 0, byNode: {}, lastStep: null, errors: 0, gridFits: 0 },
   subjectIndex: null, // exported helpers (set below)
   subjectColor: null,
 };
@@ -214,6 +223,93 @@ function typeOf(node) {
 function liveOf(node) {
   node.__anystory ??= { live: null, info: null, subject: null };
   return node.__anystory;
+}
+
+/** Our badge for a node, or null when it has nothing to add to the editor's own badge. */
+function ourBadge(node, type) {
+  if (type === T.encode) {
+    const i = subjectIndex(node);
+    const col = subjectColor(i, liveOf(node).subject?.color);
+    const warn = liveOf(node).subject?.warnings?.length ? " ⚠" : "";
+    return new Badge(`● ${i + 1} · ${subjectLabel(node, i)}${warn}`, col, textColorOn(col));
+  }
+  const live = liveOf(node).live;
+  if (isApply(type) && live) return new Badge(`AnyStory · ${live.step + 1}/${live.steps}`);
+  if (type === T.preview && live) return new Badge(`live ${live.step + 1}/${live.steps}`);
+  return null;
+}
+
+function evalBadge(b) {
+  try {
+    return typeof b === "function" ? b() : b;
+  } catch {
+    return null;
+  }
+}
+
+/** Replace a node's badges (the editor's source/id badge, ours) by one: ours when it has something to say
+ *  (prefixed with the node id when the editor shows ids), else the editor's. */
+function mergeBadges(node) {
+  const list = node.badges;
+  if (!Array.isArray(list) || (list.length === 1 && list[0]?.[OUR_BADGE])) return;
+  const ours = list.find((b) => b?.[OUR_BADGE]);
+  const others = list.filter((b) => b !== ours);
+  const merged = () => {
+    const core = others.map(evalBadge).filter((b) => b && String(b.text ?? "").trim());
+    const mine = ours ? evalBadge(ours) : null;
+    if (mine?.visible) {
+      const id = core.map((b) => String(b.text).match(/^#\d+/)?.[0]).find(Boolean);
+      if (id) mine.text = `${id} ${mine.text}`;
+      return mine;
+    }
+    return core[0] ?? new Badge("");
+  };
+  merged[OUR_BADGE] = true;
+  node.badges = [merged];
+}
+
+/** Top of the image area of a node (below its widgets), in node coordinates. */
+function imageTop(node) {
+  const pw = node.widgets?.find((w) => w.name === PREVIEW_WIDGET);
+  if (pw && pw.y > 0) return pw.y;
+  let top = 0;
+  for (const w of node.widgets ?? []) {
+    if (w === pw) continue;
+    const h = w.computeSize?.(node.size[0])?.[1] ?? window.LiteGraph?.NODE_WIDGET_HEIGHT ?? 20;
+    top = Math.max(top, (w.last_y ?? w.y ?? 0) + h + 4);
+  }
+  return top || node.computeSize()[1];
+}
+
+/** Grow a Routing Preview node so its grid image is drawn readable: full scale up to GRID_MAX, larger
+ *  grids scaled to fit GRID_MAX but never below GRID_MIN_SCALE. True once done for this image. */
+function fitGrid(node) {
+  const img = node.imgs?.[0];
+  if (!img?.naturalWidth || !String(img.src).includes("anystory_routing")) return false;
+  const [w, h] = [img.naturalWidth, img.naturalHeight];
+  const scale = Math.max(GRID_MIN_SCALE, Math.min(1, GRID_MAX[0] / w, GRID_MAX[1] / h));
+  const top = imageTop(node);
+  const need = [Math.ceil(w * scale), Math.ceil(top + h * scale + IMAGE_SIZE_TEXT + 4)];
+  if (node.size[0] < need[0] || node.size[1] < need[1]) {
+    node.setSize([Math.max(node.size[0], need[0]), Math.max(node.size[1], need[1])]);
+    dirty();
+  }
+  liveOf(node).grid = { w, h, scale, src: String(img.src).slice(0, 200) };
+  AnyStory.stats.gridFits += 1;
+  return true;
+}
+
+/** After the first draw of the grid the image widget's real top is known: fit once more (outside the draw). */
+function settleGrid(node) {
+  const st = liveOf(node);
+  if (!st.grid || st.gridSettled) return;
+  st.gridSettled = true;
+  setTimeout(() => fitGrid(node), 0);
+}
+
+function fitGridWhenLoaded(node, tries = 0) {
+  if (fitGrid(node) || tries > 100) return;
+  setTimeout(() => fitGridWhenLoaded(node, tries + 1), 100);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -460,7 +556,9 @@ app.registerExtension({
     });
     api.addEventListener("execution_start", () => {
       for (const node of app.graph?.nodes ?? []) {
-        if (node.type === T.preview && node.__anystory) Object.assign(node.__anystory, { live: null, done: false });
+        if (node.type === T.preview && node.__anystory) {
+          Object.assign(node.__anystory, { live: null, done: false, grid: null, gridSettled: false });
+        }
       }
     });
     AnyStory.ready = true;
@@ -475,8 +573,10 @@ app.registerExtension({
     const onDrawForeground = proto.onDrawForeground;
     proto.onDrawForeground = function (ctx, ...rest) {
       const r = onDrawForeground?.apply(this, [ctx, ...rest]);
+      if (this.badges?.length > 1) mergeBadges(this); // a badge added after onAdded: one again next frame
       if (this.flags?.collapsed) return r;
       try {
+        if (type === T.preview) settleGrid(this);
         if (isApply(type)) drawApplyPanel(this, ctx);
         else if (type === T.encode) {
           drawEncodeStripe(this, ctx);
@@ -504,7 +604,15 @@ app.registerExtension({
       } else if (type === T.preview) {
         st.live = null;
         st.done = true; // live maps stop until the next run starts
+        if (output?.images?.length) fitGridWhenLoaded(this);
       }
+      return r;
+    };
+
+    const onAdded = proto.onAdded;
+    proto.onAdded = function () {
+      const r = onAdded?.apply(this, arguments);
+      mergeBadges(this); // every extension's nodeCreated has run: the editor's badge and ours become one
       return r;
     };
   },
@@ -515,27 +623,13 @@ app.registerExtension({
     if (!node.color) node.color = NODE_COLOR;
     if (!node.bgcolor) node.bgcolor = NODE_BGCOLOR;
     node.badges ??= [];
-    if (type === T.encode) {
-      node.badges.push(() => {
-        const i = subjectIndex(node);
-        const col = subjectColor(i, liveOf(node).subject?.color);
-        return new Badge(`● ${i + 1} · ${subjectLabel(node, i)}`, col, textColorOn(col));
-      });
-    } else if (isApply(type)) {
-      node.badges.push(() => {
-        const live = liveOf(node).live;
-        return new Badge(live ? `AnyStory · ${live.step + 1}/${live.steps}` : "AnyStory");
-      });
+    const badge = () => ourBadge(node, type);
+    badge[OUR_BADGE] = true;
+    node.badges.push(badge);
+    if (isApply(type)) {
       // a new node gets room for the routing panel; a loaded one keeps its saved size until maps arrive
       const lay = applyPanelLayout(node);
       ensureHeight(node, lay.top + lay.height + PANEL_PAD);
-    } else if (type === T.preview) {
-      node.badges.push(() => {
-        const live = liveOf(node).live;
-        return new Badge(live ? `live ${live.step + 1}/${live.steps}` : "AnyStory");
-      });
-    } else {
-      node.badges.push(() => new Badge("AnyStory"));
     }
   },
 });
@@ -545,3 +639,5 @@ AnyStory.warningsOf = (node) => encodeWarnings(node); // the texts drawn on an e
 AnyStory.subjectChain = (node) => subjectChain(node).map((n) => n.id);
 AnyStory.subjectColor = subjectColor;
 AnyStory.previewTargets = (node) => previewTargets(node).map((n) => n.id);
+AnyStory.imageTop = imageTop;
+AnyStory.previewWidget = PREVIEW_WIDGET;

@@ -36,7 +36,7 @@ F = _load("anystory_fixtures", HERE / "anystory_fixtures.py")
 env = F.env            # in-process tiny SDXL + random AnyStory (module scope)
 temp_dir = F.temp_dir
 
-# the nodes of workflows/api/anystory_two_subjects.json that every prompt keeps (cached, never re-run)
+# the nodes of example_workflows/api/06_anystory_sdxl_your_trained_router.json that every prompt keeps (cached)
 ANCHORS = ("1", "2", "3", "10", "11", "12", "13", "14", "15", "20", "21", "22")
 VALID_SEED = 7
 
@@ -183,7 +183,7 @@ class Rig:
     def full(self, size=64, steps=2, variant=True, prefix="rel_valid") -> dict:
         """The shipped two-subject graph. ``variant`` flips the attention router's threshold, which the native
         (learned) router does not use: the same image under another cache key, so ComfyUI really re-runs it."""
-        wf = self.demo.demo_workflow("anystory_two_subjects", self.files, size=size, steps=steps)
+        wf = self.demo.demo_workflow("06_anystory_sdxl_your_trained_router", self.files, size=size, steps=steps)
         wf["30"]["inputs"]["region_threshold"] = 0.35 if variant else 0.36
         wf["40"]["inputs"]["seed"] = VALID_SEED
         wf["42"]["inputs"]["filename_prefix"] = prefix
@@ -575,10 +575,12 @@ def test_router_mode_and_mask_errors(rig):
     rig.fail(g, "AnyStoryApply", "1 mask but there are 2 subjects", "one mask per subject")
     g = with_apply(start_percent=0.8, end_percent=0.2)
     rig.fail(g, "AnyStoryApply", "start_percent (0.8)", "end_percent (0.2)", "start_percent ≤ end_percent")
-    # attention router + plain CLIPTextEncode: refused when sampling, naming the node to use
+    # attention router + plain CLIPTextEncode: refused when sampling, naming the node to use (the shipped
+    # templates' positive prompt, node 22, is an AnyStory Text Encode: a plain one is put in here)
     g = dict(g0)
+    g["132"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "the fox and the robot"}}
     g["130"] = rig.apply(["112", 0], anystory=["110", 0])
-    rig.render(g, ["130", 0], "14", "rel_attn")
+    rig.render(g, ["130", 0], "14", "rel_attn", positive=["132", 0])
     rig.fail(g, "KSampler", "AnyStory Text Encode", "region_masks")
     # label words absent from the prompt
     g = dict(g0)
@@ -878,7 +880,8 @@ def test_pack_reads_files_only_safely_and_uses_no_network_module():
         for call in re.findall(r"torch\.load\([^)]*\)", src):
             assert "weights_only=True" in call, f"{p.name}: {call}"
         assert not re.search(r"\bpickle\.loads?\(|\bdill\b|\bjoblib\b|(?<![\w.])(eval|exec)\(", src), p.name
-    allowed = {"nodes/live.py"}  # may register an aiohttp route on ComfyUI's own server (no outgoing connection)
+    # may register an aiohttp route / middleware on ComfyUI's own server (no outgoing connection)
+    allowed = {"nodes/live.py", "nodes/examples.py"}
     hits = [h for h in hits if h.split(":")[0] not in allowed]
     assert not hits, hits
 

@@ -97,14 +97,15 @@ def _widget_names(entry) -> list:
     return names
 
 
-@pytest.mark.parametrize("name", ["anystory_one_subject", "anystory_two_subjects", "anystory_story_4_images",
-                                  "anystory_public_weights", "anystory_flux_one_subject",
-                                  "anystory_flux_two_subjects"])
+TEMPLATES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
 def test_ui_workflow_fits_the_live_nodes(name, info, workflows_mod):
     """The drag-and-drop graph: every node type exists, widget values line up with the live widget
     order, links join existing sockets of matching types."""
-    wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    api = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert {str(i) for i in nodes} == set(api), "UI and API graphs differ"
     for nid, n in nodes.items():
@@ -131,11 +132,11 @@ def test_ui_workflow_fits_the_live_nodes(name, info, workflows_mod):
 
 
 def test_build_workflows_is_in_sync(tmp_path, workflows_mod):
-    """workflows/ is exactly what scripts/build_workflows.py writes (one description, two formats)."""
+    """example_workflows/ is exactly what scripts/build_workflows.py writes (one description, two formats)."""
     written = workflows_mod.write(tmp_path)
     for p in written:
         rel = p.relative_to(tmp_path)
-        assert (REPO / "workflows" / rel).read_text() == p.read_text(), f"workflows/{rel} is stale"
+        assert (REPO / "example_workflows" / rel).read_text() == p.read_text(), f"example_workflows/{rel} is stale"
 
 
 def _run(server, wf, timeout=900):
@@ -144,10 +145,11 @@ def _run(server, wf, timeout=900):
 
 
 def test_two_subject_workflow_renders_through_prompt(comfy_server, model_files, demo_mod, subjects_in_input):
-    wf = demo_mod.demo_workflow("anystory_two_subjects", model_files, size=64, steps=2)
+    """The trained-router template (a native AnyStory file with a learned router; here the random native file)."""
+    wf = demo_mod.demo_workflow("06_anystory_sdxl_your_trained_router", model_files, size=64, steps=2)
     entry, outputs = _run(comfy_server, wf)
     saved = comfy_server.output_files(entry)
-    assert any(p.name.startswith("anystory_two_subjects") and p.is_file() for p in saved)
+    assert any(p.name.startswith("anystory_sdxl_trained_router") and p.is_file() for p in saved)
     grid = outputs["50"]["images"]
     assert grid and grid[0]["type"] == "temp"
     assert (comfy_server.base_dir / "temp" / grid[0]["filename"]).is_file()
@@ -163,7 +165,7 @@ def test_flux_two_subject_workflow_renders_through_prompt(comfy_server, model_fi
     transformer), CLIPLoader type sd3 with CLIP-L (in place of CLIP-L + T5-XXL: see scripts/make_models.py),
     VAELoader (the FLUX VAE), CLIPVisionLoader (SigLIP-384), StyleModelLoader (FLUX.1 Redux), AnyStoryModelLoader
     (anystory_flux.bin) → two subject encodes → AnyStory FLUX Options → AnyStory Apply → KSampler → preview."""
-    wf = demo_mod.demo_workflow("anystory_flux_two_subjects", model_files, size=64, steps=2)
+    wf = demo_mod.demo_workflow("05_anystory_flux_two_subjects", model_files, size=64, steps=2)
     assert wf["2"]["class_type"] == "CLIPLoader" and wf["2"]["inputs"]["type"] == "sd3"
     entry, outputs = _run(comfy_server, wf)
     saved = comfy_server.output_files(entry)
@@ -178,23 +180,23 @@ def test_flux_two_subject_workflow_renders_through_prompt(comfy_server, model_fi
 
 
 def test_story_and_one_subject_workflows_render(comfy_server, model_files, demo_mod, subjects_in_input):
-    wf = demo_mod.demo_workflow("anystory_story_4_images", model_files, size=64, steps=1)
+    wf = demo_mod.demo_workflow("03_anystory_sdxl_story_4_images", model_files, size=64, steps=1)
     entry, _ = _run(comfy_server, wf)
     names = sorted(p.name for p in comfy_server.output_files(entry))
     for i in range(1, 5):
         assert any(n.startswith(f"anystory_story_{i}") for n in names), names
-    wf = demo_mod.demo_workflow("anystory_one_subject", model_files, size=64, steps=1)
+    wf = demo_mod.demo_workflow("01_anystory_sdxl_one_subject", model_files, size=64, steps=1)
     entry, _ = _run(comfy_server, wf)
     assert comfy_server.output_files(entry)
 
 
 def test_bad_file_name_is_refused_and_server_keeps_serving(comfy_server, model_files, demo_mod, subjects_in_input):
-    wf = demo_mod.demo_workflow("anystory_one_subject", model_files, size=64, steps=1)
+    wf = demo_mod.demo_workflow("01_anystory_sdxl_one_subject", model_files, size=64, steps=1)
     wf["3"]["inputs"]["model_name"] = "../../etc/passwd"
     status, body = comfy_server.validate(wf)
     assert status == 400
     assert "model_name" in json.dumps(body)
-    ok = demo_mod.demo_workflow("anystory_one_subject", model_files, size=64, steps=1)
+    ok = demo_mod.demo_workflow("01_anystory_sdxl_one_subject", model_files, size=64, steps=1)
     entry, _ = _run(comfy_server, ok)
     assert comfy_server.output_files(entry)
 
@@ -202,7 +204,7 @@ def test_bad_file_name_is_refused_and_server_keeps_serving(comfy_server, model_f
 def test_public_weights_workflow_routes_with_the_attention_router(comfy_server, model_files, demo_mod,
                                                                   subjects_in_input):
     """IP-Adapter Plus file + shared-UNet ReferenceNet + attention router, through /prompt."""
-    wf = demo_mod.demo_workflow("anystory_public_weights", model_files, size=64, steps=4)
+    wf = demo_mod.demo_workflow("02_anystory_sdxl_two_subjects", model_files, size=64, steps=4)
     entry, outputs = _run(comfy_server, wf)
     assert comfy_server.output_files(entry)
     info = " ".join(outputs["3"]["text"])
@@ -217,14 +219,14 @@ def test_public_weights_workflow_routes_with_the_attention_router(comfy_server, 
 
 
 def test_label_missing_from_prompt_is_a_clear_error(comfy_server, model_files, demo_mod, subjects_in_input):
-    wf = demo_mod.demo_workflow("anystory_public_weights", model_files, size=64, steps=1)
+    wf = demo_mod.demo_workflow("02_anystory_sdxl_two_subjects", model_files, size=64, steps=1)
     wf["22"]["inputs"]["text"] = "a cat and a dog in a park"
     entry = comfy_server.run(wf, timeout=600, expect_success=False)
     err = comfy_server_error(entry)
     assert err is not None and err["node_type"] == "AnyStoryTextEncode"
     assert "'the fox'" in err["exception_message"] and "do not occur in the prompt" in err["exception_message"]
     # the server keeps serving: the same graph with a fitting prompt renders
-    ok = demo_mod.demo_workflow("anystory_public_weights", model_files, size=64, steps=1)
+    ok = demo_mod.demo_workflow("02_anystory_sdxl_two_subjects", model_files, size=64, steps=1)
     assert comfy_server.output_files(_run(comfy_server, ok)[0])
 
 

@@ -119,23 +119,27 @@ EDITOR_SETTINGS = {
 
 
 @pytest.fixture(scope="session")
-def demo_mod():
-    return H.load_module("anystory_demo", REPO / "scripts" / "demo.py")
+def web_base(_model_cache, tmp_path_factory):
+    """A ComfyUI base directory for the editor tests: the random models linked under the PUBLIC files' names
+    (scripts/make_models.py link_public_names: the templates load with no edit), an EMPTY input/ folder (the
+    pack copies its example subject images there when the server loads it), editor settings that skip the
+    first-start template browser."""
+    base_cache, anys_cache, rel = _model_cache
+    mm = H.load_make_models()
+    files = {part: (base_cache / r if (base_cache / r).exists() else anys_cache / r) for part, r in rel.items()}
+    d = tmp_path_factory.mktemp("comfy-web")
+    mm.link_public_names(files, d / "models")
+    for sub in ("custom_nodes", "input", "output", "temp", "user/default"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    (d / "user" / "default" / "comfy.settings.json").write_text(json.dumps(EDITOR_SETTINGS, indent=1))
+    return d
 
 
 @pytest.fixture(scope="session")
-def web_base(_model_cache, tmp_path_factory, demo_mod):
-    """A ComfyUI base directory for the editor tests: the random models (per-file links into the cache),
-    the demo subjects in input/, editor settings that skip the first-start template browser."""
-    base_cache, anys_cache, rel = _model_cache
-    d = tmp_path_factory.mktemp("comfy-web")
-    _N._link_files(base_cache, d / "models", [rel["checkpoint"], rel["clip_vision"]])
-    _N._link_files(anys_cache, d / "models", [rel["ipadapter"], rel["anystory"], rel["refnet"]])
-    for sub in ("custom_nodes", "input", "output", "temp", "user/default"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    demo_mod.draw_subjects(d / "input")
-    (d / "user" / "default" / "comfy.settings.json").write_text(json.dumps(EDITOR_SETTINGS, indent=1))
-    return d
+def public_files(web_base):
+    """{relative path under models/: target file name} of the stand-ins."""
+    models = web_base / "models"
+    return {p.relative_to(models).as_posix(): p.resolve().name for p in models.rglob("*") if p.is_symlink()}
 
 
 @pytest.fixture(scope="session")

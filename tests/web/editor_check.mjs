@@ -7,9 +7,13 @@
 //      loads with all node types known (the pack works without its web extension);
 //   2. extension enabled: it registers, loads its palette, logs no errors; every shipped workflow loads
 //      without a missing-node warning; subject indices/colours follow the encode chain; screenshots;
-//   3. the two-subject graph (file names mapped to the test models) is queued with the Run button; the
+//   3. templates: the pack's example_workflows as the template browser gets them (/api/workflow_templates,
+//      <name>.json, <name>.jpg); each is loaded and queued with the Run button against random stand-ins with
+//      the public files' names (validation only: the run is interrupted as soon as it starts); layout
+//      measured in the editor (node boxes with title and badge, widget text vs node width, badges);
+//   4. the two-subject template (smaller size, fewer steps) is queued with the Run button; the
 //      live routing maps arrive on the Apply and Preview nodes while sampling; the Preview node ends
-//      with its grid; screenshots.
+//      with its grid, drawn at a readable scale; screenshots.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -17,6 +21,7 @@ import { chromium } from "playwright-core";
 
 const [configPath, resultPath] = process.argv.slice(2);
 const cfg = JSON.parse(fs.readFileSync(configPath, "utf8"));
+const wants = (p) => !cfg.phases || cfg.phases.includes(p); // default: every phase
 const out = { phases: {}, screenshots: [], console: [], pageErrors: [], extensionFiles: [], timings: {} };
 const t0 = Date.now();
 const mark = (name) => (out.timings[name] = (Date.now() - t0) / 1000);
@@ -78,9 +83,21 @@ async function openEditor(page) {
       },
     });
     const api = window.comfyAPI.api.api;
-    for (const ev of ["execution_start", "execution_success", "execution_error", "executed", "anystory.routing"]) {
+    window.__anystoryTest.queued = [];
+    const queuePrompt = api.queuePrompt.bind(api);
+    api.queuePrompt = async (...args) => {
+      try {
+        const res = await queuePrompt(...args);
+        window.__anystoryTest.queued.push({ ok: true, promptId: res?.prompt_id, nodeErrors: res?.node_errors ?? {} });
+        return res;
+      } catch (e) {
+        window.__anystoryTest.queued.push({ ok: false, error: String(e?.message || e).slice(0, 2000), nodeErrors: e?.response?.node_errors ?? null });
+        throw e;
+      }
+    };
+    for (const ev of ["execution_start", "execution_success", "execution_error", "execution_interrupted", "executed", "anystory.routing"]) {
       api.addEventListener(ev, ({ detail }) => {
-        const d = ev === "anystory.routing" ? { node: detail.node, step: detail.step, steps: detail.steps, final: detail.final, bytes: detail.image?.length } : ev === "executed" ? { node: detail.node } : {};
+        const d = ev === "anystory.routing" ? { node: detail.node, step: detail.step, steps: detail.steps, final: detail.final, bytes: detail.image?.length } : ev === "executed" ? { node: detail.node, promptId: detail.prompt_id } : { promptId: detail?.prompt_id };
         window.__anystoryTest.events.push({ ev, t: performance.now(), ...d });
       });
     }
@@ -124,6 +141,88 @@ async function loadWorkflow(page, name, graph) {
     }
     return info;
   }, { name, graph });
+}
+
+/** What the editor draws for the current graph: node boxes (title bar and the badge above it included),
+ *  widget texts that do not fit their node, nodes smaller than their content, visible badges per node. */
+async function measureLayout(page) {
+  return await page.evaluate(() => {
+    const app = window.comfyAPI.app.app;
+    const LG = window.LiteGraph;
+    const ctx = document.createElement("canvas").getContext("2d");
+    const visible = (b) => {
+      const x = typeof b === "function" ? b() : b;
+      return !!x && String(x.text ?? "").trim().length > 0 && x.visible !== false;
+    };
+    const nodes = [];
+    for (const n of app.graph.nodes) {
+      const badges = (n.badges || []).filter(visible).length;
+      const top = LG.NODE_TITLE_HEIGHT + (badges ? 22 : 0);
+      const box = [n.pos[0], n.pos[1] - top, n.size[0], n.size[1] + top];
+      const clipped = [];
+      ctx.font = `normal ${LG.NODE_SUBTEXT_SIZE}px ${LG.NODE_FONT}`;
+      for (const w of n.widgets || []) {
+        if (!["combo", "number", "text"].includes(w.type)) continue;
+        const label = String(w.label || w.name);
+        const value = String(w._displayValue ?? w.value);
+        const need = ctx.measureText(label).width + 5 + ctx.measureText(value).width;
+        const avail = n.size[0] - (2 * 15 + 5) - 2 * 15 - 20; // BaseWidget.drawTruncatingText's area
+        if (need > avail) clipped.push({ widget: label, value, need: Math.round(need), avail: Math.round(avail) });
+      }
+      ctx.font = `${LG.NODE_TEXT_SIZE}px ${LG.NODE_FONT}`;
+      const title = String(n.getTitle?.() ?? n.title ?? "");
+      const titleNeed = ctx.measureText(title).width + LG.NODE_TITLE_HEIGHT + 10;
+      if (titleNeed > n.size[0]) clipped.push({ widget: "(title)", value: title, need: Math.round(titleNeed), avail: n.size[0] });
+      const cs = n.computeSize();
+      nodes.push({ id: n.id, type: n.type, box, size: [...n.size], min: [Math.round(cs[0]), Math.round(cs[1])], clipped,
+        badges, badgeEntries: (n.badges || []).length });
+    }
+    const overlaps = [];
+    for (let i = 0; i < nodes.length; i++) {
+      for (let j = i + 1; j < nodes.length; j++) {
+        const [a, b] = [nodes[i].box, nodes[j].box];
+        if (a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3]) overlaps.push([nodes[i].id, nodes[j].id]);
+      }
+    }
+    return { nodes, overlaps };
+  });
+}
+
+/** Queue the loaded graph with the Run button; as soon as the server starts it, interrupt it (validation is
+ *  what counts here) and wait until the server is idle again. */
+async function queueValidateOnly(page, timeoutS) {
+  const before = await page.evaluate(() => window.__anystoryTest.queued.length);
+  await page.evaluate(() => { window.__anystoryTest.events.length = 0; });
+  const button = page.locator("button", { hasText: /^\s*Run\s*$/ }).first();
+  let queuedWith = "Run button";
+  try {
+    await button.click({ timeout: 5000 });
+  } catch {
+    await page.evaluate(() => window.comfyAPI.app.app.extensionManager.command.execute("Comfy.QueuePrompt"));
+    queuedWith = "Comfy.QueuePrompt command";
+  }
+  await page.waitForFunction((n) => window.__anystoryTest.queued.length > n, before, { timeout: 60000 });
+  const res = await page.evaluate((n) => window.__anystoryTest.queued[n], before);
+  res.queuedWith = queuedWith;
+  res.lastNodeErrors = await page.evaluate(() => window.comfyAPI.app.app.lastNodeErrors ?? null);
+  if (res.ok) {
+    const started = await page.waitForFunction((id) => window.__anystoryTest.events.some((e) => e.ev === "execution_start" && e.promptId === id), res.promptId, { timeout: 60000 }).then(() => true).catch(() => false);
+    await fetch(`${cfg.url}/api/interrupt`, { method: "POST" });
+    await fetch(`${cfg.url}/api/queue`, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ clear: true }) });
+    res.started = started;
+    const deadline = Date.now() + timeoutS * 1000;
+    for (;;) {
+      const q = await (await fetch(`${cfg.url}/api/queue`)).json();
+      if (!q.queue_running?.length && !q.queue_pending?.length) break;
+      if (Date.now() > deadline) { res.stuck = true; break; }
+      await fetch(`${cfg.url}/api/interrupt`, { method: "POST" });
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    res.ended = await page.evaluate((id) => window.__anystoryTest.events.filter((e) => e.promptId === id).map((e) => e.ev), res.promptId);
+  }
+  // close an error dialog the editor may have opened
+  await page.keyboard.press("Escape").catch(() => {});
+  return res;
 }
 
 async function shot(page, name, clip) {
@@ -209,6 +308,35 @@ try {
   save();
 
   // -------------------------------------------------------------------------------------------
+  phase = "templates";
+  const templates = { list: await (await fetch(`${cfg.url}/api/workflow_templates`)).json(), items: {} };
+  for (const name of cfg.templates.names) {
+    const base = `${cfg.url}/api/workflow_templates/${cfg.templates.module}/${name}`;
+    const item = {};
+    const j = await fetch(`${base}.json`);
+    item.jsonStatus = j.status;
+    const t = await fetch(`${base}.jpg`);
+    item.thumbStatus = t.status;
+    item.thumbType = t.headers.get("content-type");
+    item.thumbBytes = (await t.arrayBuffer()).byteLength;
+    if (j.ok) {
+      const graph = await j.json();
+      item.load = await loadWorkflow(page, name, graph);
+      item.layout = await measureLayout(page);
+      await fitView(page);
+      const ids = await page.evaluate(() => window.comfyAPI.app.app.graph.nodes.map((n) => n.id));
+      await shot(page, `template_${name}`, await nodesClip(page, ids, 16)); // the graph only: the thumbnail
+      if (wants("queue")) item.queue = await queueValidateOnly(page, cfg.templates.timeout_s);
+    }
+    templates.items[name] = item;
+    save();
+  }
+  out.phases.templates = templates;
+  mark("templates");
+  save();
+
+  // -------------------------------------------------------------------------------------------
+  if (!wants("run")) throw new Error("done: the run phase was not asked for");
   phase = "run";
   const run = { ids: cfg.run.ids };
   run.load = await loadWorkflow(page, cfg.run.name, cfg.run.graph);
@@ -258,6 +386,19 @@ try {
       encodeSubjects: app.graph.nodes.filter((n) => n.type === "AnyStorySubjectEncode").map((n) => ({ id: n.id, subject: n.__anystory?.subject ?? null })),
     };
   }, { applyId, previewId, loaderId: cfg.run.ids.loader }));
+  // the grid as the editor draws it (renderPreview: scale = min(width / w, (height - y - 15) / h, 1))
+  await page.waitForFunction((id) => (window.comfyAPI.app.app.graph.getNodeById(id)?.__anystory?.grid), previewId, { timeout: 15000 }).catch(() => {});
+  await page.waitForTimeout(300);
+  run.grid = await page.evaluate((id) => {
+    const n = window.comfyAPI.app.app.graph.getNodeById(id);
+    const img = n?.imgs?.[0];
+    if (!img?.naturalWidth) return null;
+    const pw = n.widgets?.find((w) => w.name === window.AnyStory.previewWidget);
+    const y = pw?.y || window.AnyStory.imageTop(n);
+    const scale = Math.min(n.size[0] / img.naturalWidth, (n.size[1] - y - 15) / img.naturalHeight, 1);
+    return { w: img.naturalWidth, h: img.naturalHeight, y, size: [...n.size], scale, fit: n.__anystory?.grid ?? null };
+  }, previewId);
+  run.layoutAfter = await measureLayout(page);
   await shot(page, "after_run_routing", await nodesClip(page, cfg.run.focus));
   await fitView(page);
   await shot(page, "after_run_editor");
