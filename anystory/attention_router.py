@@ -1,4 +1,4 @@
-"""Training-free router (DESIGN §2, stand-in for the learned router of §1.2), after Prompt-to-Prompt.
+"""Training-free router (a stand-in for the learned router of §1.2), after Prompt-to-Prompt.
 
 Each subject i is named by words of the positive prompt (its label, e.g. "the red car"). During step t
 the text cross-attention probabilities of those words' tokens, softmax over all prompt tokens,

@@ -1,4 +1,4 @@
-"""Subject preparation ("segment, crop, pad"): the step before both encoding branches (DESIGN §1.1).
+"""Subject preparation ("segment, crop, pad"): the step before both encoding branches (§1.1).
 
 AnyStory encodes a *segmented* subject: the background is replaced by a neutral fill, a square is cut
 around the subject, and it is resized twice — the CLIP branch sees the 224² segmented image, the
@@ -301,7 +301,7 @@ def _resize_hwc(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 def prepare_subject(image: torch.Tensor, mask: Optional[torch.Tensor] = None, clip_size: int = 224,
                     ref_size: int = 512, scale: float = 1.04, fill: Fill = 0.5,
                     remove_background: bool = True, whole_scale: Optional[float] = 1.0) -> PreparedSubject:
-    """Segment, crop and pad a subject for both encoding branches (DESIGN §1.1, "Preparation").
+    """Segment, crop and pad a subject for both encoding branches (§1.1, "Preparation").
 
     image: ComfyUI IMAGE [B, H, W, C] (C = 3, or 4 with alpha = 1 on the subject), any size or aspect.
     mask: subject mask [B, H, W] or [H, W], **white = subject**, any size (resized); None → the alpha
