@@ -154,6 +154,24 @@ class RoutingState:
         return torch.stack([v.float() for v in self.losses.values()]).mean()
 
 
+def _layer_of(layout: LayerLayout, n: torch.Tensor, extra_options: dict) -> Optional[tuple]:
+    """(state, layer key, (h, w)) of the cross-attention layer an attn2_patch call is at, recorded in the
+    state; None where no routing state is active or the layer is not in ``layout``."""
+    state: Optional[RoutingState] = extra_options.get(STATE_KEY)
+    if state is None or "block" not in extra_options:
+        return None
+    key = block_key(extra_options)
+    shape = extra_options.get("activations_shape")
+    if layout.get(key) is None or shape is None:
+        return None
+    hw = (int(shape[-2]), int(shape[-1]))
+    if hw[0] * hw[1] != n.shape[1] or n.shape[0] != state.batch:
+        raise RuntimeError(f"AnyStory training: layer {key} got {n.shape[0]}×{n.shape[1]} tokens, expected "
+                           f"{state.batch}×{hw[0] * hw[1]} (another patch re-tiles tokens?)")
+    state.hw[key] = hw
+    return state, key, hw
+
+
 class TrainRouterPatch:
     """attn2_patch: the router of layer l on n = norm2(x) → logits → σ(M^l) (Gumbel hard maps in training,
     one-hot argmax in eval) stored in the state for the attn2 replace; routing loss of the layer."""
@@ -166,20 +184,11 @@ class TrainRouterPatch:
         return self
 
     def __call__(self, n, context, value, extra_options):
-        state: Optional[RoutingState] = extra_options.get(STATE_KEY)
-        if state is None or "block" not in extra_options:
+        at = _layer_of(self.layout, n, extra_options)
+        if at is None:
             return n, context, value
-        key = block_key(extra_options)
-        spec = self.layout.get(key)
-        shape = extra_options.get("activations_shape")
-        if spec is None or shape is None:
-            return n, context, value
-        hw = (int(shape[-2]), int(shape[-1]))
-        if hw[0] * hw[1] != n.shape[1] or n.shape[0] != state.batch:
-            raise RuntimeError(f"AnyStory training: layer {key} got {n.shape[0]}×{n.shape[1]} tokens, expected "
-                               f"{state.batch}×{hw[0] * hw[1]} (another patch re-tiles tokens?)")
-        state.hw[key] = hw
-        router = self.adapter.router[str(spec.ckpt_index)]
+        state, key, hw = at
+        router = self.adapter.router[str(self.layout.get(key).ckpt_index)]
         maps, loss, preds, gts = [], n.new_zeros((), dtype=torch.float32), [], []
         with_loss = False
         for gi, g in enumerate(state.groups):
@@ -222,15 +231,10 @@ class TrainGroundTruthPatch:
         return self
 
     def __call__(self, n, context, value, extra_options):
-        state: Optional[RoutingState] = extra_options.get(STATE_KEY)
-        if state is None or "block" not in extra_options:
+        at = _layer_of(self.layout, n, extra_options)
+        if at is None:
             return n, context, value
-        key = block_key(extra_options)
-        shape = extra_options.get("activations_shape")
-        if self.layout.get(key) is None or shape is None:
-            return n, context, value
-        hw = (int(shape[-2]), int(shape[-1]))
-        state.hw[key] = hw
+        state, key, hw = at
         maps = []
         for gi, g in enumerate(state.groups):
             tgt = state.targets(gi, hw, n.device)
