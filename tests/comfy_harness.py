@@ -17,6 +17,7 @@ Standard library only (plus torch and ComfyUI itself for the in-process part).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -172,6 +173,25 @@ def pack_module(sub: str):
 # ----------------------------------------------------------------------------------------------------
 # Tiny in-process models
 # ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def model_folders(folder_paths, folders: dict):
+    """ComfyUI's model folders ``name → (directories, extensions)`` set in ``folder_paths`` for the block
+    (its file-list cache cleared), then every one of them put back as it was (or removed if it was absent)."""
+    names = folder_paths.folder_names_and_paths
+    old = {k: names.get(k) for k in folders}
+    names.update({k: (list(dirs), set(exts)) for k, (dirs, exts) in folders.items()})
+    folder_paths.filename_list_cache.clear()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                names.pop(k, None)
+            else:
+                names[k] = v
+        folder_paths.filename_list_cache.clear()
+
+
 def init_weights_(module, seed: int = 0, std: float = 0.02) -> None:
     """Deterministic init for modules built with comfy.ops (which leaves weights uninitialised):
     GroupNorm/LayerNorm weight 1 bias 0, every other parameter N(0, std²)."""

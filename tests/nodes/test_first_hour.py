@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from comfy_harness import load_module  # registered by tests/nodes/conftest.py
+from comfy_harness import load_module, model_folders  # registered by tests/nodes/conftest.py
 
 F = load_module("anystory_fixtures", Path(__file__).with_name("anystory_fixtures.py"))
 
@@ -25,21 +25,11 @@ def models(comfy, pack, tmp_path):
     """A models/ tree of its own (anystory, ipadapter, clip_vision, style_models) in folder_paths; restored after."""
     fp = comfy.folder_paths
     paths = F.pack_mod("nodes.paths")
-    old = {k: fp.folder_names_and_paths.get(k) for k in FOLDERS}
     for k in FOLDERS:
         (tmp_path / k).mkdir()
-        exts = set(paths.EXTENSIONS) if k in paths.FOLDERS else set(fp.supported_pt_extensions)
-        fp.folder_names_and_paths[k] = ([str(tmp_path / k)], exts)
-    fp.filename_list_cache.clear()
-    try:
+    with model_folders(fp, {k: ([str(tmp_path / k)], paths.EXTENSIONS if k in paths.FOLDERS
+                                else fp.supported_pt_extensions) for k in FOLDERS}):
         yield tmp_path
-    finally:
-        for k, v in old.items():
-            if v is None:
-                fp.folder_names_and_paths.pop(k, None)
-            else:
-                fp.folder_names_and_paths[k] = v
-        fp.filename_list_cache.clear()
 
 
 def _save(sd, path: Path, meta=None):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_harness import load_module  # registered by tests/nodes/conftest.py
+from comfy_harness import load_module, model_folders  # registered by tests/nodes/conftest.py
 
 ff = load_module("flux_fixtures", Path(__file__).with_name("flux_fixtures.py"))
 F = load_module("anystory_fixtures", Path(__file__).with_name("anystory_fixtures.py"))
@@ -47,17 +47,9 @@ def models_dir(comfy, pack, tmp_path_factory):
     shutil.copyfile(ff.GOLDEN / BIN, d / BIN)
     parts, alphas = ckpt.read_flux_parts(str(d / BIN))
     ckpt.save_flux_safetensors(parts, str(d / SFT), alphas=alphas)
-    old = {k: fp.folder_names_and_paths.get(k) for k in paths.FOLDERS}
-    fp.folder_names_and_paths["anystory"] = ([str(d)], set(paths.EXTENSIONS))
-    fp.folder_names_and_paths["ipadapter"] = ([str(d / "none")], set(paths.EXTENSIONS))
-    try:
+    with model_folders(fp, {"anystory": ([str(d)], paths.EXTENSIONS),
+                            "ipadapter": ([str(d / "none")], paths.EXTENSIONS)}):
         yield d
-    finally:
-        for k, v in old.items():
-            if v is None:
-                fp.folder_names_and_paths.pop(k, None)
-            else:
-                fp.folder_names_and_paths[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-from comfy_harness import load_module as _load  # registered by tests/nodes/conftest.py
+from comfy_harness import load_module as _load, model_folders  # registered by tests/nodes/conftest.py
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -416,10 +416,8 @@ def test_names_cannot_escape_the_registered_folders(comfy, pack, server_models_d
     paths = F.pack_mod("nodes.paths")
     types_ = F.pack_mod("nodes.types")
     fp = comfy.folder_paths
-    old = {k: fp.folder_names_and_paths[k] for k in ("anystory", "ipadapter") if k in fp.folder_names_and_paths}
-    fp.folder_names_and_paths["anystory"] = ([str(server_models_dir / "models" / "anystory")], set(paths.EXTENSIONS))
-    fp.folder_names_and_paths["ipadapter"] = ([str(server_models_dir / "models" / "ipadapter")], set(paths.EXTENSIONS))
-    try:
+    models = server_models_dir / "models"
+    with model_folders(fp, {k: ([str(models / k)], paths.EXTENSIONS) for k in ("anystory", "ipadapter")}):
         assert Path(paths.resolve(model_files["anystory"])).is_file()
         ckpt = model_files["checkpoint"]
         for name in (f"../checkpoints/{ckpt}", f"../../models/checkpoints/{ckpt}", "/etc/passwd",
@@ -427,8 +425,6 @@ def test_names_cannot_escape_the_registered_folders(comfy, pack, server_models_d
             with pytest.raises(types_.AnyStoryError) as e:
                 paths.resolve(name)
             assert "'..'" in str(e.value) or "no AnyStory model file selected" in str(e.value)
-    finally:
-        fp.folder_names_and_paths.update(old)
 
 
 # ------------------------------------------------------------------------------------------------
