@@ -2,149 +2,223 @@
 :func:`anystory.flux.routing.attention_bias` (the authors build that bias as a dense
 [batch, heads, queries, keys] float mask in every block; here nothing of that size exists).
 
-The bias has a special form. Every key is either *shared* (prompt, image) or belongs to one subject j
-(its Redux tokens, its reference tokens) and may carry a logit offset (reference keys: ``ref_shift``, plus
-ln of the subject's strength); every query either sees every subject (text queries, image queries when
-the router is off), only the subject the routing map gives it (image queries with the router on), or none
-(rows of a negative prompt: plain FLUX). With MASK = 100 (the authors' offset):
+Every key is either *shared* (prompt, image; the Redux tokens too while nothing routes them) or belongs to one
+subject j (its Redux tokens, its visible reference tokens), and a group of keys may carry one logit offset c
+(reference keys: ``ref_shift`` plus ln of the subject's strength). A query sees the shared keys and, of the
+subjects' keys, all of them (text queries; image queries while the router is off), only its routed subject's
+(image queries with the router on) or none (rows of a negative prompt: plain FLUX).
 
-    bias[u, j] = offset_j                      if key j is shared, or query u sees subject(j)
-                 offset_j − MASK               otherwise
+The softmax over a union of disjoint key groups g is the mixture of the attentions over each group alone,
+weighted by the groups' softmax masses:
 
-which is an inner product of small vectors carried in E extra head dimensions of q and k (so the attention
-keeps torch's fused kernels; v gets E zero dims, the output's are dropped):
+    out(u) = Σ_g w_g(u) · out_g(u),    w_g(u) = a_g(u)·exp(lse_g(u) + c_g) / Σ_g' a_g'(u)·exp(lse_g'(u) + c_g')
 
-    q_e(u) = [one-hot(route(u)) over n subjects + 1 null route (all zeros: sees every subject), 1, 0…]
-    k_e(j) = [−M·(1 − one-hot(subject(j))) (shared key: 0), offset_j / scale, 0…]      M = MASK / scale
+with out_g, lse_g the attention and log-sum-exp of query u over group g (one fused kernel gives both:
+:func:`attention_lse`) and a_g(u) ∈ {0, 1} whether u sees g. The authors' mask gives a hidden key −100 instead of
+a_g = 0 (relative weight e^−100: below fp32's resolution of the sums). Reference tokens that ``ref_mask`` hides
+are not keys at all (:func:`visible_reference`).
 
-An allowed (query, key) pair sums only zeros in the group dimensions (no large values cancel: its logit is
-exact); a disallowed one gets −MASK as the authors' mask gives it. Reference tokens that ``ref_mask`` hides
-(the authors: −MASK on every query) are not keys at all here (see :func:`visible_reference`).
+So a block runs one fused attention over the shared keys (the plain FLUX attention) and one per subject group
+(a few hundred keys each); the Redux tokens are placed FIRST in the text (a view then gives the shared keys).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .routing import MASK_OFFSET
-
-__all__ = ["extra_dims", "key_extras", "query_extras", "joint_attention", "visible_reference", "KeyPlan"]
-
-
-def extra_dims(num_subjects: int) -> int:
-    """Extra head dimensions for n subjects: n + 1 routes (the last: none) + 1 offset, a multiple of 8."""
-    return -(-(num_subjects + 2) // 8) * 8
+__all__ = ["KeyPlan", "joint_attention", "attention_lse", "merge_attention", "subject_log_weights",
+           "visible_reference", "plain_attention"]
 
 
-class KeyPlan:
-    """The keys of one model call's joint attentions, in order: prompt (shared), Redux tokens (subject of
-    each), image (shared), visible reference tokens (subject and logit offset of each). Built on the host;
-    :meth:`extras` is what every block of the call shares."""
-
-    def __init__(self, prompt: int, redux_subjects: Sequence[int], image: int, ref_subjects: Sequence[int],
-                 ref_offsets: Sequence[float], num_subjects: int):
-        self.prompt, self.image, self.num_subjects = int(prompt), int(image), int(num_subjects)
-        self.redux_subjects = [int(s) for s in redux_subjects]
-        self.ref_subjects = [int(s) for s in ref_subjects]
-        self.ref_offsets = [float(o) for o in ref_offsets]
-        if len(self.ref_offsets) != len(self.ref_subjects):
-            raise ValueError("one offset per reference key")
-
-    @property
-    def text(self) -> int:
-        return self.prompt + len(self.redux_subjects)
-
-    @property
-    def queries(self) -> int:
-        return self.text + self.image
-
-    @property
-    def keys(self) -> int:
-        return self.queries + len(self.ref_subjects)
-
-    def needs_extras(self, routed: bool, null_rows: bool) -> bool:
-        """Whether any bias applies: a logit offset, routing among 2+ subjects present in the keys, or rows
-        that must see no subject; else the joint attention is the plain one over all keys."""
-        grouped = bool(self.redux_subjects or self.ref_subjects)
-        return (any(o != 0 for o in self.ref_offsets) or (routed and grouped and self.num_subjects > 1)
-                or (null_rows and grouped))
-
-    def extras(self, head_dim: int, dtype, device) -> torch.Tensor:
-        """k_e of every key, [keys, E]."""
-        return key_extras(self.prompt, self.redux_subjects, self.image, self.ref_subjects, self.ref_offsets,
-                          self.num_subjects, head_dim, dtype, device)
+# ------------------------------------------------------------------------------------------------
+# attention with its log-sum-exp
+# ------------------------------------------------------------------------------------------------
+_KERNEL: dict = {}  # (device type, dtype, head dim) → the first kernel that worked there
 
 
-def key_extras(prompt: int, redux_subjects: Sequence[int], image: int, ref_subjects: Sequence[int],
-               ref_offsets: Sequence[float], num_subjects: int, head_dim: int, dtype, device) -> torch.Tensor:
-    """[prompt + redux + image + ref, E] key extras (module docstring), made on the host and sent once."""
-    n = int(num_subjects)
-    E = extra_dims(n)
-    scale = head_dim ** -0.5
-    K = prompt + len(redux_subjects) + image + len(ref_subjects)
-    out = torch.zeros(K, E, dtype=torch.float32)
-    M = MASK_OFFSET / scale
-    for start, subjects in ((prompt, redux_subjects), (prompt + len(redux_subjects) + image, ref_subjects)):
-        if not len(subjects):
+def _cudnn(q, k, v):
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+    return out[0], out[1]
+
+
+def _flash(q, k, v):
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+    return out[0], out[1]
+
+
+def _efficient(q, k, v):
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    return out[0], out[1]
+
+
+def _cpu_flash(q, k, v):
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out[0], out[1]
+
+
+def _math(q, k, v):
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v), lse
+
+
+_ORDER = {"cuda": (_cudnn, _flash, _efficient, _math), "cpu": (_cpu_flash, _math)}
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Softmax attention (scale d^−½) and its log-sum-exp: q [b, H, Q, d], k / v [b, H, K, d] → (out [b, H, Q, d],
+    lse [b, H, Q] fp32). The fused kernel is found once per device type, dtype and head dim (cuDNN, flash,
+    memory-efficient on CUDA; flash on the CPU), the plain math otherwise."""
+    b, H, Q, _ = q.shape
+    key = (q.device.type, q.dtype, q.shape[-1])
+    kernel = _KERNEL.get(key)
+    if kernel is not None:
+        out, lse = kernel(q, k, v)
+        return out, lse.reshape(b, H, -1)[..., :Q].float()
+    for kernel in _ORDER.get(q.device.type, (_math,)):
+        try:
+            out, lse = kernel(q, k, v)
+            lse = lse.reshape(b, H, -1)[..., :Q].float()
+        except (RuntimeError, NotImplementedError, AttributeError):
             continue
-        s = torch.as_tensor(list(subjects), dtype=torch.long)
-        rows = torch.arange(start, start + len(s))
-        block = torch.full((len(s), n + 1), -M)
-        block[torch.arange(len(s)), s] = 0.0
-        out[rows, : n + 1] = block
-    if len(ref_subjects):
-        start = prompt + len(redux_subjects) + image
-        out[start:, n + 1] = torch.as_tensor(list(ref_offsets), dtype=torch.float32) / scale
-    return out.to(device=device, dtype=dtype, non_blocking=True)
+        if out.shape == q.shape[:3] + v.shape[-1:] and torch.isfinite(lse).all():
+            _KERNEL[key] = kernel
+            return out, lse
+    raise RuntimeError("no attention kernel gave a log-sum-exp")  # _math always does
 
 
-def query_extras(text: int, image: int, num_subjects: int, batch: int, dtype, device,
-                 rmap: Optional[torch.Tensor] = None, null_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q_e [batch, text + image, E]: text queries see every subject; image queries the subject of ``rmap``
-    (b × n × image one-hot; None: every subject); rows where ``null_rows`` [batch] bool is set see none."""
-    n = num_subjects
-    E = extra_dims(n)
-    out = torch.zeros(batch, text + image, E, dtype=dtype, device=device)
-    out[..., n + 1] = 1
-    if rmap is not None:
-        out[:, text:, :n] = rmap.transpose(1, 2).to(dtype)
-    if null_rows is not None:  # torch.where, not boolean indexing: no device → host sync
-        null = torch.zeros(E, dtype=dtype, device=device)
-        null[n] = null[n + 1] = 1
-        out = torch.where(null_rows.to(device)[:, None, None], null, out)
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[b, H, Q, d] → [b, Q, H·d]: torch's SDPA (the FLUX attention)."""
+    b, H, Q, D = q.shape
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, Q, H * D)
+
+
+def merge_attention(parts: Sequence[tuple], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_g w_g·out_g (module docstring) from ``parts`` = [(out_g [b, H, Q, d], lse_g [b, H, Q] with the group's offset
+    and log a_g added)] → [b, Q, H·d] (written into ``out`` when given: a [b, Q, H·d] view)."""
+    o0 = parts[0][0]
+    b, H, Q, D = o0.shape
+    w = torch.softmax(torch.stack([lse for _, lse in parts]), 0).to(o0.dtype).transpose(2, 3)[..., None]
+    if out is None:
+        out = torch.empty(b, Q, H * D, dtype=o0.dtype, device=o0.device)
+    acc = out.unflatten(-1, (H, D))  # [b, Q, H, D]: the sum is written in the output's layout, no extra pass
+    torch.mul(o0.transpose(1, 2), w[0], out=acc)
+    for g in range(1, len(parts)):
+        acc.addcmul_(parts[g][0].transpose(1, 2), w[g])
     return out
 
 
-def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_extra: Optional[torch.Tensor] = None,
-                    k_extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q [b, H, Q, D], k / v [b, H, K, D] (+ q_extra [b, Q, E], k_extra [K, E] or [b, K, E]) → [b, Q, H·D].
-    Without extras: the plain attention."""
-    b, H, Q, D = q.shape
-    if q_extra is None:
-        out = F.scaled_dot_product_attention(q, k, v)
-    else:
-        E = q_extra.shape[-1]
-        K = k.shape[2]
-        ke = k_extra if k_extra.ndim == 3 else k_extra[None]
-        qx = torch.cat((q, q_extra.to(q.dtype)[:, None].expand(b, H, Q, E)), -1)
-        kx = torch.cat((k, ke.to(k.dtype)[:, None].expand(b, H, K, E)), -1)
-        vx = F.pad(v, (0, E))
-        out = F.scaled_dot_product_attention(qx, kx, vx, scale=D ** -0.5)[..., :D]
-    return out.transpose(1, 2).reshape(b, Q, H * D)
+# ------------------------------------------------------------------------------------------------
+# the key groups of one call
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Group:
+    subject: int
+    redux: Optional[tuple]  # (start, stop) in the text keys
+    ref: bool               # the subject's visible reference keys
+    offset: float
+
+
+class KeyPlan:
+    """The keys of one model call's joint attentions (built on the host, shared by every block): text = [Redux
+    tokens (subject-major; ``redux_subjects`` gives the subject of each), prompt], image; per subject with
+    references (``ref_subjects``) its visible reference keys with logit offset ``ref_offsets``. ``routed``: image
+    queries see only their routed subject; ``null_rows``: some rows see no subject."""
+
+    def __init__(self, redux_subjects: Sequence[int], prompt: int, image: int, ref_subjects: Sequence[int],
+                 ref_offsets: Sequence[float], num_subjects: int, routed: bool = False, null_rows: bool = False):
+        self.redux_subjects = [int(s) for s in redux_subjects]
+        self.prompt, self.image, self.num_subjects = int(prompt), int(image), int(num_subjects)
+        self.ref_subjects = [int(s) for s in ref_subjects]
+        self.ref_offsets = [float(o) for o in ref_offsets]
+        if len(self.ref_offsets) != len(self.ref_subjects):
+            raise ValueError("one offset per subject with references")
+        self.routed = bool(routed) and self.num_subjects > 1
+        self.null_rows = bool(null_rows)
+        # the Redux keys are the subjects' own while something routes them, else shared
+        split = bool(self.redux_subjects) and (self.routed or self.null_rows)
+        self.shared_start = len(self.redux_subjects) if split else 0
+        groups = []
+        for j in range(self.num_subjects):
+            span = None
+            if split and j in self.redux_subjects:
+                first = self.redux_subjects.index(j)
+                span = (first, first + self.redux_subjects.count(j))
+            off = self.ref_offsets[self.ref_subjects.index(j)] if j in self.ref_subjects else None
+            if off is not None and span is not None and off != 0.0:
+                groups += [_Group(j, span, False, 0.0), _Group(j, None, True, off)]
+            elif off is not None or span is not None:
+                groups.append(_Group(j, span, off is not None, off or 0.0))
+        self.groups = groups
+
+    @property
+    def text(self) -> int:
+        return len(self.redux_subjects) + self.prompt
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the joint attention needs groups (else it is the plain one over the text and image keys)."""
+        return bool(self.groups)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether some query does not see every subject group."""
+        return self.routed or self.null_rows
+
+
+def subject_log_weights(text: int, image: int, num_subjects: int, batch: int, dtype, device,
+                        rmap: Optional[torch.Tensor] = None, null_rows: Optional[torch.Tensor] = None):
+    """log a_j(u) [batch, n, text + image] (0 or −inf): text queries see every subject; image queries the subject of
+    ``rmap`` (b × n × image one-hot; None: every subject); rows where ``null_rows`` [batch] bool is set none."""
+    a = torch.ones(batch, num_subjects, text + image, dtype=torch.float32, device=device)
+    if rmap is not None:
+        a[:, :, text:] = rmap.float()
+    if null_rows is not None:  # torch.where, not boolean indexing: no device → host sync
+        a = torch.where(null_rows.to(device)[:, None, None], 0.0, a)
+    return torch.log(a)
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Optional[KeyPlan] = None,
+                    refs: Optional[dict] = None, log_w: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Queries [text, image] over the text and image keys (q, k, v [b, H, Q, d]) and the subjects' reference keys
+    ``refs`` {subject: (k, v) [b or 1, H, V, d]} → [b, Q, H·d] (into ``out`` when given). ``log_w``: the
+    :func:`subject_log_weights` of this block (None: every query sees every subject)."""
+    if plan is None or not plan.grouped:
+        res = plain_attention(q, k, v)
+        return res if out is None else out.copy_(res)
+    b = q.shape[0]
+    s = plan.shared_start
+    parts = [attention_lse(q, k[:, :, s:], v[:, :, s:])]
+    for g in plan.groups:
+        ks, vs = [], []
+        if g.redux is not None:
+            ks.append(k[:, :, g.redux[0]:g.redux[1]])
+            vs.append(v[:, :, g.redux[0]:g.redux[1]])
+        if g.ref:
+            rk, rv = refs[g.subject]
+            ks.append(rk.expand(b, -1, -1, -1))
+            vs.append(rv.expand(b, -1, -1, -1))
+        kg, vg = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
+        o, lse = attention_lse(q, kg, vg)
+        if g.offset:
+            lse = lse + g.offset
+        if log_w is not None:
+            lse = lse + log_w[:, g.subject, None]
+        parts.append((o, lse))
+    return merge_attention(parts, out)
 
 
 def visible_reference(ref_masks: Sequence[Optional[torch.Tensor]], lengths: Sequence[int], use_mask: bool):
-    """(index of the kept reference tokens in the subject-major stream, subject of each): with ``use_mask``
-    the tokens a subject's ref_mask hides are left out (the authors give them −MASK for every query);
-    host tensors, no device sync."""
-    keep, subj, pos = [], [], 0
-    for j, (m, L) in enumerate(zip(ref_masks, lengths)):
-        idx = torch.arange(pos, pos + L)
+    """Per subject, the index of its kept reference tokens in its own stream: with ``use_mask`` the tokens its
+    ref_mask hides are left out (the authors give them −MASK for every query); host tensors, no device sync."""
+    keep = []
+    for m, L in zip(ref_masks, lengths):
+        idx = torch.arange(L)
         if use_mask and m is not None:
             idx = idx[m.reshape(-1).cpu() > 0.5]
         keep.append(idx)
-        subj += [j] * len(idx)
-        pos += L
-    return (torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)), subj
+    return keep

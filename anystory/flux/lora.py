@@ -83,6 +83,28 @@ class LoraWeight:
         out = F.linear(F.linear(x, down), up, bias)
         return out if self.scale == 1.0 else out * self.scale
 
+    def add_to(self, x: torch.Tensor, out: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        """``out + delta(x)`` in two kernels (``out`` may be a strided view of another module's output: it is read,
+        not changed)."""
+        down, up, bias = self._weights(x, keep)
+        h = F.linear(x, down).flatten(0, -2)
+        if bias is not None:
+            return out + self.delta(x, keep).to(out.dtype)
+        return torch.addmm(out.reshape(h.shape[0], -1), h, up.t(), alpha=self.scale).view(out.shape)
+
+    def add_into(self, x: torch.Tensor, out: torch.Tensor, keep: bool = True) -> None:
+        """``out += delta(x)`` in place (``out``: a view of the module's output; two kernels where it is a 2-d
+        view, as one image's rows are)."""
+        down, up, bias = self._weights(x, keep)
+        try:
+            flat = out.view(-1, out.shape[-1])
+        except RuntimeError:
+            flat = None
+        if flat is None or bias is not None or out.dtype != x.dtype:
+            out += self.delta(x, keep).to(out.dtype)
+            return
+        flat.addmm_(F.linear(x, down).flatten(0, -2), up.t(), alpha=self.scale)
+
     def release(self) -> None:
         """Drop the cast copies (device memory)."""
         self._cast.clear()
@@ -207,6 +229,13 @@ class StreamLoRA:
         out = out.clone()
         for offset, w in entries:
             out[..., offset: offset + w.out_features] += w.delta(x, self.keep).to(out.dtype)
+        return out
+
+    def add_(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out += `` this stream's deltas at ``path``, in place (``out``: the module's own output for ``x``, or the
+        rows of it that ``x`` gives)."""
+        for offset, w in self.by_module.get(path, ()):
+            w.add_into(x, out[..., offset: offset + w.out_features], self.keep)
         return out
 
     def release(self) -> None:

@@ -57,19 +57,37 @@ def grouped_self_attention(q, k, v, groups: int) -> torch.Tensor:
     """Attention of each subject's reference tokens to themselves only (tokens are subject-major)."""
     if groups == 1:
         return merge_heads(F.scaled_dot_product_attention(q, k, v))
-    b, h, n, d = q.shape
-    split = lambda t: t.reshape(b, h, groups, n // groups, d)  # noqa: E731
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v)).reshape(b, h, n, d)
-    return merge_heads(out)
+    L = q.shape[2] // groups  # one fused attention per subject on views (a 5-d call would take the math kernel)
+    spans = [slice(i * L, (i + 1) * L) for i in range(groups)]
+    return merge_heads(torch.cat([F.scaled_dot_product_attention(q[:, :, s], k[:, :, s], v[:, :, s])
+                                  for s in spans], 2))
 
 
 def reference_kv(dm, ref_tokens: torch.Tensor, ref_pe: torch.Tensor, vec_ref: torch.Tensor, lora: StreamLoRA,
-                 num_conds: int) -> list:
-    """(k, v) of the reference stream in every block (double blocks first, then single).
+                 num_conds: int, keep: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                 subjects: Optional[Sequence[int]] = None) -> list:
+    """Per block (double blocks first, then single) {subject: (k, v)} of the reference stream's visible tokens.
 
     dm: the FLUX model (ComfyUI ``comfy.ldm.flux.model.Flux``: ``img_in``, ``double_blocks``, ``single_blocks``);
-    ref_tokens: b × n·Lr × 64 packed, processed latents (subject-major); ref_pe: their rope (b × 1 × n·Lr × …);
-    vec_ref: the modulation vector at t = 0."""
+    ref_tokens: b × n·Lr × 64 packed, processed latents (subject-major, n = ``num_conds`` streams of Lr tokens);
+    ref_pe: their rope (b × 1 × n·Lr × …); vec_ref: the modulation vector at t = 0; keep: per stream the index of
+    its visible tokens (device tensors; None: all), taken as each block's k, v are made (the hidden ones are never
+    held); subjects: the subject of each stream (default 0…n−1)."""
+    subjects = list(range(num_conds)) if subjects is None else list(subjects)
+    keep = [None] * num_conds if keep is None else list(keep)
+    Lr = ref_tokens.shape[1] // num_conds
+
+    def visible(k, v):
+        out = {}
+        for i, j in enumerate(subjects):
+            ks, vs = k[:, :, i * Lr:(i + 1) * Lr], v[:, :, i * Lr:(i + 1) * Lr]
+            if keep[i] is not None:
+                ks, vs = ks.index_select(2, keep[i]), vs.index_select(2, keep[i])
+            else:
+                ks, vs = ks.contiguous(), vs.contiguous()
+            out[j] = (ks, vs)
+        return out
+
     h = call(dm.img_in, "img_in", ref_tokens, lora)
     kv = []
     for i, block in enumerate(dm.double_blocks):
@@ -79,7 +97,7 @@ def reference_kv(dm, ref_tokens: torch.Tensor, ref_pe: torch.Tensor, vec_ref: to
         q, k, v = split_heads(call(block.img_attn.qkv, f"{path}.img_attn.qkv", x, lora), block.num_heads)
         q, k = block.img_attn.norm(q, k, v)
         q, k = apply_rope(q, ref_pe), apply_rope(k, ref_pe)
-        kv.append((k, v))
+        kv.append(visible(k, v))
         attn = grouped_self_attention(q, k, v, num_conds)
         h = h + mods[0][2] * call(block.img_attn.proj, f"{path}.img_attn.proj", attn, lora)
         x = modulate(block.img_norm2(h), mods[1])
@@ -94,7 +112,7 @@ def reference_kv(dm, ref_tokens: torch.Tensor, ref_pe: torch.Tensor, vec_ref: to
         q, k, v = split_heads(qkv, block.num_heads)
         q, k = block.norm(q, k, v)
         q, k = apply_rope(q, ref_pe), apply_rope(k, ref_pe)
-        kv.append((k, v))
+        kv.append(visible(k, v))
         if i + 1 < len(dm.single_blocks):  # the last block's output is never used
             attn = grouped_self_attention(q, k, v, num_conds)
             out = call(block.linear2, f"{path}.linear2", torch.cat((attn, block.mlp_act(mlp)), 2), lora)

@@ -8,9 +8,9 @@
   wrappers) drives :class:`FluxAnyStoryPatch` as its runtime: a run begins and ends (the reference cache and the
   recorder live for one run), each step's index comes from the run's schedule without a host sync (σ from the
   call count), the start/end percent window and the cond/uncond rows are the driver's. Per model call
-  (:meth:`FluxAnyStoryPatch.run_call`) the scaled Redux tokens are appended to the text conditioning while they
-  are active (the authors concatenate them before ``context_embedder``: ComfyUI's ``txt_in`` and zero text ids do
-  the same), the routing stream and the reference keys/values are prepared, and the blocks get a
+  (:meth:`FluxAnyStoryPatch.run_call`) the scaled Redux tokens join the text conditioning while they are active
+  (the authors append them before ``context_embedder``; here they go FIRST, so that the keys every query sees are
+  one view: the same attention, ComfyUI's ``txt_in`` and zero text ids treat every text token alike), the routing stream and the reference keys/values are prepared, and the blocks get a
   :class:`anystory.flux.blocks.FluxCallState` in a copy of ``transformer_options``.
 
 The model's weights are never touched: every projection is the model's own module call (comfy.ops casting, fp8,
@@ -40,7 +40,7 @@ import comfy.lora
 
 from ...anystory.flux.blocks import FluxCallState, RouterStream, double_block_forward, single_block_forward
 from ...anystory.flux.checkpoint import AnyStoryFluxWeights
-from ...anystory.flux.fast import KeyPlan, extra_dims, visible_reference
+from ...anystory.flux.fast import KeyPlan, visible_reference
 from ...anystory.flux.lora import REF_SITES, ROUTER_SITES, lora_targets
 from ...anystory.flux.reference import flux_vec, ref_position_ids, reference_kv, router_stream_input
 from ...anystory.flux.subject import FluxSubject
@@ -140,12 +140,12 @@ class FluxAnyStoryPatch:
         self.ref_subjects = [j for j, g in enumerate(self.ref_gains) if g > 0]
         lengths = [self.subjects[j].ref_tokens.shape[1] for j in self.ref_subjects]
         masks = [self.subjects[j].ref_mask for j in self.ref_subjects]
-        keep, owner = visible_reference(masks, lengths, self.settings.enable_ref_mask)
-        self.ref_keep = keep
-        self.ref_key_subjects = [self.ref_subjects[i] for i in owner]
-        self.ref_key_gain_offsets = [math.log(self.ref_gains[j]) for j in self.ref_key_subjects]
+        keep = visible_reference(masks, lengths, self.settings.enable_ref_mask)
+        self.ref_keep = [None if len(k) == L else k for k, L in zip(keep, lengths)]  # None: every token
+        self.ref_visible = {j: len(k) for j, k in zip(self.ref_subjects, keep)}
+        self.ref_key_count = sum(self.ref_visible.values())
         self._ref_cache: list = []  # [(key, kv)] for the current run
-        self._run: dict = {}        # per-run device copies and key extras
+        self._run: dict = {}        # per-run device copies
         self.maps: dict = {}        # step → {(kind, i): routing map} when settings.record_maps
 
     def __deepcopy__(self, memo):
@@ -223,10 +223,10 @@ class FluxAnyStoryPatch:
             y = torch.zeros((b, dm.params.vec_in_dim), device=dev, dtype=dtype)
         prompt_len = context.shape[1]
         redux_subjects = []
-        if redux_on:
+        if redux_on:  # FIRST in the text (the authors append them: the same attention, the shared keys one view)
             tokens = self._device("redux", dev, context.dtype, lambda: torch.cat(
                 [self.subjects[j].redux_tokens * (s.redux_scale * self.redux_gains[j]) for j in redux], 1))
-            context = torch.cat([context, tokens.expand(b, -1, -1)], 1)
+            context = torch.cat([tokens.expand(b, -1, -1), context], 1)
             for j in redux:
                 redux_subjects += [j] * self.subjects[j].redux_tokens.shape[1]
             a["context"] = context
@@ -240,8 +240,8 @@ class FluxAnyStoryPatch:
         ref_keys, offsets = [], []
         if ref_on:
             st.ref_kv = self._reference(dm, y, guidance, b, dtype, dev, call)
-            ref_keys = self.ref_key_subjects
-            offsets = [s.ref_shift + o for o in self.ref_key_gain_offsets]
+            ref_keys = [j for j, count in self.ref_visible.items() if count > 0]
+            offsets = [s.ref_shift + math.log(self.ref_gains[j]) for j in ref_keys]
         if s.enable_router:
             tokens = self._device("router", dev, dtype, lambda: torch.cat([sub.router_tokens for sub in self.subjects],
                                                                          1))
@@ -249,11 +249,9 @@ class FluxAnyStoryPatch:
             ids = torch.zeros((b, tokens.shape[1], 3), device=dev, dtype=dtype)
             st.router = RouterStream(hidden, dm.pe_embedder(ids))
         h_len, w_len = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
-        plan = KeyPlan(prompt_len, redux_subjects, h_len * w_len, ref_keys, offsets, self.num_subjects)
-        if plan.needs_extras(routed=st.router is not None, null_rows=null_rows is not None):
-            st.plan = plan
-            D = dm.params.hidden_size // dm.params.num_heads
-            st.key_extra = self._key_extra(plan, D, dtype, dev)
+        plan = KeyPlan(redux_subjects, prompt_len, h_len * w_len, ref_keys, offsets, self.num_subjects,
+                       routed=st.router is not None, null_rows=null_rows is not None)
+        st.plan = plan if plan.grouped else None
         to = dict(to)
         to[self.state_key] = st
         to[MODEL_KEY] = dm
@@ -285,14 +283,6 @@ class FluxAnyStoryPatch:
                 if not c:
                     host[sl] = True
             t = self._run[key] = host.to(dev)
-        return t
-
-    def _key_extra(self, plan: KeyPlan, head_dim: int, dtype, dev):
-        key = ("kx", plan.prompt, tuple(plan.redux_subjects), plan.image, tuple(plan.ref_subjects),
-               tuple(plan.ref_offsets), head_dim, dtype, dev)
-        t = self._run.get(key)
-        if t is None:
-            t = self._run[key] = plan.extras(head_dim, dtype, dev)
         return t
 
     def _record(self, maps: dict, step: int, call, hw: tuple) -> None:
@@ -328,8 +318,7 @@ class FluxAnyStoryPatch:
             rec.record(step, ("single", i), hw, idx, idx)
 
     def _reference(self, dm, y, guidance, b, dtype, dev, call) -> list:
-        """Per-block reference (k, v) of the visible reference tokens for this batch, b × heads × keys × d: the
-        reference pass runs once per run for the first positive prompt's pooled vector and guidance (the
+        """Per block {subject: (k, v)} of the visible reference tokens, 1 × heads × keys × d: the reference pass runs once per run for the first positive prompt's pooled vector and guidance (the
         authors' ``cache_ref``; a run over several prompts computes it per prompt), every step when the ref
         cache is off."""
         rows = next((sl for sl, c in call.chunks if c), slice(0, b))
@@ -358,9 +347,7 @@ class FluxAnyStoryPatch:
                                          None if (cond_uuid or gr is None) else gr.clone()), kv))
                 del self._ref_cache[:-4]
                 self.ref_lora.release()  # cast copies of the ref LoRA: not needed again this run
-        if b == 1:
-            return kv
-        return [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv]
+        return kv
 
     def _reference_pass(self, dm, y, guidance, dtype, dev) -> list:
         subs = [self.subjects[j] for j in self.ref_subjects]
@@ -369,11 +356,9 @@ class FluxAnyStoryPatch:
             [ref_position_ids(*sub.ref_hw, self.position_delta) for sub in subs]))
         ref_pe = dm.pe_embedder(ids[None])
         vec_ref = flux_vec(dm, torch.zeros(1, device=dev, dtype=torch.float32), y, guidance, dtype)
-        kv = reference_kv(dm, tokens, ref_pe, vec_ref, self.ref_lora, len(subs))
-        keep = self._device("ref_keep", dev, torch.long, lambda: self.ref_keep)
-        if keep.numel() == tokens.shape[1]:
-            return kv
-        return [(k.index_select(2, keep), v.index_select(2, keep)) for k, v in kv]
+        keep = [None if k is None else self._device(("ref_keep", i), dev, torch.long, lambda k=k: k)
+                for i, k in enumerate(self.ref_keep)]
+        return reference_kv(dm, tokens, ref_pe, vec_ref, self.ref_lora, len(subs), keep, self.ref_subjects)
 
 
 class _DoubleReplace:
@@ -428,5 +413,4 @@ def apply_anystory_flux(model, weights: AnyStoryFluxWeights, subjects: Sequence[
     return m, patch
 
 
-__all__ = ["AnyStoryFluxError", "FluxSettings", "FluxAnyStoryPatch", "apply_anystory_flux", "step_of",
-           "extra_dims"]
+__all__ = ["AnyStoryFluxError", "FluxSettings", "FluxAnyStoryPatch", "apply_anystory_flux", "step_of"]

@@ -185,13 +185,15 @@ def _merged(x):
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-@pytest.mark.parametrize("shift,routed", [(0.5, True), (0.0, True), (-1.25, False)])
-def test_fast_joint_attention_equals_the_dense_bias(shift, routed):
-    """Keys the ref_mask hides left out, the routing / shift carried in extra head dimensions: the same attention
-    as the authors' dense mask (their −100 offsets: exp(−100) is below fp32's resolution of the sums)."""
-    from anystory.flux.fast import KeyPlan, joint_attention, query_extras, visible_reference
+@pytest.mark.parametrize("shift,routed,redux", [(0.5, True, True), (0.0, True, True), (-1.25, False, True),
+                                                 (0.0, False, False), (0.75, True, False)])
+def test_fast_joint_attention_equals_the_dense_bias(shift, routed, redux):
+    """Keys the ref_mask hides left out, the rest in key groups merged by their log-sum-exp: the same attention as
+    the authors' dense mask (their −100 offsets: exp(−100) is below fp32's resolution of the sums). The pack puts
+    the Redux tokens first in the text, the authors last: the rows are compared in the authors' order."""
+    from anystory.flux.fast import KeyPlan, joint_attention, subject_log_weights, visible_reference
     g = torch.Generator().manual_seed(11)
-    n, P, R, img, Lr, H, D, b = 2, 5, 3, 6, 4, 2, 16, 2
+    n, P, R, img, Lr, H, D, b = 2, 5, 3 if redux else 0, 6, 4, 2, 16, 2
     lay = TokenLayout(prompt=P, redux=n * R, image=img, ref=n * Lr, num_conds=n)
     q = torch.randn(b, H, lay.queries, D, generator=g)
     k, v = torch.randn(b, H, lay.keys, D, generator=g), torch.randn(b, H, lay.keys, D, generator=g)
@@ -200,19 +202,46 @@ def test_fast_joint_attention_equals_the_dense_bias(shift, routed):
     bias = attention_bias(lay, b, torch.float32, "cpu", ref_mask.expand(b, -1, -1), shift, rmap if routed else None)
     want = _merged(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias))
 
-    keep, owner = visible_reference([ref_mask[:, :Lr], ref_mask[:, Lr:]], [Lr, Lr], True)
-    assert keep.tolist() == [0, 2, 3, 5, 6] and owner == [0, 0, 0, 1, 1]
-    cols = torch.cat([torch.arange(lay.queries), lay.queries + keep])
-    plan = KeyPlan(P, [0] * R + [1] * R, img, owner, [shift] * len(owner), n)
-    assert plan.needs_extras(routed, False) == (routed or shift != 0)
-    qe = query_extras(lay.text, img, n, b, torch.float32, "cpu", rmap if routed else None)
-    got = joint_attention(q, k[:, :, cols], v[:, :, cols], qe, plan.extras(D, torch.float32, "cpu"))
-    assert (got - want).abs().max() < 2e-6
+    keep = visible_reference([ref_mask[:, :Lr], ref_mask[:, Lr:]], [Lr, Lr], True)
+    assert [t.tolist() for t in keep] == [[0, 2, 3], [1, 2]]
+    # the pack's layout: text = [Redux, prompt], then image; reference keys per subject
+    order = torch.cat([torch.arange(P, P + n * R), torch.arange(P), torch.arange(lay.text, lay.queries)])
+    qp, kp, vp = q[:, :, order], k[:, :, order], v[:, :, order]
+    refs = {j: (k[:, :, lay.queries + j * Lr + keep[j]], v[:, :, lay.queries + j * Lr + keep[j]]) for j in range(n)}
+    plan = KeyPlan([0] * R + [1] * R, P, img, [0, 1], [shift, shift], n, routed=routed)
+    assert plan.grouped
+    log_w = subject_log_weights(lay.text, img, n, b, torch.float32, "cpu", rmap) if routed else None
+    got = joint_attention(qp, kp, vp, plan, refs, log_w)
+    back = torch.argsort(order)
+    assert (got[:, back] - want).abs().max() < 2e-6
 
     # a row of a negative prompt sees no subject: the plain attention over prompt and image keys
+    plan = KeyPlan([0] * R + [1] * R, P, img, [0, 1], [shift, shift], n, routed=routed, null_rows=True)
     null = torch.tensor([False, True])
-    qe = query_extras(lay.text, img, n, b, torch.float32, "cpu", rmap if routed else None, null)
-    got = joint_attention(q, k[:, :, cols], v[:, :, cols], qe, plan.extras(D, torch.float32, "cpu"))
+    log_w = subject_log_weights(lay.text, img, n, b, torch.float32, "cpu", rmap if routed else None, null)
+    got = joint_attention(qp, kp, vp, plan, refs, log_w)[:, back]
     shared = torch.cat([torch.arange(P), torch.arange(lay.text, lay.queries)])
     plain = _merged(torch.nn.functional.scaled_dot_product_attention(q[1:], k[1:, :, shared], v[1:, :, shared]))
     assert (got[1:] - plain).abs().max() < 2e-6 and (got[:1] - want[:1]).abs().max() < 2e-6
+
+    # a subject without Redux tokens or references adds no group; nothing to group: the plain attention
+    assert len(KeyPlan([0] * R, P, img, [], [], n, routed=routed).groups) == (1 if redux and routed else 0)
+    assert not KeyPlan([0] * R + [1] * R, P, img, [], [], n, routed=False).grouped
+
+
+def test_attention_lse_kernels_agree():
+    """Every kernel attention_lse may pick gives the math form's output and log-sum-exp (the CPU ones here; the
+    CUDA ones in tests/anystory/flux/test_flux_cuda.py)."""
+    from anystory.flux import fast
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (7, 11, 11))
+    want, want_lse = fast._math(q, k, v)
+    torch.testing.assert_close(want, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    for kernel in fast._ORDER["cpu"]:
+        out, lse = kernel(q, k, v)
+        torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(lse.reshape(2, 3, -1)[..., :7].float(), want_lse, atol=2e-6, rtol=1e-5)
+    out, lse = fast.attention_lse(q, k[:, :, 2:], v[:, :, 2:])  # views, as the shared keys are
+    want, want_lse = fast._math(q, k[:, :, 2:].contiguous(), v[:, :, 2:].contiguous())
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
