@@ -76,18 +76,23 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     key = (q.device.type, q.dtype, q.shape[-1])
     kernel = _KERNEL.get(key)
     if kernel is not None:
-        out, lse = kernel(q, k, v)
-        return out, lse.reshape(b, H, -1)[..., :Q].float()
-    for kernel in _ORDER.get(q.device.type, (_math,)):
         try:
             out, lse = kernel(q, k, v)
+            return out, lse.reshape(b, H, -1)[..., :Q].float()
+        except (RuntimeError, NotImplementedError):  # a shape the kernel does not take: look again, for this call
+            pass
+    for candidate in _ORDER.get(q.device.type, (_math,)):
+        if candidate is kernel:
+            continue
+        try:
+            out, lse = candidate(q, k, v)
             lse = lse.reshape(b, H, -1)[..., :Q].float()
         except (RuntimeError, NotImplementedError, AttributeError):
             continue
-        if out.shape == q.shape[:3] + v.shape[-1:] and torch.isfinite(lse).all():
-            _KERNEL[key] = kernel
+        if out.shape == q.shape[:3] + v.shape[-1:] and (kernel is not None or torch.isfinite(lse).all()):
+            _KERNEL.setdefault(key, candidate)
             return out, lse
-    raise RuntimeError("no attention kernel gave a log-sum-exp")  # _math always does
+    return _math(q, k, v)
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

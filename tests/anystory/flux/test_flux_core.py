@@ -245,3 +245,26 @@ def test_attention_lse_kernels_agree():
     want, want_lse = fast._math(q, k[:, :, 2:].contiguous(), v[:, :, 2:].contiguous())
     torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
+
+def test_attention_lse_falls_back_where_its_kernel_refuses_a_shape(monkeypatch):
+    """A fused kernel that takes some shapes and refuses others (as cuDNN may): the refused call is served by the
+    next kernel, the cached choice stays."""
+    from anystory.flux import fast
+    calls = []
+
+    def picky(q, k, v):
+        calls.append(k.shape[2])
+        if k.shape[2] > 10:
+            raise RuntimeError("no kernel for this shape")
+        return fast._math(q, k, v)
+
+    monkeypatch.setattr(fast, "_KERNEL", {})
+    monkeypatch.setitem(fast._ORDER, "cpu", (picky, fast._math))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (4, 16, 16))
+    for keys in (8, 16, 8):
+        out, lse = fast.attention_lse(q, k[:, :, :keys], v[:, :, :keys])
+        want, want_lse = fast._math(q, k[:, :, :keys], v[:, :, :keys])
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(lse, want_lse)
+    assert fast._KERNEL[("cpu", torch.float32, 8)] is picky and calls == [8, 16, 8]
