@@ -81,8 +81,16 @@ def attn_part(log) -> None:
         log(f"attn pack: key groups, router {'on' if routed else 'off'}, Redux {'on' if redux else 'off'} "
             f"({tq} queries, {len(plan.groups) + 1} groups) {cuda_ms(grouped):7.3f} ms (kernel "
             f"{fast._KERNEL.get(('cuda', dt, D)).__name__})")
+    ops = torch.ops.aten
+    for lse in (False, True):
+        log(f"attn cudnn op, shared keys as a view ({Q} × {Q - 162}), log-sum-exp {lse}: "
+            f"{cuda_ms(lambda: ops._scaled_dot_product_cudnn_attention(q, k[:, :, 162:], v[:, :, 162:], None, lse)):7.3f} ms")
+    log(f"attn cudnn op, one subject (81 + {Vis // 2} keys): "
+        f"{cuda_ms(lambda: ops._scaled_dot_product_cudnn_attention(q, refs[0][0], refs[0][1], None, True)):7.3f} ms")
     r_q = rnd(1, H, 18, D)
-    log(f"attn router tokens over image + routing keys {cuda_ms(lambda: fast.merge_attention([fast.attention_lse(r_q, k[:, :, 674:], v[:, :, 674:]), fast.attention_lse(r_q, r_q, r_q)])):7.3f} ms")
+    blocks = fb.pack_module("anystory.flux.blocks")
+    log(f"attn router tokens over image + routing keys "
+        f"{cuda_ms(lambda: blocks._router_attention(r_q, k[:, :, 674:], v[:, :, 674:], r_q, r_q)):7.3f} ms")
     # the fast form against the dense bias (the authors' form) at these shapes, in bf16
     routing = fb.pack_module("anystory.flux.routing")
     order = torch.cat([torch.arange(162, 674), torch.arange(162), torch.arange(674, Q)]).to(dev)
@@ -130,14 +138,39 @@ def ablate_part(b: "fb.Bench", log, steps: int) -> None:
     torch.cuda.empty_cache()
 
 
+REGIONS = ("_route", "_router_attention", "joint_attention", "_text_router_qkv", "_text_router_post", "modulation_pair",
+           "subject_log_weights", "_stream_qkv", "_stream_post", "modulation", "double_block_forward",
+           "single_block_forward")
+
+
+def label_regions():
+    """Wrap the FLUX block functions in profiler ranges ("as::<name>": their CUDA time in the table)."""
+    import functools
+
+    import torch
+    blocks = fb.pack_module("anystory.flux.blocks")
+    patch = fb.pack_module("nodes.flux.patch")
+    for name in REGIONS:
+        fn = getattr(blocks, name)
+
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            with torch.profiler.record_function(f"as::{_name}"):
+                return _fn(*a, **k)
+        functools.update_wrapper(wrapped, fn)
+        setattr(blocks, name, wrapped)
+        if hasattr(patch, name):
+            setattr(patch, name, wrapped)
+
+
 def profile_part(b: "fb.Bench", log, out: Path) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
+    label_regions()
     pack = fb.load_pack()
     anystory, _ = fb.make_anystory(b.cfg, b.args.lora_rank, b.device, b.dtype, False)
     subs = fb.pack_subjects(anystory, fb.subject_inputs(b.cfg, 2))
     opts = pack.NODE_CLASS_MAPPINGS["AnyStoryFluxOptions"]().options(**dict(fb.SETTINGS, ref_start=0.0,
-                                                                            redux_start=0.0, redux_end=1.0))[0]
+                                                                            redux_scale=0.0))[0]  # typical steps
     patched, _ = pack.NODE_CLASS_MAPPINGS["AnyStoryApply"]().apply(b.model, anystory, subs, flux_options=opts)
     for name, model in (("plain", b.model), ("anystory", patched)):
         b.comfy_sampling(model, 2)
@@ -145,9 +178,15 @@ def profile_part(b: "fb.Bench", log, out: Path) -> None:
             t0 = time.perf_counter()
             b.comfy_sampling(model, 4)
             log(f"profile {name}: 4 steps {time.perf_counter() - t0:.2f} s (profiled)")
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+        events = prof.key_averages()
+        table = events.table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=70)
         (out / f"profile_{name}.txt").write_text(table)
-        log(f"profile {name}:\n" + "\n".join(table.splitlines()[:45]))
+        log(f"profile {name}:\n" + "\n".join(table.splitlines()[:30]))
+        for e in sorted(events, key=lambda e: -e.device_time_total):
+            if e.key.startswith("as::"):
+                log(f"region {name} {e.key:32s} calls {e.count:6d}  CUDA {e.device_time_total / 1e3:8.2f} ms")
+        log(f"profile {name}: CUDA kernels total {sum(e.self_device_time_total for e in events) / 1e3:.1f} ms, "
+            f"CPU {sum(e.self_cpu_time_total for e in events) / 1e3:.1f} ms")
 
 
 def main() -> int:

@@ -144,8 +144,8 @@ def _route(q_norm, k_norm, st: FluxCallState, kind: str, index: int, r_base_q, r
     lo = st.routing[(kind, index)]
     map_q = split_heads(lo["q"].add_to(r_x, r_base_q), heads, 1)[0]
     map_q = apply_rope(q_norm(map_q).to(dtype), r_pe)
-    map_k = split_heads(lo["k"].add_to(img_x, img_base_k), heads, 1)[0]
-    map_k = apply_rope(k_norm(map_k).to(dtype).mean(1, keepdim=True), img_pe)
+    map_k = lo["k"].add_to(img_x, img_base_k).unflatten(-1, (heads, -1))  # b × L × heads × d (no head-major copy)
+    map_k = apply_rope(k_norm(map_k).to(dtype).mean(2).unsqueeze(1), img_pe)
     rmap = routing_map(map_q, map_k, st.num_conds)
     if st.maps is not None:
         st.maps[(kind, index)] = rmap
