@@ -8,7 +8,9 @@
   pack can use (the plain FLUX attention beside it);
 - ``ablate``: ms/step and peak VRAM of the pack with pieces switched off (router, references, Redux), plain
   FLUX beside each, and the device memory the AnyStory weights and the reference cache hold;
-- ``profile``: torch.profiler of a few steps, plain and AnyStory: the CUDA kernels by total time.
+- ``profile``: torch.profiler of a few steps, plain and AnyStory: the CUDA kernels by total time, and the CUDA time
+  of each function of ``anystory/flux/blocks.py`` (profiler ranges; each appears twice: the kernels it launched,
+  and its span on the GPU).
 """
 from __future__ import annotations
 
@@ -185,8 +187,10 @@ def profile_part(b: "fb.Bench", log, out: Path) -> None:
         for e in sorted(events, key=lambda e: -e.device_time_total):
             if e.key.startswith("as::"):
                 log(f"region {name} {e.key:32s} calls {e.count:6d}  CUDA {e.device_time_total / 1e3:8.2f} ms")
-        log(f"profile {name}: CUDA kernels total {sum(e.self_device_time_total for e in events) / 1e3:.1f} ms, "
-            f"CPU {sum(e.self_cpu_time_total for e in events) / 1e3:.1f} ms")
+        kernels = sum(e.self_device_time_total for e in events
+                      if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("as::"))
+        log(f"profile {name}: CUDA kernels total {kernels / 1e3:.1f} ms, CPU (profiled) "
+            f"{sum(e.self_cpu_time_total for e in events) / 1e3:.1f} ms")
 
 
 def main() -> int:
