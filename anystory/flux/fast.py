@@ -59,10 +59,18 @@ def _cpu_flash(q, k, v):
     return out[0], out[1]
 
 
-def _math(q, k, v):
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    lse = torch.logsumexp(s, -1)
-    return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v), lse
+def _math(q, k, v, budget: int = 1 << 26):
+    """The plain form, in query chunks of at most ``budget`` fp32 logits (no fused kernel here, e.g. MPS)."""
+    b, H, Q, _ = q.shape
+    step = max(1, budget // max(1, b * H * k.shape[2]))
+    kt = k.float().transpose(-1, -2)
+    outs, lses = [], []
+    for i in range(0, Q, step):
+        s = torch.matmul(q[:, :, i:i + step].float(), kt) * q.shape[-1] ** -0.5
+        lse = torch.logsumexp(s, -1)
+        outs.append(torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v))
+        lses.append(lse)
+    return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
 
 
 _ORDER = {"cuda": (_cudnn, _flash, _efficient, _math), "cpu": (_cpu_flash, _math)}
@@ -79,7 +87,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         try:
             out, lse = kernel(q, k, v)
             return out, lse.reshape(b, H, -1)[..., :Q].float()
-        except (RuntimeError, NotImplementedError):  # a shape the kernel does not take: look again, for this call
+        except (RuntimeError, NotImplementedError, TypeError):  # a shape the kernel does not take: look again
             pass
     for candidate in _ORDER.get(q.device.type, (_math,)):
         if candidate is kernel:
@@ -87,7 +95,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         try:
             out, lse = candidate(q, k, v)
             lse = lse.reshape(b, H, -1)[..., :Q].float()
-        except (RuntimeError, NotImplementedError, AttributeError):
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
             continue
         if out.shape == q.shape[:3] + v.shape[-1:] and (kernel is not None or torch.isfinite(lse).all()):
             _KERNEL.setdefault(key, candidate)

@@ -241,6 +241,9 @@ def test_attention_lse_kernels_agree():
         out, lse = kernel(q, k, v)
         torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(lse.reshape(2, 3, -1)[..., :7].float(), want_lse, atol=2e-6, rtol=1e-5)
+    chunked = fast._math(q, k, v, budget=2 * 3 * 11 * 3)  # 3 queries a chunk (devices without a fused kernel)
+    torch.testing.assert_close(chunked[0], want)
+    torch.testing.assert_close(chunked[1], want_lse)
     out, lse = fast.attention_lse(q, k[:, :, 2:], v[:, :, 2:])  # views, as the shared keys are
     want, want_lse = fast._math(q, k[:, :, 2:].contiguous(), v[:, :, 2:].contiguous())
     torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
