@@ -503,16 +503,19 @@ def test_negative_prompt_rows_are_plain_flux(pack, comfy, flux_model, anystory, 
     ctx = torch.cat([inp["prompt_embeds"], inp["prompt_embeds"].flip(1)])
     y = torch.cat([inp["pooled"], inp["pooled"].flip(1)])
 
-    def call(model):
+    def call(model, rows=2):
         to = dict(model.model_options["transformer_options"])
-        to.update(wrappers=model.wrappers, sigmas=sigma, sample_sigmas=inp["sigmas"], cond_or_uncond=[0, 1])
+        to.update(wrappers=model.wrappers, sigmas=sigma[:rows], sample_sigmas=inp["sigmas"],
+                  cond_or_uncond=[0, 1][:rows])
         with torch.no_grad():
-            return model.model.diffusion_model(x, sigma, ctx, y=y, guidance=torch.tensor([3.5, 3.5]),
-                                               transformer_options=to)
+            return model.model.diffusion_model(x[:rows], sigma[:rows], ctx[:rows], y=y[:rows],
+                                               guidance=torch.tensor([3.5, 3.5])[:rows], transformer_options=to)
 
     ours, plain = call(patched), call(flux_model)
     assert (ours[1] - plain[1]).abs().max().item() < 1e-5          # the negative row: plain FLUX
     assert (ours[0] - plain[0]).abs().max().item() > 1e-2          # the positive row: AnyStory acted
+    alone = call(patched, rows=1)                                   # ... as it does without the negative row
+    assert (ours[0] - alone[0]).abs().max().item() < 1e-5
 
 
 def test_flux_encode_warns_like_sdxl_when_the_background_would_be_encoded(pack, anystory, redux, golden_masks):
