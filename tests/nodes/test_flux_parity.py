@@ -219,3 +219,24 @@ def test_bf16_model_runs_close_to_fp32(mods, weights, comfy):
     rel = ((ff.pack(v.float()) - ref).norm() / ref.norm()).item()
     assert rel < 0.05, f"bf16 relative error {rel:.3f}"
     assert next(model16.model.diffusion_model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_fully_masked_reference_is_the_same_as_no_reference(mods, flux_model, weights):
+    """A subject whose ref_mask hides every reference token (the authors: −100 on all its reference keys) gives
+    what a reference gain of 0 gives (its reference keys left out): no empty key group, no NaN."""
+    import dataclasses
+    golden, meta = ff.case("case_2s_router1_cache0")
+    inp = ff.inputs()
+    subs = ff.subjects(mods["subject"].FluxSubject, meta["subjects"], inp, with_router=True)
+    hidden = [subs[0], dataclasses.replace(subs[1], ref_mask=torch.zeros_like(subs[1].ref_mask))]
+    x = ff.step_latents(inp, golden, STEPS)[1]  # a step with references, Redux and the router
+    sigma = (inp["timesteps"][1] / 1000).reshape(1)
+    args = (ff.unpack(x, 16, 16), sigma, inp["prompt_embeds"], inp["pooled"], torch.tensor([3.5]), inp["sigmas"])
+    outs = []
+    for subjects, gains in ((hidden, None), (subs, [1.0, 0.0]), (subs, None)):
+        patched, _ = mods["patch"].apply_anystory_flux(flux_model, weights, subjects, ff.settings(
+            mods["patch"].FluxSettings, meta), ref_gains=gains)
+        outs.append(ff.call_model(patched, *args))
+    assert torch.isfinite(outs[0]).all()
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+    assert (outs[0] - outs[2]).abs().max().item() > 1e-3  # the second subject's references did act otherwise
