@@ -78,15 +78,15 @@ def attn_part(log) -> None:
         tq = Q if redux else Q - 162
 
         def grouped(plan=plan, tq=tq, routed=routed):
-            log_w = fast.subject_log_weights(tq - I, I, 2, 1, dt, dev, rmap) if routed else None
+            log_w = fast.subject_log_weights(tq - I, I, 2, 1, dev, rmap) if routed else None
             return fast.joint_attention(q[:, :, :tq], k[:, :, :tq], v[:, :, :tq], plan, refs, log_w)
         log(f"attn pack: key groups, router {'on' if routed else 'off'}, Redux {'on' if redux else 'off'} "
             f"({tq} queries, {len(plan.groups) + 1} groups) {cuda_ms(grouped):7.3f} ms (kernel "
             f"{fast._KERNEL.get(('cuda', dt, D)).__name__})")
     ops = torch.ops.aten
     for lse in (False, True):
-        log(f"attn cudnn op, shared keys as a view ({Q} × {Q - 162}), log-sum-exp {lse}: "
-            f"{cuda_ms(lambda: ops._scaled_dot_product_cudnn_attention(q, k[:, :, 162:], v[:, :, 162:], None, lse)):7.3f} ms")
+        ms = cuda_ms(lambda: ops._scaled_dot_product_cudnn_attention(q, k[:, :, 162:], v[:, :, 162:], None, lse))
+        log(f"attn cudnn op, shared keys as a view ({Q} × {Q - 162}), log-sum-exp {lse}: {ms:7.3f} ms")
     log(f"attn cudnn op, one subject (81 + {Vis // 2} keys): "
         f"{cuda_ms(lambda: ops._scaled_dot_product_cudnn_attention(q, refs[0][0], refs[0][1], None, True)):7.3f} ms")
     r_q = rnd(1, H, 18, D)
@@ -98,11 +98,11 @@ def attn_part(log) -> None:
     order = torch.cat([torch.arange(162, 674), torch.arange(162), torch.arange(674, Q)]).to(dev)
     lay = routing.TokenLayout(prompt=512, redux=162, image=I, ref=Vis // 2 * 2, num_conds=2)
     bias = routing.attention_bias(lay, 1, dt, dev, None, 0.0, rmap)
-    want = F.scaled_dot_product_attention(q[:, :, order], kr[:, :, torch.cat([order, torch.arange(Q, Q + Vis // 2 * 2, device=dev)])],
-                                          vr[:, :, torch.cat([order, torch.arange(Q, Q + Vis // 2 * 2, device=dev)])],
+    cols = torch.cat([order, torch.arange(Q, Q + Vis // 2 * 2, device=dev)])
+    want = F.scaled_dot_product_attention(q[:, :, order], kr[:, :, cols], vr[:, :, cols],
                                           attn_mask=bias).transpose(1, 2).reshape(1, Q, H * D)
     plan = fast.KeyPlan([0] * 81 + [1] * 81, 512, I, [0, 1], [0.0, 0.0], 2, routed=True)
-    got = fast.joint_attention(q, k, v, plan, refs, fast.subject_log_weights(674, I, 2, 1, dt, dev, rmap))
+    got = fast.joint_attention(q, k, v, plan, refs, fast.subject_log_weights(674, I, 2, 1, dev, rmap))
     err = (got[:, order].float() - want.float()).abs().max().item()
     log(f"attn check: key groups vs the dense bias (bf16, full shapes): max |Δ| {err:.3e} (|out| max "
         f"{want.abs().max().item():.3e})")

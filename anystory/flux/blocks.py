@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fast import KeyPlan, joint_attention, subject_log_weights
+from .fast import KeyPlan, attention_lse, joint_attention, merge_attention, subject_log_weights
 from .lora import StreamLoRA, call
 from .routing import routing_map
 
@@ -126,14 +126,9 @@ def modulate(x: torch.Tensor, m) -> torch.Tensor:
 
 
 def _router_attention(r_q, image_k, image_v, r_k, r_v) -> torch.Tensor:
-    """The routing tokens' attention over [image keys, routing keys], in plain matrix products (a few queries: a
-    fused kernel would leave the GPU idle; the image keys are not copied)."""
-    scale = r_q.shape[-1] ** -0.5
-    s = torch.cat((torch.matmul(r_q, image_k.transpose(-1, -2)), torch.matmul(r_q, r_k.transpose(-1, -2))), -1)
-    p = torch.softmax(s.float() * scale, -1).to(r_v.dtype)
-    I = image_k.shape[2]
-    out = torch.matmul(p[..., :I], image_v).add_(torch.matmul(p[..., I:], r_v))
-    return merge_heads(out)
+    """The routing tokens' attention over [image keys, routing keys]: two fused attentions merged by their
+    log-sum-exp (scores in fp32 inside the kernels, as the authors' SDPA; the image keys are not copied)."""
+    return merge_attention([attention_lse(r_q, image_k, image_v), attention_lse(r_q, r_k, r_v)])
 
 
 def _route(q_norm, k_norm, st: FluxCallState, kind: str, index: int, r_base_q, r_x, img_base_k, img_x, r_pe, img_pe,
@@ -160,13 +155,12 @@ def _joint_attention(q, k, v, st: FluxCallState, kind: str, index: int, text_len
     log_w = None
     if plan is not None and plan.grouped and plan.weighted:
         if plan.routed:
-            log_w = subject_log_weights(text_len, img_len, st.num_conds, q.shape[0], q.dtype, q.device, rmap,
-                                        st.null_rows)
+            log_w = subject_log_weights(text_len, img_len, st.num_conds, q.shape[0], q.device, rmap, st.null_rows)
         else:
             log_w = st.cache.get("log_w")
             if log_w is None:
-                log_w = st.cache["log_w"] = subject_log_weights(text_len, img_len, st.num_conds, q.shape[0], q.dtype,
-                                                                q.device, None, st.null_rows)
+                log_w = st.cache["log_w"] = subject_log_weights(text_len, img_len, st.num_conds, q.shape[0], q.device,
+                                                                None, st.null_rows)
     return joint_attention(q, k, v, plan, st.ref_for(kind, index), log_w, out)
 
 

@@ -84,26 +84,29 @@ class LoraWeight:
         return out if self.scale == 1.0 else out * self.scale
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor, keep: bool = True) -> torch.Tensor:
-        """``out + delta(x)`` in two kernels (``out`` may be a strided view of another module's output: it is read,
-        not changed)."""
+        """``out + delta(x)``: two kernels (three with a bias); ``out`` may be a strided view of another module's
+        output (read, not changed)."""
         down, up, bias = self._weights(x, keep)
         h = F.linear(x, down).flatten(0, -2)
+        res = torch.addmm(out.reshape(h.shape[0], -1).to(h.dtype), h, up.t(), alpha=self.scale)
         if bias is not None:
-            return out + self.delta(x, keep).to(out.dtype)
-        return torch.addmm(out.reshape(h.shape[0], -1), h, up.t(), alpha=self.scale).view(out.shape)
+            res.add_(bias, alpha=self.scale)
+        return res.view(out.shape).to(out.dtype)
 
     def add_into(self, x: torch.Tensor, out: torch.Tensor, keep: bool = True) -> None:
-        """``out += delta(x)`` in place (``out``: a view of the module's output; two kernels where it is a 2-d
-        view, as one image's rows are)."""
+        """``out += delta(x)`` in place (``out``: a view of the module's output; two or three kernels where it is a
+        2-d view, as one image's rows are)."""
         down, up, bias = self._weights(x, keep)
         try:
             flat = out.view(-1, out.shape[-1])
         except RuntimeError:
             flat = None
-        if flat is None or bias is not None or out.dtype != x.dtype:
+        if flat is None or out.dtype != x.dtype:
             out += self.delta(x, keep).to(out.dtype)
             return
         flat.addmm_(F.linear(x, down).flatten(0, -2), up.t(), alpha=self.scale)
+        if bias is not None:
+            flat.add_(bias, alpha=self.scale)
 
     def release(self) -> None:
         """Drop the cast copies (device memory)."""

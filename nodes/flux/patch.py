@@ -6,12 +6,13 @@
   before) as usual;
 - the family-independent :class:`nodes.sampling.SamplingDriver` (OUTER_SAMPLE, PREDICT_NOISE and DIFFUSION_MODEL
   wrappers) drives :class:`FluxAnyStoryPatch` as its runtime: a run begins and ends (the reference cache and the
-  recorder live for one run), each step's index comes from the run's schedule without a host sync (σ from the
-  call count), the start/end percent window and the cond/uncond rows are the driver's. Per model call
-  (:meth:`FluxAnyStoryPatch.run_call`) the scaled Redux tokens join the text conditioning while they are active
-  (the authors append them before ``context_embedder``; here they go FIRST, so that the keys every query sees are
-  one view: the same attention, ComfyUI's ``txt_in`` and zero text ids treat every text token alike), the routing stream and the reference keys/values are prepared, and the blocks get a
-  :class:`anystory.flux.blocks.FluxCallState` in a copy of ``transformer_options``.
+  recorder live for one run), each step's index comes from the run's schedule without a host sync (σ from the call
+  count), the start/end percent window and the cond/uncond rows are the driver's. Per model call
+  (:meth:`FluxAnyStoryPatch.run_call`) the scaled Redux tokens join the text conditioning while they are active (the
+  authors append them before ``context_embedder``; here they go FIRST, so that the keys every query sees are one view:
+  the same attention, ComfyUI's ``txt_in`` and zero text ids treat every text token alike), the routing stream and the
+  reference keys/values are prepared, and the blocks get a :class:`anystory.flux.blocks.FluxCallState` in a copy of
+  ``transformer_options``.
 
 The model's weights are never touched: every projection is the model's own module call (comfy.ops casting, fp8,
 LoRA weight patches, offloading), the AnyStory LoRAs are deltas on the extra streams' outputs. LoRA targets are
@@ -318,9 +319,9 @@ class FluxAnyStoryPatch:
             rec.record(step, ("single", i), hw, idx, idx)
 
     def _reference(self, dm, y, guidance, b, dtype, dev, call) -> list:
-        """Per block {subject: (k, v)} of the visible reference tokens, 1 × heads × keys × d: the reference pass runs once per run for the first positive prompt's pooled vector and guidance (the
-        authors' ``cache_ref``; a run over several prompts computes it per prompt), every step when the ref
-        cache is off."""
+        """Per block {subject: (k, v)} of the visible reference tokens, 1 × heads × keys × d: the reference pass runs
+        once per run for the first positive prompt's pooled vector and guidance (the authors' ``cache_ref``; a run
+        over several prompts computes it per prompt), every step when the ref cache is off."""
         rows = next((sl for sl, c in call.chunks if c), slice(0, b))
         r0 = rows.start
         cond_uuid = call.uuids[[sl for sl, _ in call.chunks].index(rows)] if call.uuids else None

@@ -141,8 +141,8 @@ def test_fault_routing_mask_dropped_is_detected(mods, flux_model, weights, monke
     blocks = mods["patch"].double_block_forward.__globals__
     real = blocks["subject_log_weights"]
     monkeypatch.setitem(blocks, "subject_log_weights",
-                        lambda text, image, n, b, dt, dev, rmap=None, null_rows=None:
-                        real(text, image, n, b, dt, dev, None, null_rows))
+                        lambda text, image, n, b, dev, rmap=None, null_rows=None:
+                        real(text, image, n, b, dev, None, null_rows))
     err, bad_maps = _errors(mods, flux_model, weights, "case_2s_router1_cache0")
     assert err > FAULT, f"dropping the routing mask went unnoticed (max |Δ| {err:.2e})"
 

@@ -210,7 +210,7 @@ def test_fast_joint_attention_equals_the_dense_bias(shift, routed, redux):
     refs = {j: (k[:, :, lay.queries + j * Lr + keep[j]], v[:, :, lay.queries + j * Lr + keep[j]]) for j in range(n)}
     plan = KeyPlan([0] * R + [1] * R, P, img, [0, 1], [shift, shift], n, routed=routed)
     assert plan.grouped
-    log_w = subject_log_weights(lay.text, img, n, b, torch.float32, "cpu", rmap) if routed else None
+    log_w = subject_log_weights(lay.text, img, n, b, "cpu", rmap) if routed else None
     got = joint_attention(qp, kp, vp, plan, refs, log_w)
     back = torch.argsort(order)
     assert (got[:, back] - want).abs().max() < 2e-6
@@ -218,7 +218,7 @@ def test_fast_joint_attention_equals_the_dense_bias(shift, routed, redux):
     # a row of a negative prompt sees no subject: the plain attention over prompt and image keys
     plan = KeyPlan([0] * R + [1] * R, P, img, [0, 1], [shift, shift], n, routed=routed, null_rows=True)
     null = torch.tensor([False, True])
-    log_w = subject_log_weights(lay.text, img, n, b, torch.float32, "cpu", rmap if routed else None, null)
+    log_w = subject_log_weights(lay.text, img, n, b, "cpu", rmap if routed else None, null)
     got = joint_attention(qp, kp, vp, plan, refs, log_w)[:, back]
     shared = torch.cat([torch.arange(P), torch.arange(lay.text, lay.queries)])
     plain = _merged(torch.nn.functional.scaled_dot_product_attention(q[1:], k[1:, :, shared], v[1:, :, shared]))
@@ -271,3 +271,71 @@ def test_attention_lse_falls_back_where_its_kernel_refuses_a_shape(monkeypatch):
         torch.testing.assert_close(out, want)
         torch.testing.assert_close(lse, want_lse)
     assert fast._KERNEL[("cpu", torch.float32, 8)] is picky and calls == [8, 16, 8]
+
+
+def test_a_kernel_whose_lse_follows_another_convention_is_not_adopted(monkeypatch):
+    """attention_lse checks a kernel against the plain form when it first picks it (private ops are called without
+    torch's eligibility checks): a base-2 log-sum-exp would mis-weight the key groups; the next kernel serves."""
+    import math
+
+    from anystory.flux import fast
+
+    def base2(q, k, v):
+        out, lse = fast._math(q, k, v)
+        return out, lse / math.log(2.0)
+
+    g = torch.Generator().manual_seed(0)
+    n, P, R, img, Lr, H, D = 2, 5, 3, 6, 4, 2, 16
+    lay = TokenLayout(prompt=P, redux=n * R, image=img, ref=n * Lr, num_conds=n)
+    q, k, v = (torch.randn(1, H, m, D, generator=g) * 2 for m in (lay.queries, lay.keys, lay.keys))
+    rmap = torch.zeros(1, n, img).scatter_(1, torch.randint(0, n, (1, 1, img), generator=g), 1.0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias(
+        lay, 1, torch.float32, "cpu", None, 0.5, rmap)).transpose(1, 2).flatten(2)
+    order = torch.cat([torch.arange(P, P + n * R), torch.arange(P), torch.arange(lay.text, lay.queries)])
+    refs = {j: (k[:, :, lay.queries + j * Lr:lay.queries + (j + 1) * Lr],
+                v[:, :, lay.queries + j * Lr:lay.queries + (j + 1) * Lr]) for j in range(n)}
+    plan = fast.KeyPlan([0] * R + [1] * R, P, img, [0, 1], [0.5, 0.5], n, routed=True)
+    log_w = fast.subject_log_weights(lay.text, img, n, 1, "cpu", rmap)
+    monkeypatch.setattr(fast, "_KERNEL", {})
+    monkeypatch.setitem(fast._ORDER, "cpu", (base2, fast._math))
+    got = fast.joint_attention(q[:, :, order], k[:, :, order], v[:, :, order], plan, refs, log_w)
+    assert fast._KERNEL[("cpu", torch.float32, D)] is fast._math
+    assert (got[:, torch.argsort(order)] - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("logit_std", [2.0, 20.0])
+def test_router_attention_in_bf16_is_as_close_as_sdpa(logit_std):
+    """The routing tokens' attention keeps its scores in fp32 (as the authors' SDPA): in bf16 its error against
+    fp32 is that of SDPA, not more (scores rounded to bf16 before the softmax were 2.3× worse)."""
+    from anystory.flux.blocks import _router_attention, merge_heads
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    H, D, R, I = 4, 128, 18, 1024
+    s = (logit_std * D ** 0.5) ** 0.5 / D ** 0.25
+    q = torch.randn(1, H, R, D, generator=g) * s
+    ik, rk = torch.randn(1, H, I, D, generator=g) * s, torch.randn(1, H, R, D, generator=g) * s
+    iv, rv = torch.randn(1, H, I, D, generator=g), torch.randn(1, H, R, D, generator=g)
+    want = merge_heads(F.scaled_dot_product_attention(q, torch.cat((ik, rk), 2), torch.cat((iv, rv), 2)))
+    b = [t.bfloat16() for t in (q, ik, iv, rk, rv)]
+    got = _router_attention(*b).float()
+    sdpa = merge_heads(F.scaled_dot_product_attention(b[0], torch.cat((b[1], b[3]), 2),
+                                                      torch.cat((b[2], b[4]), 2))).float()
+    rel = lambda x: ((x - want).norm() / want.norm()).item()  # noqa: E731
+    assert rel(got) <= 1.5 * rel(sdpa), (rel(got), rel(sdpa))
+
+
+@pytest.mark.parametrize("batch,bias", [(1, False), (1, True), (2, True)])
+def test_lora_added_in_place_equals_its_delta(batch, bias):
+    """LoraWeight.add_to / add_into (addmm, the bias added after) give out + delta(x), on row slices of a module's
+    output as the blocks pass them (b > 1: not a 2-d view, the plain sum)."""
+    from anystory.flux.lora import LoraWeight
+    g = torch.Generator().manual_seed(1)
+    w = LoraWeight(torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g),
+                   torch.randn(6, generator=g) if bias else None, 0.5)
+    x = torch.randn(batch, 5, 8, generator=g)
+    full = torch.randn(batch, 7, 12, generator=g)
+    view = full[:, 2:, 3:9]
+    want = view + w.delta(x)
+    torch.testing.assert_close(w.add_to(x, view), want)
+    w.add_into(x, view)
+    torch.testing.assert_close(full[:, 2:, 3:9], want)

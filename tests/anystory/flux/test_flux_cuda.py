@@ -45,10 +45,30 @@ def test_cuda_key_groups_equal_the_dense_bias():
     refs = {j: (k[:, :, lay.queries + j * Lr:lay.queries + (j + 1) * Lr].contiguous(),
                 v[:, :, lay.queries + j * Lr:lay.queries + (j + 1) * Lr].contiguous()) for j in range(n)}
     plan = fast.KeyPlan([0] * R + [1] * R, P, img, [0, 1], [0.5, 0.5], n, routed=True)
-    log_w = fast.subject_log_weights(lay.text, img, n, 1, torch.bfloat16, "cuda", rmap)
+    log_w = fast.subject_log_weights(lay.text, img, n, 1, "cuda", rmap)
     got = fast.joint_attention(q[:, :, order], k[:, :, order], v[:, :, order], plan, refs, log_w)
     got = got[:, torch.argsort(order)]
     assert (got.float() - want.float()).abs().max().item() < 3e-2
     # a routing map ignored would differ by far more
     wrong = fast.joint_attention(q[:, :, order], k[:, :, order], v[:, :, order], plan, refs, None)
     assert (wrong[:, torch.argsort(order)].float() - want.float()).abs().max().item() > 0.1
+
+
+def test_cuda_key_groups_with_a_batch_equal_each_row_alone():
+    """b = 2 (a CFG batch): the subjects' reference keys (batch 1) serve both rows; each row as it is alone."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    n, P, R, img, Lr, H, D = 2, 40, 9, 256, 32, 4, 128
+    T = P + n * R
+    q, k, v = (torch.randn(2, H, T + img, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    refs = {j: tuple(torch.randn(1, H, Lr, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            for j in range(n)}
+    rmap = torch.zeros(2, n, img, device="cuda").scatter_(1, torch.randint(0, n, (2, 1, img), device="cuda",
+                                                                         generator=g), 1.0)
+    null = torch.tensor([False, True], device="cuda")
+    plan = fast.KeyPlan([0] * R + [1] * R, P, img, [0, 1], [0.0, 0.25], n, routed=True, null_rows=True)
+    both = fast.joint_attention(q, k, v, plan, refs, fast.subject_log_weights(T, img, n, 2, "cuda", rmap, null))
+    for row in range(2):
+        alone = fast.joint_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], plan, refs,
+                                     fast.subject_log_weights(T, img, n, 1, "cuda", rmap[row:row + 1],
+                                                              null[row:row + 1]))
+        assert (both[row:row + 1].float() - alone.float()).abs().max().item() < 1e-2
