@@ -172,12 +172,11 @@ def _layer_of(layout: LayerLayout, n: torch.Tensor, extra_options: dict) -> Opti
     return state, key, hw
 
 
-class TrainRouterPatch:
-    """attn2_patch: the router of layer l on n = norm2(x) → logits → σ(M^l) (Gumbel hard maps in training,
-    one-hot argmax in eval) stored in the state for the attn2 replace; routing loss of the layer."""
+class _LayerMapsPatch:
+    """An attn2_patch that stores σ(M^l) of every layer the RoutingState covers (:meth:`maps`); n, context and
+    value pass through unchanged."""
 
-    def __init__(self, adapter: AnyStoryAdapter, layout: LayerLayout):
-        self.adapter = adapter
+    def __init__(self, layout: LayerLayout):
         self.layout = layout
 
     def __deepcopy__(self, memo):
@@ -185,9 +184,23 @@ class TrainRouterPatch:
 
     def __call__(self, n, context, value, extra_options):
         at = _layer_of(self.layout, n, extra_options)
-        if at is None:
-            return n, context, value
-        state, key, hw = at
+        if at is not None:
+            self.maps(n, *at)
+        return n, context, value
+
+    def maps(self, n, state: "RoutingState", key, hw) -> None:
+        raise NotImplementedError
+
+
+class TrainRouterPatch(_LayerMapsPatch):
+    """attn2_patch: the router of layer l on n = norm2(x) → logits → σ(M^l) (Gumbel hard maps in training,
+    one-hot argmax in eval) stored in the state for the attn2 replace; routing loss of the layer."""
+
+    def __init__(self, adapter: AnyStoryAdapter, layout: LayerLayout):
+        super().__init__(layout)
+        self.adapter = adapter
+
+    def maps(self, n, state, key, hw) -> None:
         router = self.adapter.router[str(self.layout.get(key).ckpt_index)]
         maps, loss, preds, gts = [], n.new_zeros((), dtype=torch.float32), [], []
         with_loss = False
@@ -216,25 +229,14 @@ class TrainRouterPatch:
             for g in state.groups:
                 ks[g.rows.cpu()] = g.K
             state.pred[key] = (hw, pred, gt, ks)
-        return n, context, value
 
 
-class TrainGroundTruthPatch:
+class TrainGroundTruthPatch(_LayerMapsPatch):
     """attn2_patch of stage 1 (no router yet): σ(M^l) = the one-hot ground-truth routes of layer l (every
     instance on its whole-instance mask, the background elsewhere), stored for the attn2 replace and as
     M^{l-1} of the next layer's reference attention."""
 
-    def __init__(self, layout: LayerLayout):
-        self.layout = layout
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, n, context, value, extra_options):
-        at = _layer_of(self.layout, n, extra_options)
-        if at is None:
-            return n, context, value
-        state, key, hw = at
+    def maps(self, n, state, key, hw) -> None:
         maps = []
         for gi, g in enumerate(state.groups):
             tgt = state.targets(gi, hw, n.device)
@@ -242,7 +244,6 @@ class TrainGroundTruthPatch:
                 raise RuntimeError("AnyStory stage-1 training routes by the instance masks: every sample needs them")
             maps.append(one_hot_maps(tgt, g.K))
         state.maps[key] = maps
-        return n, context, value
 
 
 class TrainRoutedAttn2:
