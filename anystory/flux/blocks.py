@@ -154,13 +154,13 @@ def _joint_attention(q, k, v, st: FluxCallState, kind: str, index: int, text_len
     plan = st.plan
     log_w = None
     if plan is not None and plan.grouped and plan.weighted:
-        if plan.routed:
-            log_w = subject_log_weights(text_len, img_len, st.num_conds, q.shape[0], q.device, rmap, st.null_rows)
-        else:
-            log_w = st.cache.get("log_w")
-            if log_w is None:
-                log_w = st.cache["log_w"] = subject_log_weights(text_len, img_len, st.num_conds, q.shape[0], q.device,
-                                                                None, st.null_rows)
+        # without routing the weights are the same in every block of the call: made once
+        log_w = None if plan.routed else st.cache.get("log_w")
+        if log_w is None:
+            log_w = subject_log_weights(text_len, img_len, st.num_conds, q.shape[0], q.device,
+                                        rmap if plan.routed else None, st.null_rows)
+            if not plan.routed:
+                st.cache["log_w"] = log_w
     return joint_attention(q, k, v, plan, st.ref_for(kind, index), log_w, out)
 
 

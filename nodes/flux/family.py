@@ -228,7 +228,7 @@ class FluxFamily:
         log.info("AnyStory FLUX: %d subject(s), router %s, redux_scale %.2f (η %.2f) in [%.2f, %.2f), references in "
                  "[%.2f, %.2f) shift %.2f (γ %.2f), %d reference keys, ref mask %s, ref cache %s",
                  n, "on" if router else "off", fo.redux_scale, opt.eta, fo.redux_start, fo.redux_end, fo.ref_start,
-                 fo.ref_end, fo.ref_shift, opt.gamma, patch.ref_key_count, fo.ref_mask, fo.ref_cache)
+                 fo.ref_end, fo.ref_shift, opt.gamma, sum(patch.ref_visible.values()), fo.ref_mask, fo.ref_cache)
         return patched, recorder
 
 

@@ -144,7 +144,6 @@ class FluxAnyStoryPatch:
         keep = visible_reference(masks, lengths, self.settings.enable_ref_mask)
         self.ref_keep = [None if len(k) == L else k for k, L in zip(keep, lengths)]  # None: every token
         self.ref_visible = {j: len(k) for j, k in zip(self.ref_subjects, keep)}
-        self.ref_key_count = sum(self.ref_visible.values())
         self._ref_cache: list = []  # [(key, kv)] for the current run
         self._run: dict = {}        # per-run device copies
         self.maps: dict = {}        # step → {(kind, i): routing map} when settings.record_maps
