@@ -108,9 +108,9 @@ def _agrees(q, k, v, out, lse, rows: int = 16) -> bool:
     kernel is chosen: private ops are called here without torch's own eligibility checks)."""
     want, want_lse = _math(q[:, :, :rows], k, v)
     tol = 1e-4 if q.dtype == torch.float32 else 3e-2
-    scale = want.float().abs().amax().clamp_min(1.0)
-    return bool(torch.isfinite(lse).all() and (lse[..., :rows] - want_lse).abs().amax() <= tol * want_lse.abs().amax()
-                .clamp_min(1.0) and (out[:, :, :rows].float() - want.float()).abs().amax() <= tol * scale)
+    lse_ok = (lse[..., :rows] - want_lse).abs().amax() <= tol * want_lse.abs().amax().clamp_min(1.0)
+    out_ok = (out[:, :, :rows].float() - want.float()).abs().amax() <= tol * want.float().abs().amax().clamp_min(1.0)
+    return bool(torch.isfinite(lse).all() and lse_ok and out_ok)
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
